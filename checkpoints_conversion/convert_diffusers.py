@@ -1,0 +1,236 @@
+"""diffusers-format UNet folder (safetensors + config.json) -> jaxfuse parameters (orbax).
+
+    python -m checkpoints_conversion.convert_diffusers SRC_UNET_DIR DST_DIR [--variant fp16]
+
+The mapping is one rule: a checkpoint name `a.0.b.weight` is the Flax path `a_0/b/<leaf>`, where
+the leaf is whatever the model has there (`kernel` for linear and convolution weights, `scale`
+for norm weights), and the tensor takes the target leaf's layout: a convolution weight
+[O, I, kh, kw] becomes HWIO, a linear weight [O, I] becomes [I, O]. The expected tree comes from
+the model itself (`jax.eval_shape`), and conversion fails, listing every difference, unless each
+tensor lands on exactly one parameter of the same shape and every parameter is filled.
+
+Weights are read with `safetensors` only; pickled `.bin`/`.ckpt` files are refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from safetensors import safe_open
+
+from jaxfuse.config import UNetConfig
+from jaxfuse.models.unet import UNet2DConditionModel, abstract_params
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+CONFIG_NAME = "config.json"
+PARAMS_DIR = "params"  # the orbax checkpoint inside a converted folder
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+MAX_LISTED = 20
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not fit the model; the message lists every mismatch."""
+
+
+def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files of `folder`: one file, or the shards named by its index.
+
+    Without `variant`, the full-precision file is preferred and the `fp16` variant taken when
+    it is the only one.
+    """
+    variants = [variant] if variant else [None, "fp16"]
+    for v in variants:
+        stem = f"{WEIGHTS_NAME}.{v}" if v else WEIGHTS_NAME
+        single = folder / f"{stem}.safetensors"
+        if single.is_file():
+            return [single]
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} names shard files that are not there: {missing}")
+            return [folder / s for s in shards]
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ConversionError(
+            f"{folder} holds only pickled weights ({', '.join(pickled)}); jaxfuse never unpickles "
+            "files. Convert them to safetensors first, e.g. with diffusers: "
+            "UNet2DConditionModel.from_pretrained(SRC).save_pretrained(DST, safe_serialization=True)."
+        )
+    wanted = f"{WEIGHTS_NAME}.{variant}.safetensors" if variant else f"{WEIGHTS_NAME}.safetensors"
+    raise FileNotFoundError(f"{folder} has no {wanted} (nor a sharded .safetensors.index.json).")
+
+
+class SafetensorsCheckpoint:
+    """The tensors of some safetensors files, read one at a time; shapes known without reading."""
+
+    def __init__(self, files: list[Path]):
+        self.files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for path in files:
+            with safe_open(path, framework="numpy") as f:
+                for key in f.keys():
+                    self.files[key] = path
+                    self.shapes[key] = tuple(f.get_slice(key).get_shape())
+
+    def read(self, key: str) -> np.ndarray:
+        with safe_open(self.files[key], framework="numpy") as f:
+            return f.get_tensor(key)
+
+
+def flax_path(key: str) -> tuple[str, ...]:
+    """`down_blocks.0.attentions.1.proj_in.weight` -> (`down_blocks_0`, `attentions_1`, `proj_in`, `weight`)."""
+    path: list[str] = []
+    for part in key.split("."):
+        if part.isdigit() and path:
+            path[-1] = f"{path[-1]}_{part}"
+        else:
+            path.append(part)
+    return tuple(path)
+
+
+def flax_axes(ndim: int, leaf: str) -> tuple[int, ...]:
+    """The transpose taking a PyTorch tensor to the layout of the Flax leaf it fills."""
+    if leaf == "kernel" and ndim == 4:
+        return (2, 3, 1, 0)  # convolution [O, I, kh, kw] -> [kh, kw, I, O]
+    if leaf == "kernel" and ndim == 2:
+        return (1, 0)  # linear [O, I] -> [I, O]
+    return tuple(range(ndim))
+
+
+def match_checkpoint(shapes: Mapping[str, tuple[int, ...]], abstract: Any) -> dict[str, tuple[str, ...]]:
+    """Checkpoint name -> the Flax path it fills, for a parameter tree `abstract` (leaves with a
+    `.shape`). Raises `ConversionError` listing every missing, unused and wrong-shaped tensor."""
+    targets = traverse_util.flatten_dict(abstract)
+    plan: dict[str, tuple[str, ...]] = {}
+    unused: list[str] = []
+    wrong_shape: dict[tuple[str, ...], str] = {}
+    for key in sorted(shapes):
+        *module, name = flax_path(key)
+        if name == "weight":
+            name = "kernel" if (*module, "kernel") in targets else "scale"
+        path = (*module, name)
+        if path not in targets:
+            unused.append(key)
+            continue
+        shape = tuple(shapes[key][i] for i in flax_axes(len(shapes[key]), name))
+        if shape != tuple(targets[path].shape):
+            wrong_shape[path] = (
+                f"{key}: checkpoint {tuple(shapes[key])} gives {shape}, "
+                f"model {'/'.join(path)} expects {tuple(targets[path].shape)}"
+            )
+            continue
+        plan[key] = path
+    filled = set(plan.values()) | set(wrong_shape)
+    missing = ["/".join(p) for p in targets if p not in filled]
+    if missing or unused or wrong_shape:
+        raise ConversionError(
+            "the checkpoint does not match the model config:"
+            + _listing("missing in checkpoint (model parameters no tensor fills)", missing)
+            + _listing("unused in checkpoint (tensors the model has no parameter for)", unused)
+            + _listing("wrong shape", list(wrong_shape.values()))
+        )
+    return plan
+
+
+def convert_checkpoint(checkpoint: SafetensorsCheckpoint, abstract: Any) -> Any:
+    """The parameter tree `abstract` (ShapeDtypeStruct leaves) filled from `checkpoint`; every
+    name and shape is checked before any tensor is read."""
+    plan = match_checkpoint(checkpoint.shapes, abstract)
+    targets = traverse_util.flatten_dict(abstract)
+    params = {}
+    for key, path in plan.items():
+        tensor = checkpoint.read(key).transpose(flax_axes(len(checkpoint.shapes[key]), path[-1]))
+        params[path] = jnp.asarray(tensor.astype(targets[path].dtype))
+    return traverse_util.unflatten_dict(params)
+
+
+def _listing(title: str, items: list[str]) -> str:
+    if not items:
+        return ""
+    shown = "".join(f"\n    {item}" for item in items[:MAX_LISTED])
+    more = f"\n    ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"\n  {title}: {len(items)}{shown}{more}"
+
+
+def _unet_folder(folder: str | Path) -> Path:
+    """A `unet/` folder, also when given the folder of a whole diffusers pipeline."""
+    folder = Path(folder).expanduser()
+    if not (folder / CONFIG_NAME).is_file() and (folder / "unet" / CONFIG_NAME).is_file():
+        folder = folder / "unet"
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a UNet folder: it has no {CONFIG_NAME}. Pass a diffusers `unet/` "
+            "folder (or the pipeline folder holding one) or a folder made by "
+            "`python -m checkpoints_conversion.convert_diffusers`."
+        )
+    return folder
+
+
+def load_unet(folder: str | Path, dtype: Any = jnp.float32, param_dtype: Any = None,
+              variant: str | None = None) -> tuple[UNet2DConditionModel, Any]:
+    """(module, params) from a diffusers `unet/` folder or a converted one.
+
+    `dtype` is the compute dtype, `param_dtype` (default: `dtype`) the one the parameters are
+    stored in; `variant="fp16"` picks diffusers' `.fp16.safetensors` files.
+    """
+    folder = _unet_folder(folder)
+    cfg = UNetConfig.from_diffusers(json.loads((folder / CONFIG_NAME).read_text()))
+    abstract = abstract_params(cfg, param_dtype or dtype)
+    if (folder / PARAMS_DIR).is_dir():
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore((folder / PARAMS_DIR).absolute(), abstract)
+    else:
+        params = convert_checkpoint(SafetensorsCheckpoint(find_weight_files(folder, variant)), abstract)
+    return UNet2DConditionModel(cfg, dtype), params
+
+
+def convert_folder(src: str | Path, dst: str | Path, variant: str | None = None,
+                   param_dtype: Any = jnp.float32) -> Path:
+    """Converts a diffusers `unet/` folder into `dst` (config.json + orbax params)."""
+    src, dst = _unet_folder(src), Path(dst).expanduser()
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty; choose a new folder (nothing was written).")
+    _, params = load_unet(src, param_dtype, param_dtype, variant)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / CONFIG_NAME).write_text((src / CONFIG_NAME).read_text())
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save((dst / PARAMS_DIR).absolute(), params)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m checkpoints_conversion.convert_diffusers",
+        description="Convert a diffusers UNet folder (safetensors) into jaxfuse parameters (orbax).",
+    )
+    parser.add_argument("src", help="diffusers unet/ folder (or the pipeline folder holding one)")
+    parser.add_argument("dst", help="new folder for the converted UNet")
+    parser.add_argument("--variant", choices=["fp16"], help="read diffusion_pytorch_model.fp16.safetensors")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype the parameters are stored in (default: float32)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        dst = convert_folder(args.src, args.dst, args.variant, jnp.dtype(args.dtype))
+    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"converted {args.src} -> {dst} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Model configurations as frozen dataclasses, read from diffusers `config.json` files.
+
+A config is validated when it is built, so an unsupported checkpoint fails here, with the field
+named, before any weight is read or any function is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+ADDITION_EMBED_TYPES = (None, "text_time")
+
+
+class ConfigError(ValueError):
+    """A checkpoint configuration that jaxfuse does not support; the message names the field."""
+
+
+# diffusers `UNet2DConditionModel` defaults, for config files that leave a field out.
+_DIFFUSERS_UNET_DEFAULTS: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1280,
+    "transformer_layers_per_block": 1,
+    "attention_head_dim": 8,
+    "num_attention_heads": None,
+    "use_linear_projection": False,
+    "upcast_attention": False,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None,
+    "time_embedding_dim": None,
+    "sample_size": None,
+}
+
+# Fields whose only supported value is the one given (the SDXL base and refiner value); anything
+# else changes the architecture in a way the Flax modules do not implement.
+_FIXED_FIELDS: dict[str, Any] = {
+    "act_fn": "silu",
+    "only_cross_attention": False,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "mid_block_scale_factor": 1,
+    "time_embedding_type": "positional",
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "reverse_transformer_layers_per_block": None,
+    "dropout": 0.0,
+}
+
+
+def _per_block(name: str, value: Any, num_blocks: int) -> tuple[int, ...]:
+    """An int or a per-block sequence -> one int per block."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * num_blocks
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != num_blocks:
+            raise ConfigError(
+                f"{name}: {list(value)} has {len(value)} entries but the UNet has {num_blocks} "
+                "down blocks; give one entry per block or a single int."
+            )
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(
+                f"{name}: {list(value)} must hold one int per block (nested per-layer lists "
+                "are not supported)."
+            )
+        return tuple(value)
+    raise ConfigError(f"{name}: expected an int or a list of ints, got {value!r}.")
+
+
+def _single_context_dim(value: Any, num_blocks: int) -> int:
+    """`cross_attention_dim` may be per block, but one text context feeds every block, so the
+    entries must agree."""
+    dims = set(_per_block("cross_attention_dim", value, num_blocks))
+    if len(dims) != 1:
+        raise ConfigError(
+            f"cross_attention_dim: {value!r} differs between blocks; every block reads the same "
+            "text embeddings, so jaxfuse needs one value."
+        )
+    return dims.pop()
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not supported; supported: {list(allowed)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """The SDXL-family `UNet2DConditionModel` architecture, one value per down block.
+
+    The up blocks mirror the down blocks (diffusers reverses every per-block list for them).
+    `num_attention_heads` is the number of heads; diffusers configs store it, for historical
+    reasons, as `attention_head_dim` (see `from_diffusers`). Attention logits and softmax are
+    always computed in float32, so `upcast_attention` needs no separate path.
+    """
+
+    block_out_channels: tuple[int, ...] = (320, 640, 1280)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    layers_per_block: tuple[int, ...] = (2, 2, 2)
+    transformer_layers_per_block: tuple[int, ...] = (1, 2, 10)
+    num_attention_heads: tuple[int, ...] = (5, 10, 20)
+    cross_attention_dim: int = 2048
+    in_channels: int = 4
+    out_channels: int = 4
+    use_linear_projection: bool = True
+    upcast_attention: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    center_input_sample: bool = False
+    downsample_padding: int = 1
+    time_embedding_dim: int | None = None
+    addition_embed_type: str | None = "text_time"
+    addition_time_embed_dim: int | None = 256
+    projection_class_embeddings_input_dim: int | None = 2816
+    sample_size: int | None = 128
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        for name in ("down_block_types", "up_block_types", "layers_per_block",
+                     "transformer_layers_per_block", "num_attention_heads"):
+            if len(getattr(self, name)) != n:
+                raise ConfigError(
+                    f"{name}: has {len(getattr(self, name))} entries, block_out_channels has {n}."
+                )
+        for t in self.down_block_types:
+            _check_choice("down_block_types", t, DOWN_BLOCK_TYPES)
+        for t in self.up_block_types:
+            _check_choice("up_block_types", t, UP_BLOCK_TYPES)
+        _check_choice("addition_embed_type", self.addition_embed_type, ADDITION_EMBED_TYPES)
+        if self.addition_embed_type == "text_time" and (
+            self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None
+        ):
+            raise ConfigError(
+                "addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim."
+            )
+        for i, (channels, heads) in enumerate(zip(self.block_out_channels, self.num_attention_heads)):
+            if channels % heads:
+                raise ConfigError(
+                    f"num_attention_heads (diffusers config: attention_head_dim): block {i} has "
+                    f"{channels} channels, not divisible by {heads} heads."
+                )
+        for i, channels in enumerate(self.block_out_channels):
+            if channels % self.norm_num_groups:
+                raise ConfigError(
+                    f"norm_num_groups: {self.norm_num_groups} does not divide block {i}'s "
+                    f"{channels} channels."
+                )
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+    @property
+    def downsample_factor(self) -> int:
+        """The latent height and width must be multiples of this (one 2x step per level)."""
+        return 2 ** (self.num_levels - 1)
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> UNetConfig:
+        """Reads a diffusers `unet/config.json` dict; raises `ConfigError` naming the field."""
+        cls_name = config.get("_class_name", "UNet2DConditionModel")
+        if cls_name != "UNet2DConditionModel":
+            raise ConfigError(f"_class_name: {cls_name!r} is not a UNet2DConditionModel config.")
+        for name, supported in _FIXED_FIELDS.items():
+            value = config.get(name, supported)
+            if value != supported:
+                raise ConfigError(
+                    f"{name}: {value!r} is not supported (jaxfuse implements the SDXL UNet, "
+                    f"which uses {supported!r})."
+                )
+        c = {**_DIFFUSERS_UNET_DEFAULTS, **config}
+        n = len(c["block_out_channels"])
+        _check_choice("mid_block_type", c["mid_block_type"], MID_BLOCK_TYPES)
+        # diffusers' naming quirk: `attention_head_dim` holds the number of heads unless
+        # `num_attention_heads` is given.
+        heads = c["num_attention_heads"] or c["attention_head_dim"]
+        return cls(
+            block_out_channels=tuple(c["block_out_channels"]),
+            down_block_types=tuple(c["down_block_types"]),
+            up_block_types=tuple(c["up_block_types"]),
+            layers_per_block=_per_block("layers_per_block", c["layers_per_block"], n),
+            transformer_layers_per_block=_per_block(
+                "transformer_layers_per_block", c["transformer_layers_per_block"], n
+            ),
+            num_attention_heads=_per_block("attention_head_dim", heads, n),
+            cross_attention_dim=_single_context_dim(c["cross_attention_dim"], n),
+            in_channels=c["in_channels"],
+            out_channels=c["out_channels"],
+            use_linear_projection=bool(c["use_linear_projection"]),
+            upcast_attention=bool(c["upcast_attention"]),
+            norm_num_groups=c["norm_num_groups"],
+            norm_eps=float(c["norm_eps"]),
+            flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
+            freq_shift=float(c["freq_shift"]),
+            center_input_sample=bool(c["center_input_sample"]),
+            downsample_padding=c["downsample_padding"],
+            time_embedding_dim=c["time_embedding_dim"],
+            addition_embed_type=c["addition_embed_type"],
+            addition_time_embed_dim=c["addition_time_embed_dim"],
+            projection_class_embeddings_input_dim=c["projection_class_embeddings_input_dim"],
+            sample_size=c["sample_size"],
+        )
+
+    @classmethod
+    def sdxl_base(cls) -> UNetConfig:
+        """stabilityai/stable-diffusion-xl-base-1.0 `unet/config.json` (2.6B parameters)."""
+        return cls()
+
+    @classmethod
+    def sdxl_refiner(cls) -> UNetConfig:
+        """stabilityai/stable-diffusion-xl-refiner-1.0 `unet/config.json`."""
+        return cls(
+            block_out_channels=(384, 768, 1536, 1536),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=(2, 2, 2, 2),
+            transformer_layers_per_block=(4, 4, 4, 4),
+            num_attention_heads=(6, 12, 24, 24),
+            cross_attention_dim=1280,
+            upcast_attention=True,
+            projection_class_embeddings_input_dim=2560,
+        )
+
+    @classmethod
+    def tiny(cls) -> UNetConfig:
+        """A small SDXL-shaped UNet for tests and examples (about 1M parameters)."""
+        return cls(
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=(1, 1),
+            transformer_layers_per_block=(1, 1),
+            num_attention_heads=(2, 4),
+            cross_attention_dim=32,
+            norm_num_groups=8,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+            sample_size=16,
+        )

@@ -1,0 +1,243 @@
+"""The SDXL UNet (diffusers `UNet2DConditionModel`) in Flax.
+
+Submodule names equal the diffusers parameter names with `.N` written `_N` (`down_blocks_1`,
+`attentions_0`, `to_out_0`, `ff/net_0/proj`), so a checkpoint converts by one renaming rule.
+NHWC inside; `UNet2DConditionModel.__call__` takes and returns NCHW like diffusers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxfuse.config import UNetConfig
+from jaxfuse.models.layers import Attention, Conv2d, Downsample, Dtype, GroupNorm, ResnetBlock, Upsample
+
+# diffusers' Transformer2DModel normalises its input with this epsilon, whatever the UNet's.
+TRANSFORMER_NORM_EPS = 1e-6
+LAYER_NORM_EPS = 1e-5
+
+
+def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> jax.Array:
+    """[B] -> [B, dim] sinusoidal embedding in float32 (diffusers `get_timestep_embedding`)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear -> SiLU -> linear. [B, in] -> [B, features]."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Dense(self.features, dtype=self.dtype, name="linear_1")(x.astype(self.dtype))
+        return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(nn.silu(x))
+
+
+class GEGLU(nn.Module):
+    """[B, T, C] -> [B, T, features]: one projection split into a value and an exact-GELU gate."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        value, gate = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        return value * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers `FeedForward` with GEGLU and a 4x inner width. [B, T, C] -> [B, T, C]."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        h = GEGLU(4 * dim, dtype=self.dtype, name="net_0")(x)
+        return nn.Dense(dim, dtype=self.dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, feed-forward; each pre-norm and residual."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        head_dim = x.shape[-1] // self.num_heads
+
+        def norm(name):
+            return nn.LayerNorm(LAYER_NORM_EPS, dtype=self.dtype, use_fast_variance=False, name=name)
+
+        x = x + Attention(self.num_heads, head_dim, self.dtype, name="attn1")(norm("norm1")(x))
+        x = x + Attention(self.num_heads, head_dim, self.dtype, name="attn2")(norm("norm2")(x), context)
+        return x + FeedForward(self.dtype, name="ff")(norm("norm3")(x))
+
+
+class Transformer2D(nn.Module):
+    """diffusers `Transformer2DModel` (continuous input). [B, H, W, C] -> [B, H, W, C]."""
+
+    cfg: UNetConfig
+    num_heads: int
+    num_layers: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        # A 1x1 convolution and a linear layer on the channels are the same map; the
+        # checkpoint's choice decides only the kernel's shape.
+        def projection(name):
+            if self.cfg.use_linear_projection:
+                return nn.Dense(c, dtype=self.dtype, name=name)
+            return Conv2d(c, kernel_size=1, dtype=self.dtype, name=name)
+
+        y = GroupNorm(self.cfg.norm_num_groups, TRANSFORMER_NORM_EPS, self.dtype, name="norm")(x)
+        y = projection("proj_in")(y).reshape(b, h * w, c)
+        for i in range(self.num_layers):
+            y = BasicTransformerBlock(self.num_heads, self.dtype, name=f"transformer_blocks_{i}")(y, context)
+        return x + projection("proj_out")(y.reshape(b, h, w, c))
+
+
+class DownBlock(nn.Module):
+    """`DownBlock2D` or `CrossAttnDownBlock2D` number `index`; returns the output and the skips."""
+
+    cfg: UNetConfig
+    index: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        cfg, i = self.cfg, self.index
+        channels = cfg.block_out_channels[i]
+        skips = []
+        for j in range(cfg.layers_per_block[i]):
+            x = ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=f"resnets_{j}")(x, temb)
+            if cfg.down_block_types[i] == "CrossAttnDownBlock2D":
+                x = Transformer2D(cfg, cfg.num_attention_heads[i], cfg.transformer_layers_per_block[i],
+                                  self.dtype, name=f"attentions_{j}")(x, context)
+            skips.append(x)
+        if i < cfg.num_levels - 1:
+            x = Downsample(channels, cfg.downsample_padding, self.dtype, name="downsamplers_0")(x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """`UNetMidBlock2DCrossAttn`: ResNet, transformer, ResNet at the lowest resolution."""
+
+    cfg: UNetConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, context):
+        cfg = self.cfg
+        channels = cfg.block_out_channels[-1]
+        x = ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="resnets_0")(x, temb)
+        x = Transformer2D(cfg, cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1],
+                          self.dtype, name="attentions_0")(x, context)
+        return ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="resnets_1")(x, temb)
+
+
+class UpBlock(nn.Module):
+    """`UpBlock2D` or `CrossAttnUpBlock2D` number `index`, mirroring down block
+    `num_levels - 1 - index`; consumes one skip per ResNet, last in first out."""
+
+    cfg: UNetConfig
+    index: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, skips, temb, context):
+        cfg, i = self.cfg, self.index
+        level = cfg.num_levels - 1 - i
+        channels = cfg.block_out_channels[level]
+        for j in range(cfg.layers_per_block[level] + 1):
+            x = jnp.concatenate([x, skips.pop()], axis=-1)
+            x = ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=f"resnets_{j}")(x, temb)
+            if cfg.up_block_types[i] == "CrossAttnUpBlock2D":
+                x = Transformer2D(cfg, cfg.num_attention_heads[level], cfg.transformer_layers_per_block[level],
+                                  self.dtype, name=f"attentions_{j}")(x, context)
+        if level > 0:
+            x = Upsample(channels, self.dtype, name="upsamplers_0")(x)
+        return x
+
+
+class UNet2DConditionModel(nn.Module):
+    """The SDXL UNet. `__call__` mirrors diffusers' forward:
+
+    sample [B, C_in, H, W] (NCHW), timesteps [] or [B], encoder_hidden_states [B, S, context],
+    text_embeds [B, pooled] and time_ids [B, K] (SDXL micro-conditioning) -> [B, C_out, H, W].
+    """
+
+    cfg: UNetConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None):
+        cfg = self.cfg
+        b = sample.shape[0]
+        x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
+        if cfg.center_input_sample:
+            x = 2 * x - 1
+        context = encoder_hidden_states.astype(self.dtype)
+
+        t = jnp.broadcast_to(jnp.ravel(jnp.asarray(timesteps)), (b,))
+        t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = TimestepEmbedding(cfg.time_embed_dim, self.dtype, name="time_embedding")(t_emb)
+        if cfg.addition_embed_type == "text_time":
+            if text_embeds is None or time_ids is None:
+                raise ValueError(
+                    "This UNet uses SDXL micro-conditioning (addition_embed_type 'text_time'): pass "
+                    "text_embeds (the pooled text embedding) and time_ids."
+                )
+            time_embeds = timestep_embedding(
+                jnp.ravel(time_ids), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+            ).reshape(b, -1)
+            added = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+            temb = temb + TimestepEmbedding(cfg.time_embed_dim, self.dtype, name="add_embedding")(added)
+
+        x = Conv2d(cfg.block_out_channels[0], dtype=self.dtype, name="conv_in")(x)
+        skips = [x]
+        for i in range(cfg.num_levels):
+            x, block_skips = DownBlock(cfg, i, self.dtype, name=f"down_blocks_{i}")(x, temb, context)
+            skips += block_skips
+        x = MidBlock(cfg, self.dtype, name="mid_block")(x, temb, context)
+        for i in range(cfg.num_levels):
+            x = UpBlock(cfg, i, self.dtype, name=f"up_blocks_{i}")(x, skips, temb, context)
+
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="conv_norm_out")(x))
+        x = Conv2d(cfg.out_channels, dtype=self.dtype, name="conv_out")(x)
+        return jnp.transpose(x, (0, 3, 1, 2))
+
+
+def abstract_params(cfg: UNetConfig, dtype: Dtype = jnp.float32):
+    """The parameter tree of `cfg` as `jax.ShapeDtypeStruct` leaves; nothing is allocated."""
+    f = cfg.downsample_factor
+    sample = jax.ShapeDtypeStruct((1, cfg.in_channels, f, f), jnp.float32)
+    context = jax.ShapeDtypeStruct((1, 1, cfg.cross_attention_dim), jnp.float32)
+    extra = {}
+    if cfg.addition_embed_type == "text_time":
+        # Only the sum of the pooled width and K time ids x addition_time_embed_dim is fixed by
+        # the weights; one time id stands in for the K of the real model.
+        pooled = cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim
+        extra = {"text_embeds": jax.ShapeDtypeStruct((1, pooled), jnp.float32),
+                 "time_ids": jax.ShapeDtypeStruct((1, 1), jnp.float32)}
+
+    def init(sample, context, **extra):
+        return UNet2DConditionModel(cfg).init(jax.random.key(0), sample, jnp.zeros(()), context, **extra)
+
+    tree = jax.eval_shape(init, sample, context, **extra)["params"]
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), tree)

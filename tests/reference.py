@@ -1,0 +1,115 @@
+"""diffusers (PyTorch) as the numerical oracle: small SDXL-shaped UNets with random weights,
+saved in the diffusers format, and their outputs on fixed inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+
+# Two SDXL-shaped configs that differ in depth, heads, transformer layers per block, group count,
+# projection kind and number of micro-conditioning time ids.
+BASE_LIKE = dict(
+    block_out_channels=(32, 48, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 8),
+    norm_num_groups=16,
+    cross_attention_dim=40,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=24 + 6 * 8,
+    sample_size=16,
+)
+REFINER_LIKE = dict(
+    block_out_channels=(16, 32, 48, 48),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    transformer_layers_per_block=3,
+    attention_head_dim=(1, 2, 3, 3),
+    norm_num_groups=8,
+    cross_attention_dim=24,
+    use_linear_projection=False,
+    upcast_attention=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=6,
+    projection_class_embeddings_input_dim=20 + 5 * 6,
+    sample_size=16,
+)
+# name -> (config, number of micro-conditioning time ids): base SDXL passes 6 (original size,
+# crop corner, target size), the refiner 5 (original size, crop corner, aesthetic score).
+CASES = {"base-like": (BASE_LIKE, 6), "refiner-like": (REFINER_LIKE, 5)}
+TIME_IDS = {6: [[1024, 1024, 0, 0, 1024, 1024], [768, 1152, 16, 32, 1024, 1024]],
+            5: [[1024, 1024, 0, 0, 6.0], [768, 1152, 16, 32, 2.5]]}
+
+
+def random_unet(config: dict, seed: int = 0) -> UNet2DConditionModel:
+    """A diffusers UNet whose every parameter is perturbed, so no layer is an identity or zero."""
+    torch.manual_seed(seed)
+    model = UNet2DConditionModel(**config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def unet_inputs(config: dict, num_time_ids: int, height: int = 16, width: int = 24,
+                seed: int = 1) -> dict[str, np.ndarray]:
+    """Batch 2 of NCHW latents, per-sample timesteps, text context and SDXL conditioning."""
+    rng = np.random.default_rng(seed)
+    pooled = config["projection_class_embeddings_input_dim"] - num_time_ids * config["addition_time_embed_dim"]
+    return {
+        "sample": rng.standard_normal((2, 4, height, width), dtype=np.float32),
+        "timesteps": np.array([999.0, 37.0], np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 7, config["cross_attention_dim"]), dtype=np.float32),
+        "text_embeds": rng.standard_normal((2, pooled), dtype=np.float32),
+        "time_ids": np.array(TIME_IDS[num_time_ids], np.float32),
+    }
+
+
+def reference_output(model: UNet2DConditionModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = model(
+            t["sample"], t["timesteps"], encoder_hidden_states=t["encoder_hidden_states"],
+            added_cond_kwargs={"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]},
+        ).sample
+    return out.numpy()
+
+
+# The published `unet/config.json` of SDXL base 1.0 and refiner 1.0 (no weights needed).
+SDXL_BASE_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False, "class_embed_type": None, "class_embeddings_concat": False,
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+    "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default", "sample_size": 128, "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None, "use_linear_projection": True,
+}
+SDXL_REFINER_CONFIG = {
+    **SDXL_BASE_CONFIG,
+    "attention_head_dim": [6, 12, 24, 24], "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "projection_class_embeddings_input_dim": 2560, "transformer_layers_per_block": 4,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": True,
+}

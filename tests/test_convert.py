@@ -1,0 +1,140 @@
+"""diffusers checkpoint conversion: variants, shards, the converted format and its errors."""
+
+import copy
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel as DiffusersUNet
+from reference import BASE_LIKE, SDXL_BASE_CONFIG, SDXL_REFINER_CONFIG, random_unet
+from safetensors.numpy import load_file, save_file
+
+import jaxfuse
+from checkpoints_conversion.convert_diffusers import ConversionError, main, match_checkpoint
+from jaxfuse.config import UNetConfig
+from jaxfuse.models.unet import abstract_params
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_unet(BASE_LIKE)
+
+
+@pytest.fixture(scope="module")
+def folder(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("unet")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def params(folder):
+    return jaxfuse.load_unet(folder)[1]
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def edited_copy(folder, tmp_path, edit):
+    """A copy of the UNet folder whose tensors went through `edit(dict) -> None`."""
+    tensors = load_file(folder / WEIGHTS)
+    edit(tensors)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    save_file(tensors, tmp_path / WEIGHTS)
+    return tmp_path
+
+
+def test_missing_tensor_is_listed(folder, tmp_path):
+    broken = edited_copy(folder, tmp_path, lambda t: t.pop("mid_block.attentions.0.proj_out.weight"))
+    with pytest.raises(ConversionError, match=r"missing in checkpoint.*: 1\n\s+mid_block/attentions_0/proj_out/kernel"):
+        jaxfuse.load_unet(broken)
+
+
+def test_extra_tensor_is_listed(folder, tmp_path):
+    def add(t):
+        t["down_blocks.0.resnets.0.extra.weight"] = np.ones(3, np.float32)
+    broken = edited_copy(folder, tmp_path, add)
+    with pytest.raises(ConversionError, match=r"unused in checkpoint.*: 1\n\s+down_blocks.0.resnets.0.extra.weight"):
+        jaxfuse.load_unet(broken)
+
+
+def test_wrong_shape_is_listed(folder, tmp_path):
+    def reshape(t):
+        t["conv_in.weight"] = np.zeros((32, 4, 1, 1), np.float32)
+    broken = edited_copy(folder, tmp_path, reshape)
+    with pytest.raises(ConversionError, match=r"wrong shape: 1\n\s+conv_in.weight: checkpoint \(32, 4, 1, 1\)") as e:
+        jaxfuse.load_unet(broken)
+    assert "missing" not in str(e.value)
+
+
+def test_fp16_variant_loads(model, params, tmp_path):
+    copy.deepcopy(model).half().save_pretrained(tmp_path, variant="fp16")
+    assert not (tmp_path / WEIGHTS).exists()
+    _, fp16_params = jaxfuse.load_unet(tmp_path)  # the only file there: picked without asking
+    _, chosen = jaxfuse.load_unet(tmp_path, variant="fp16")
+    rounded = jax.tree.map(lambda p: np.asarray(p).astype(np.float16).astype(np.float32), params)
+    assert_trees_equal(fp16_params, rounded)
+    assert_trees_equal(chosen, rounded)
+
+
+def test_sharded_checkpoint_loads(model, params, tmp_path):
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    assert (tmp_path / f"{WEIGHTS}.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    assert_trees_equal(jaxfuse.load_unet(tmp_path)[1], params)
+
+
+def test_pickled_weights_are_refused(model, tmp_path):
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    with pytest.raises(ConversionError, match="never unpickles.*safetensors"):
+        jaxfuse.load_unet(tmp_path)
+
+
+def test_pipeline_folder_is_accepted(folder, params, tmp_path):
+    (tmp_path / "unet").symlink_to(folder)
+    assert_trees_equal(jaxfuse.load_unet(tmp_path)[1], params)
+
+
+def test_cli_converts_and_never_overwrites(folder, params, tmp_path, capsys):
+    dst = tmp_path / "converted"
+    assert main([str(folder), str(dst)]) == 0
+    assert_trees_equal(jaxfuse.load_unet(dst)[1], params)
+    before = sorted(p.relative_to(dst) for p in dst.rglob("*"))
+    assert main([str(folder), str(dst)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.relative_to(dst) for p in dst.rglob("*")) == before
+
+
+@pytest.mark.parametrize("config, preset", [(SDXL_BASE_CONFIG, UNetConfig.sdxl_base()),
+                                            (SDXL_REFINER_CONFIG, UNetConfig.sdxl_refiner())],
+                         ids=["sdxl-base", "sdxl-refiner"])
+def test_full_size_sdxl_matches_diffusers_name_for_name(config, preset):
+    """diffusers' real-size model (on the meta device: no memory) and ours have the same
+    parameters, name for name and shape for shape."""
+    assert UNetConfig.from_diffusers(config) == preset
+    with torch.device("meta"):
+        reference = DiffusersUNet(**{k: v for k, v in config.items() if not k.startswith("_")})
+    shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    abstract = abstract_params(preset)
+    plan = match_checkpoint(shapes, abstract)
+    assert len(plan) == len(jax.tree.leaves(abstract)) == len(shapes)
+    assert sum(np.prod(s) for s in shapes.values()) == sum(x.size for x in jax.tree.leaves(abstract))
+
+
+def test_sdxl_base_has_its_published_parameter_count():
+    assert sum(x.size for x in jax.tree.leaves(abstract_params(UNetConfig.sdxl_base()))) == 2_567_463_684
+
+
+def test_runtime_imports_neither_torch_nor_diffusers():
+    code = ("import sys, jaxfuse, checkpoints_conversion.convert_diffusers; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
