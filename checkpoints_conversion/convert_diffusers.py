@@ -22,15 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 from safetensors import safe_open
-
-from jaxfuse.config import UNetConfig
-from jaxfuse.models.unet import UNet2DConditionModel, abstract_params
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 CONFIG_NAME = "config.json"
@@ -165,42 +161,35 @@ def _listing(title: str, items: list[str]) -> str:
     return f"\n  {title}: {len(items)}{shown}{more}"
 
 
-def _unet_folder(folder: str | Path) -> Path:
-    """A `unet/` folder, also when given the folder of a whole diffusers pipeline."""
+def component_folder(folder: str | Path, component: str) -> Path:
+    """The folder of one model (`unet`, `vae`, ...): `folder` itself when it holds a config,
+    else its `component/` subfolder, as in a diffusers pipeline folder."""
     folder = Path(folder).expanduser()
-    if not (folder / CONFIG_NAME).is_file() and (folder / "unet" / CONFIG_NAME).is_file():
-        folder = folder / "unet"
+    if not (folder / CONFIG_NAME).is_file() and (folder / component / CONFIG_NAME).is_file():
+        folder = folder / component
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(
-            f"{folder} is not a UNet folder: it has no {CONFIG_NAME}. Pass a diffusers `unet/` "
-            "folder (or the pipeline folder holding one) or a folder made by "
-            "`python -m checkpoints_conversion.convert_diffusers`."
+            f"{folder} has no {CONFIG_NAME}: pass a diffusers `{component}/` folder (or the pipeline "
+            "folder holding one) or a folder made by `python -m checkpoints_conversion.convert_diffusers`."
         )
     return folder
 
 
-def load_unet(folder: str | Path, dtype: Any = jnp.float32, param_dtype: Any = None,
-              variant: str | None = None) -> tuple[UNet2DConditionModel, Any]:
-    """(module, params) from a diffusers `unet/` folder or a converted one.
-
-    `dtype` is the compute dtype, `param_dtype` (default: `dtype`) the one the parameters are
-    stored in; `variant="fp16"` picks diffusers' `.fp16.safetensors` files.
-    """
-    folder = _unet_folder(folder)
-    cfg = UNetConfig.from_diffusers(json.loads((folder / CONFIG_NAME).read_text()))
-    abstract = abstract_params(cfg, param_dtype or dtype)
+def load_params(folder: Path, abstract: Any, variant: str | None = None) -> Any:
+    """The parameter tree `abstract` filled from a converted folder (orbax) or a diffusers one."""
     if (folder / PARAMS_DIR).is_dir():
         with ocp.StandardCheckpointer() as checkpointer:
-            params = checkpointer.restore((folder / PARAMS_DIR).absolute(), abstract)
-    else:
-        params = convert_checkpoint(SafetensorsCheckpoint(find_weight_files(folder, variant)), abstract)
-    return UNet2DConditionModel(cfg, dtype), params
+            return checkpointer.restore((folder / PARAMS_DIR).absolute(), abstract)
+    return convert_checkpoint(SafetensorsCheckpoint(find_weight_files(folder, variant)), abstract)
 
 
 def convert_folder(src: str | Path, dst: str | Path, variant: str | None = None,
                    param_dtype: Any = jnp.float32) -> Path:
-    """Converts a diffusers `unet/` folder into `dst` (config.json + orbax params)."""
-    src, dst = _unet_folder(src), Path(dst).expanduser()
+    """Converts a diffusers `unet/` folder into `dst` (its config.json + orbax params)."""
+    # Imported here, not at the top: the models import this module for its readers.
+    from jaxfuse.models.unet import load_unet
+
+    src, dst = component_folder(src, "unet"), Path(dst).expanduser()
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new folder (nothing was written).")
     _, params = load_unet(src, param_dtype, param_dtype, variant)
@@ -225,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         dst = convert_folder(args.src, args.dst, args.variant, jnp.dtype(args.dtype))
-    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConversionError, ConfigError
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"converted {args.src} -> {dst} in {time.perf_counter() - start:.1f} s")

@@ -1,6 +1,6 @@
 """jaxfuse: DistriFusion-style patch-parallel inference for Stable Diffusion XL in JAX/Flax."""
 
-from checkpoints_conversion.convert_diffusers import load_unet
 from jaxfuse.config import UNetConfig
+from jaxfuse.models.unet import load_unet
 
 __all__ = ["UNetConfig", "load_unet"]

@@ -57,9 +57,16 @@ def test_scalar_timestep_is_broadcast_over_the_batch(case):
     np.testing.assert_array_equal(np.asarray(scalar), np.asarray(per_sample))
 
 
-def test_missing_micro_conditioning_is_a_clear_error():
-    unet = UNet2DConditionModel(jaxfuse.UNetConfig.tiny())
-    sample = jnp.zeros((1, 4, 8, 8))
-    context = jnp.zeros((1, 3, 32))
-    with pytest.raises(ValueError, match="text_embeds .* and time_ids"):
-        unet.init(jax.random.key(0), sample, 1.0, context)
+@pytest.mark.parametrize("change, message", [
+    (dict(text_embeds=None), "pass text_embeds .* and time_ids"),
+    (dict(sample=jnp.zeros((1, 4, 13, 8))), "latent size 13x8 must be a multiple of 4 .* nearest valid: 12x8"),
+    (dict(sample=jnp.zeros((1, 3, 8, 8))), "4 channels"),
+    (dict(encoder_hidden_states=jnp.zeros((1, 3, 16))), "cross_attention_dim is 32"),
+    (dict(time_ids=jnp.zeros((1, 5))), "give 72 features; this UNet takes 80"),
+])
+def test_bad_inputs_are_clear_errors(change, message):
+    cfg = jaxfuse.UNetConfig.tiny()  # 3 levels: the latent halves twice
+    inputs = dict(sample=jnp.zeros((1, 4, 8, 8)), timesteps=1.0, encoder_hidden_states=jnp.zeros((1, 3, 32)),
+                  text_embeds=jnp.zeros((1, 32)), time_ids=jnp.zeros((1, 6)))
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(UNet2DConditionModel(cfg).init, jax.random.key(0), **{**inputs, **change})

@@ -7,12 +7,16 @@ NHWC inside; `UNet2DConditionModel.__call__` takes and returns NCHW like diffuse
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from checkpoints_conversion.convert_diffusers import CONFIG_NAME, component_folder, load_params
 from jaxfuse.config import UNetConfig
 from jaxfuse.models.layers import Attention, Conv2d, Downsample, Dtype, GroupNorm, ResnetBlock, Upsample
 
@@ -175,6 +179,41 @@ class UpBlock(nn.Module):
         return x
 
 
+def check_inputs(cfg: UNetConfig, sample, encoder_hidden_states, text_embeds, time_ids) -> None:
+    """Raises one clear ValueError for inputs the UNet cannot take (checked while tracing,
+    before anything is compiled)."""
+    if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
+        raise ValueError(f"sample must be NCHW with {cfg.in_channels} channels, got shape {sample.shape}.")
+    f = cfg.downsample_factor
+    h, w = sample.shape[2:]
+    if h % f or w % f:
+        def nearest(n):
+            return f * max(1, round(n / f))
+
+        raise ValueError(
+            f"latent size {h}x{w} must be a multiple of {f} (the UNet halves it {cfg.num_levels - 1} "
+            f"times); nearest valid: {nearest(h)}x{nearest(w)} (x8 for the image size)."
+        )
+    if encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
+        raise ValueError(
+            f"encoder_hidden_states has {encoder_hidden_states.shape[-1]} channels; this UNet's "
+            f"cross_attention_dim is {cfg.cross_attention_dim}."
+        )
+    if cfg.addition_embed_type == "text_time":
+        if text_embeds is None or time_ids is None:
+            raise ValueError(
+                "This UNet uses SDXL micro-conditioning (addition_embed_type 'text_time'): pass "
+                "text_embeds (the pooled text embedding) and time_ids."
+            )
+        width = text_embeds.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+        if width != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"text_embeds ({text_embeds.shape[-1]}) plus {time_ids.shape[-1]} time ids x "
+                f"{cfg.addition_time_embed_dim} give {width} features; this UNet takes "
+                f"{cfg.projection_class_embeddings_input_dim}."
+            )
+
+
 class UNet2DConditionModel(nn.Module):
     """The SDXL UNet. `__call__` mirrors diffusers' forward:
 
@@ -188,6 +227,7 @@ class UNet2DConditionModel(nn.Module):
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None):
         cfg = self.cfg
+        check_inputs(cfg, sample, encoder_hidden_states, text_embeds, time_ids)
         b = sample.shape[0]
         x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
         if cfg.center_input_sample:
@@ -198,11 +238,6 @@ class UNet2DConditionModel(nn.Module):
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = TimestepEmbedding(cfg.time_embed_dim, self.dtype, name="time_embedding")(t_emb)
         if cfg.addition_embed_type == "text_time":
-            if text_embeds is None or time_ids is None:
-                raise ValueError(
-                    "This UNet uses SDXL micro-conditioning (addition_embed_type 'text_time'): pass "
-                    "text_embeds (the pooled text embedding) and time_ids."
-                )
             time_embeds = timestep_embedding(
                 jnp.ravel(time_ids), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
             ).reshape(b, -1)
@@ -241,3 +276,18 @@ def abstract_params(cfg: UNetConfig, dtype: Dtype = jnp.float32):
 
     tree = jax.eval_shape(init, sample, context, **extra)["params"]
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), tree)
+
+
+def load_unet(folder: str | Path, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None,
+              variant: str | None = None) -> tuple[UNet2DConditionModel, Any]:
+    """(module, params) from a diffusers `unet/` folder (or the pipeline folder holding one)
+    or a folder made by `checkpoints_conversion.convert_diffusers`.
+
+    `dtype` is the compute dtype, `param_dtype` (default: `dtype`) the one the parameters are
+    stored in; `variant="fp16"` picks diffusers' `.fp16.safetensors` files. The config is
+    checked before any weight is read.
+    """
+    folder = component_folder(folder, "unet")
+    cfg = UNetConfig.from_diffusers(json.loads((folder / CONFIG_NAME).read_text()))
+    params = load_params(folder, abstract_params(cfg, param_dtype or dtype), variant)
+    return UNet2DConditionModel(cfg, dtype), params
