@@ -91,11 +91,11 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2D(nn.Module):
-    """diffusers `Transformer2DModel` (continuous input). [B, H, W, C] -> [B, H, W, C]."""
+    """diffusers `Transformer2DModel` (continuous input) at UNet level `level`, with that
+    level's heads and depth. [B, H, W, C] -> [B, H, W, C]."""
 
     cfg: UNetConfig
-    num_heads: int
-    num_layers: int
+    level: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -110,9 +110,14 @@ class Transformer2D(nn.Module):
 
         y = GroupNorm(self.cfg.norm_num_groups, TRANSFORMER_NORM_EPS, self.dtype, name="norm")(x)
         y = projection("proj_in")(y).reshape(b, h * w, c)
-        for i in range(self.num_layers):
-            y = BasicTransformerBlock(self.num_heads, self.dtype, name=f"transformer_blocks_{i}")(y, context)
+        heads = self.cfg.num_attention_heads[self.level]
+        for i in range(self.cfg.transformer_layers_per_block[self.level]):
+            y = BasicTransformerBlock(heads, self.dtype, name=f"transformer_blocks_{i}")(y, context)
         return x + projection("proj_out")(y.reshape(b, h, w, c))
+
+
+def unet_resnet(cfg: UNetConfig, channels: int, dtype: Dtype, name: str) -> ResnetBlock:
+    return ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, dtype, name=name)
 
 
 class DownBlock(nn.Module):
@@ -128,10 +133,9 @@ class DownBlock(nn.Module):
         channels = cfg.block_out_channels[i]
         skips = []
         for j in range(cfg.layers_per_block[i]):
-            x = ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=f"resnets_{j}")(x, temb)
+            x = unet_resnet(cfg, channels, self.dtype, f"resnets_{j}")(x, temb)
             if cfg.down_block_types[i] == "CrossAttnDownBlock2D":
-                x = Transformer2D(cfg, cfg.num_attention_heads[i], cfg.transformer_layers_per_block[i],
-                                  self.dtype, name=f"attentions_{j}")(x, context)
+                x = Transformer2D(cfg, i, self.dtype, name=f"attentions_{j}")(x, context)
             skips.append(x)
         if i < cfg.num_levels - 1:
             x = Downsample(channels, cfg.downsample_padding, self.dtype, name="downsamplers_0")(x)
@@ -149,10 +153,9 @@ class MidBlock(nn.Module):
     def __call__(self, x, temb, context):
         cfg = self.cfg
         channels = cfg.block_out_channels[-1]
-        x = ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="resnets_0")(x, temb)
-        x = Transformer2D(cfg, cfg.num_attention_heads[-1], cfg.transformer_layers_per_block[-1],
-                          self.dtype, name="attentions_0")(x, context)
-        return ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="resnets_1")(x, temb)
+        x = unet_resnet(cfg, channels, self.dtype, "resnets_0")(x, temb)
+        x = Transformer2D(cfg, cfg.num_levels - 1, self.dtype, name="attentions_0")(x, context)
+        return unet_resnet(cfg, channels, self.dtype, "resnets_1")(x, temb)
 
 
 class UpBlock(nn.Module):
@@ -170,10 +173,9 @@ class UpBlock(nn.Module):
         channels = cfg.block_out_channels[level]
         for j in range(cfg.layers_per_block[level] + 1):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=f"resnets_{j}")(x, temb)
+            x = unet_resnet(cfg, channels, self.dtype, f"resnets_{j}")(x, temb)
             if cfg.up_block_types[i] == "CrossAttnUpBlock2D":
-                x = Transformer2D(cfg, cfg.num_attention_heads[level], cfg.transformer_layers_per_block[level],
-                                  self.dtype, name=f"attentions_{j}")(x, context)
+                x = Transformer2D(cfg, level, self.dtype, name=f"attentions_{j}")(x, context)
         if level > 0:
             x = Upsample(channels, self.dtype, name="upsamplers_0")(x)
         return x
