@@ -4,7 +4,7 @@
 
 The mapping is one rule: a checkpoint name `a.0.b.weight` is the Flax path `a_0/b/<leaf>`, where
 the leaf is whatever the model has there (`kernel` for linear and convolution weights, `scale`
-for norm weights), and the tensor takes the target leaf's layout: a convolution weight
+for norm weights, `embedding` for embedding tables), and the tensor takes the target leaf's layout: a convolution weight
 [O, I, kh, kw] becomes HWIO, a linear weight [O, I] becomes [I, O]. The expected tree comes from
 the model itself (`jax.eval_shape`), and conversion fails, listing every difference, unless each
 tensor lands on exactly one parameter of the same shape and every parameter is filled.
@@ -33,21 +33,24 @@ CONFIG_NAME = "config.json"
 PARAMS_DIR = "params"  # the orbax checkpoint inside a converted folder
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 MAX_LISTED = 20
+# Flax's names for what PyTorch calls `weight`: linear/convolution, norm, embedding table.
+WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 
 
 class ConversionError(ValueError):
     """A checkpoint that does not fit the model; the message lists every mismatch."""
 
 
-def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+def find_weight_files(folder: Path, variant: str | None = None, weights_name: str = WEIGHTS_NAME) -> list[Path]:
     """The safetensors files of `folder`: one file, or the shards named by its index.
 
-    Without `variant`, the full-precision file is preferred and the `fp16` variant taken when
-    it is the only one.
+    `weights_name` is the file stem: `diffusion_pytorch_model` for diffusers models, `model` for
+    transformers ones. Without `variant`, the full-precision file is preferred and the `fp16`
+    variant taken when it is the only one.
     """
     variants = [variant] if variant else [None, "fp16"]
     for v in variants:
-        stem = f"{WEIGHTS_NAME}.{v}" if v else WEIGHTS_NAME
+        stem = f"{weights_name}.{v}" if v else weights_name
         single = folder / f"{stem}.safetensors"
         if single.is_file():
             return [single]
@@ -65,7 +68,7 @@ def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
             "files. Convert them to safetensors first, e.g. with diffusers: "
             "UNet2DConditionModel.from_pretrained(SRC).save_pretrained(DST, safe_serialization=True)."
         )
-    wanted = f"{WEIGHTS_NAME}.{variant}.safetensors" if variant else f"{WEIGHTS_NAME}.safetensors"
+    wanted = f"{weights_name}.{variant}.safetensors" if variant else f"{weights_name}.safetensors"
     raise FileNotFoundError(f"{folder} has no {wanted} (nor a sharded .safetensors.index.json).")
 
 
@@ -106,17 +109,24 @@ def flax_axes(ndim: int, leaf: str) -> tuple[int, ...]:
     return tuple(range(ndim))
 
 
-def match_checkpoint(shapes: Mapping[str, tuple[int, ...]], abstract: Any) -> dict[str, tuple[str, ...]]:
+def match_checkpoint(shapes: Mapping[str, tuple[int, ...]], abstract: Any,
+                     buffers: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
     """Checkpoint name -> the Flax path it fills, for a parameter tree `abstract` (leaves with a
-    `.shape`). Raises `ConversionError` listing every missing, unused and wrong-shaped tensor."""
+    `.shape`). Raises `ConversionError` listing every missing, unused and wrong-shaped tensor.
+
+    `buffers`: last name parts of tensors that are not parameters and are skipped (e.g. the
+    `position_ids` some CLIP checkpoints carry).
+    """
     targets = traverse_util.flatten_dict(abstract)
     plan: dict[str, tuple[str, ...]] = {}
     unused: list[str] = []
     wrong_shape: dict[tuple[str, ...], str] = {}
     for key in sorted(shapes):
         *module, name = flax_path(key)
-        if name == "weight":
-            name = "kernel" if (*module, "kernel") in targets else "scale"
+        if name in buffers:
+            continue
+        if name == "weight":  # PyTorch's one name for what Flax calls by the layer's kind
+            name = next((n for n in WEIGHT_LEAVES if (*module, n) in targets), "kernel")
         path = (*module, name)
         if path not in targets:
             unused.append(key)
@@ -141,10 +151,10 @@ def match_checkpoint(shapes: Mapping[str, tuple[int, ...]], abstract: Any) -> di
     return plan
 
 
-def convert_checkpoint(checkpoint: SafetensorsCheckpoint, abstract: Any) -> Any:
+def convert_checkpoint(checkpoint: SafetensorsCheckpoint, abstract: Any, buffers: tuple[str, ...] = ()) -> Any:
     """The parameter tree `abstract` (ShapeDtypeStruct leaves) filled from `checkpoint`; every
     name and shape is checked before any tensor is read."""
-    plan = match_checkpoint(checkpoint.shapes, abstract)
+    plan = match_checkpoint(checkpoint.shapes, abstract, buffers)
     targets = traverse_util.flatten_dict(abstract)
     params = {}
     for key, path in plan.items():
@@ -175,12 +185,15 @@ def component_folder(folder: str | Path, component: str) -> Path:
     return folder
 
 
-def load_params(folder: Path, abstract: Any, variant: str | None = None) -> Any:
-    """The parameter tree `abstract` filled from a converted folder (orbax) or a diffusers one."""
+def load_params(folder: Path, abstract: Any, variant: str | None = None, weights_name: str = WEIGHTS_NAME,
+                buffers: tuple[str, ...] = ()) -> Any:
+    """The parameter tree `abstract` filled from a converted folder (orbax) or a diffusers /
+    transformers one (see `find_weight_files` and `match_checkpoint` for the other arguments)."""
     if (folder / PARAMS_DIR).is_dir():
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore((folder / PARAMS_DIR).absolute(), abstract)
-    return convert_checkpoint(SafetensorsCheckpoint(find_weight_files(folder, variant)), abstract)
+    files = find_weight_files(folder, variant, weights_name)
+    return convert_checkpoint(SafetensorsCheckpoint(files), abstract, buffers)
 
 
 def convert_folder(src: str | Path, dst: str | Path, variant: str | None = None,

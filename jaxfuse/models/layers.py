@@ -112,19 +112,21 @@ class GroupNorm(nn.Module):
 
 class Attention(nn.Module):
     """diffusers `Attention`: multi-head attention over the tokens of `x`, or over `context`
-    (cross-attention) when it is given. [B, T, C] -> [B, T, C]."""
+    (cross-attention) when it is given. [B, T, C] -> [B, T, C]. `qkv_bias`: the VAE's
+    projections have biases, the UNet's do not."""
 
     num_heads: int
     head_dim: int
+    qkv_bias: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         inner = self.num_heads * self.head_dim
         source = x if context is None else context
-        q = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
-        k = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(source)
-        v = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(source)
+        q = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
+        k = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(source)
+        v = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(source)
         out = attention(q, k, v, self.num_heads)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 

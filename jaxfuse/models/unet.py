@@ -85,8 +85,8 @@ class BasicTransformerBlock(nn.Module):
         def norm(name):
             return nn.LayerNorm(LAYER_NORM_EPS, dtype=self.dtype, use_fast_variance=False, name=name)
 
-        x = x + Attention(self.num_heads, head_dim, self.dtype, name="attn1")(norm("norm1")(x))
-        x = x + Attention(self.num_heads, head_dim, self.dtype, name="attn2")(norm("norm2")(x), context)
+        x = x + Attention(self.num_heads, head_dim, dtype=self.dtype, name="attn1")(norm("norm1")(x))
+        x = x + Attention(self.num_heads, head_dim, dtype=self.dtype, name="attn2")(norm("norm2")(x), context)
         return x + FeedForward(self.dtype, name="ff")(norm("norm3")(x))
 
 
