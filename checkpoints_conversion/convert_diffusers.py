@@ -109,20 +109,23 @@ def flax_axes(ndim: int, leaf: str) -> tuple[int, ...]:
     return tuple(range(ndim))
 
 
-def match_checkpoint(shapes: Mapping[str, tuple[int, ...]], abstract: Any,
-                     buffers: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+def match_checkpoint(shapes: Mapping[str, tuple[int, ...]], abstract: Any, buffers: tuple[str, ...] = (),
+                     prefix: str = "") -> dict[str, tuple[str, ...]]:
     """Checkpoint name -> the Flax path it fills, for a parameter tree `abstract` (leaves with a
     `.shape`). Raises `ConversionError` listing every missing, unused and wrong-shaped tensor.
 
     `buffers`: last name parts of tensors that are not parameters and are skipped (e.g. the
-    `position_ids` some CLIP checkpoints carry).
+    `position_ids` some CLIP checkpoints carry). `prefix`: a leading module name that some
+    checkpoints leave out of every name (transformers 5 saves `CLIPTextModel` without
+    `text_model.`); when no name starts with it, it is put in front of each.
     """
     targets = traverse_util.flatten_dict(abstract)
+    add_prefix = bool(prefix) and not any(key.startswith(f"{prefix}.") for key in shapes)
     plan: dict[str, tuple[str, ...]] = {}
     unused: list[str] = []
     wrong_shape: dict[tuple[str, ...], str] = {}
     for key in sorted(shapes):
-        *module, name = flax_path(key)
+        *module, name = flax_path(f"{prefix}.{key}" if add_prefix else key)
         if name in buffers:
             continue
         if name == "weight":  # PyTorch's one name for what Flax calls by the layer's kind
@@ -151,10 +154,11 @@ def match_checkpoint(shapes: Mapping[str, tuple[int, ...]], abstract: Any,
     return plan
 
 
-def convert_checkpoint(checkpoint: SafetensorsCheckpoint, abstract: Any, buffers: tuple[str, ...] = ()) -> Any:
+def convert_checkpoint(checkpoint: SafetensorsCheckpoint, abstract: Any, buffers: tuple[str, ...] = (),
+                       prefix: str = "") -> Any:
     """The parameter tree `abstract` (ShapeDtypeStruct leaves) filled from `checkpoint`; every
-    name and shape is checked before any tensor is read."""
-    plan = match_checkpoint(checkpoint.shapes, abstract, buffers)
+    name and shape is checked before any tensor is read (see `match_checkpoint`)."""
+    plan = match_checkpoint(checkpoint.shapes, abstract, buffers, prefix)
     targets = traverse_util.flatten_dict(abstract)
     params = {}
     for key, path in plan.items():
@@ -186,14 +190,14 @@ def component_folder(folder: str | Path, component: str) -> Path:
 
 
 def load_params(folder: Path, abstract: Any, variant: str | None = None, weights_name: str = WEIGHTS_NAME,
-                buffers: tuple[str, ...] = ()) -> Any:
+                buffers: tuple[str, ...] = (), prefix: str = "") -> Any:
     """The parameter tree `abstract` filled from a converted folder (orbax) or a diffusers /
     transformers one (see `find_weight_files` and `match_checkpoint` for the other arguments)."""
     if (folder / PARAMS_DIR).is_dir():
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore((folder / PARAMS_DIR).absolute(), abstract)
     files = find_weight_files(folder, variant, weights_name)
-    return convert_checkpoint(SafetensorsCheckpoint(files), abstract, buffers)
+    return convert_checkpoint(SafetensorsCheckpoint(files), abstract, buffers, prefix)
 
 
 def convert_folder(src: str | Path, dst: str | Path, variant: str | None = None,
@@ -206,11 +210,16 @@ def convert_folder(src: str | Path, dst: str | Path, variant: str | None = None,
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new folder (nothing was written).")
     _, params = load_unet(src, param_dtype, param_dtype, variant)
+    save_params(dst, (src / CONFIG_NAME).read_text(), params)
+    return dst
+
+
+def save_params(dst: Path, config_text: str, params: Any) -> None:
+    """Writes a converted model folder: its config.json and the orbax checkpoint of `params`."""
     dst.mkdir(parents=True, exist_ok=True)
-    (dst / CONFIG_NAME).write_text((src / CONFIG_NAME).read_text())
+    (dst / CONFIG_NAME).write_text(config_text)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save((dst / PARAMS_DIR).absolute(), params)
-    return dst
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,5 +2,6 @@
 
 from jaxfuse.config import UNetConfig
 from jaxfuse.models.unet import load_unet
+from jaxfuse.pipeline import SDXLPipeline, load_pipeline
 
-__all__ = ["UNetConfig", "load_unet"]
+__all__ = ["SDXLPipeline", "UNetConfig", "load_pipeline", "load_unet"]

@@ -108,6 +108,12 @@ def _single_context_dim(value: Any, num_blocks: int) -> int:
     return dims.pop()
 
 
+def _check_groups_divide(num_groups: int, block_out_channels: Sequence[int]) -> None:
+    for i, channels in enumerate(block_out_channels):
+        if channels % num_groups:
+            raise ConfigError(f"norm_num_groups: {num_groups} does not divide block {i}'s {channels} channels.")
+
+
 def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}: {value!r} is not supported; supported: {list(allowed)}.")
@@ -172,12 +178,7 @@ class UNetConfig:
                     f"num_attention_heads (diffusers config: attention_head_dim): block {i} has "
                     f"{channels} channels, not divisible by {heads} heads."
                 )
-        for i, channels in enumerate(self.block_out_channels):
-            if channels % self.norm_num_groups:
-                raise ConfigError(
-                    f"norm_num_groups: {self.norm_num_groups} does not divide block {i}'s "
-                    f"{channels} channels."
-                )
+        _check_groups_divide(self.norm_num_groups, self.block_out_channels)
 
     @property
     def num_levels(self) -> int:
@@ -272,4 +273,230 @@ class UNetConfig:
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=32 + 6 * 8,
             sample_size=16,
+        )
+
+
+VAE_DOWN_BLOCK_TYPES = ("DownEncoderBlock2D",)
+VAE_UP_BLOCK_TYPES = ("UpDecoderBlock2D",)
+
+# diffusers `AutoencoderKL` defaults, for config files that leave a field out.
+_DIFFUSERS_VAE_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": VAE_DOWN_BLOCK_TYPES,
+    "up_block_types": VAE_UP_BLOCK_TYPES,
+    "block_out_channels": (64,),
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
+    "force_upcast": True,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+}
+
+
+def _optional_tuple(value: Any) -> tuple | None:
+    """A JSON list (or tuple) -> a tuple, so the frozen config stays hashable; None stays None."""
+    return None if value is None else tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """diffusers `AutoencoderKL` with `DownEncoderBlock2D` encoder and `UpDecoderBlock2D` decoder
+    blocks and SiLU; the defaults are SDXL's VAE.
+
+    The decoder takes a denoised latent `z` mapped back to the VAE's scale, as diffusers'
+    pipelines do: `z / scaling_factor` (SDXL), `z * latents_std / scaling_factor + latents_mean`
+    per channel when both are given, `z / scaling_factor + shift_factor` when that is given.
+    `force_upcast`: the checkpoint is unsafe in float16 (SDXL's VAE overflows), so a pipeline
+    running in lower precision should run the VAE in float32.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    scaling_factor: float = 0.13025
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True
+    sample_size: int | tuple[int, ...] | None = 1024
+
+    def __post_init__(self):
+        if not isinstance(self.layers_per_block, int) or isinstance(self.layers_per_block, bool):
+            raise ConfigError(
+                f"layers_per_block: expected one int (the VAE uses the same depth at every level), "
+                f"got {self.layers_per_block!r}."
+            )
+        _check_groups_divide(self.norm_num_groups, self.block_out_channels)
+        for name in ("latents_mean", "latents_std"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.latent_channels:
+                raise ConfigError(
+                    f"{name}: has {len(values)} entries, one per latent channel expected "
+                    f"(latent_channels is {self.latent_channels})."
+                )
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each side (one 2x step between levels)."""
+        return 2 ** (self.num_levels - 1)
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> VAEConfig:
+        """Reads a diffusers `vae/config.json` dict; raises `ConfigError` naming the field."""
+        cls_name = config.get("_class_name", "AutoencoderKL")
+        if cls_name != "AutoencoderKL":
+            raise ConfigError(f"_class_name: {cls_name!r} is not an AutoencoderKL config.")
+        c = {**_DIFFUSERS_VAE_DEFAULTS, **config}
+        _check_choice("act_fn", c["act_fn"], ("silu",))
+        n = len(c["block_out_channels"])
+        for name, allowed in (("down_block_types", VAE_DOWN_BLOCK_TYPES),
+                              ("up_block_types", VAE_UP_BLOCK_TYPES)):
+            if len(c[name]) != n:
+                raise ConfigError(f"{name}: has {len(c[name])} entries, block_out_channels has {n}.")
+            for block_type in c[name]:
+                _check_choice(name, block_type, allowed)
+        sample_size = c["sample_size"]
+        return cls(
+            in_channels=c["in_channels"],
+            out_channels=c["out_channels"],
+            latent_channels=c["latent_channels"],
+            block_out_channels=tuple(c["block_out_channels"]),
+            layers_per_block=c["layers_per_block"],
+            norm_num_groups=c["norm_num_groups"],
+            mid_block_add_attention=bool(c["mid_block_add_attention"]),
+            use_quant_conv=bool(c["use_quant_conv"]),
+            use_post_quant_conv=bool(c["use_post_quant_conv"]),
+            scaling_factor=float(c["scaling_factor"]),
+            shift_factor=None if c["shift_factor"] is None else float(c["shift_factor"]),
+            latents_mean=_optional_tuple(c["latents_mean"]),
+            latents_std=_optional_tuple(c["latents_std"]),
+            force_upcast=bool(c["force_upcast"]),
+            sample_size=sample_size if isinstance(sample_size, int) else _optional_tuple(sample_size),
+        )
+
+    @classmethod
+    def sdxl(cls) -> VAEConfig:
+        """stabilityai/stable-diffusion-xl-base-1.0 `vae/config.json` (84M parameters)."""
+        return cls()
+
+
+TEXT_ENCODER_HIDDEN_ACTS = ("quick_gelu", "gelu")
+# transformers `architectures` entry -> whether the model ends in a `text_projection`.
+TEXT_ENCODER_ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}
+
+# transformers `CLIPTextConfig` defaults, for config files that leave a field out.
+_TRANSFORMERS_CLIP_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "projection_dim": 512,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "eos_token_id": 49407,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig:
+    """transformers' CLIP text encoder: `CLIPTextModel`, or `CLIPTextModelWithProjection` when
+    `with_projection`; the defaults are SDXL's first encoder (CLIP ViT-L/14).
+
+    `eos_token_id` decides where the pooled token is: 2, the wrong id that configs written before
+    transformers fixed it carry (SDXL's among them), means the largest token id of the sequence,
+    as in the original CLIP; any other id, its first position.
+    """
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768
+    eos_token_id: int = 2
+    with_projection: bool = False
+
+    def __post_init__(self):
+        _check_choice("hidden_act", self.hidden_act, TEXT_ENCODER_HIDDEN_ACTS)
+        if self.num_hidden_layers < 1:
+            raise ConfigError(
+                f"num_hidden_layers: {self.num_hidden_layers}; SDXL reads the input of the last "
+                "layer, so at least 1 is needed."
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"num_attention_heads: {self.num_attention_heads} does not divide hidden_size "
+                f"{self.hidden_size}."
+            )
+        if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
+            raise ConfigError(f"eos_token_id: expected one int, got {self.eos_token_id!r}.")
+
+    @classmethod
+    def from_transformers(cls, config: Mapping[str, Any]) -> TextEncoderConfig:
+        """Reads a transformers `text_encoder/` or `text_encoder_2/` `config.json` dict; raises
+        `ConfigError` naming the field."""
+        architectures = config.get("architectures")
+        if not (isinstance(architectures, Sequence) and len(architectures) == 1
+                and architectures[0] in TEXT_ENCODER_ARCHITECTURES):
+            raise ConfigError(
+                f"architectures: {architectures!r} is not supported; supported: one of "
+                f"{list(TEXT_ENCODER_ARCHITECTURES)}."
+            )
+        _check_choice("model_type", config.get("model_type", "clip_text_model"), ("clip_text_model",))
+        c = {**_TRANSFORMERS_CLIP_TEXT_DEFAULTS, **config}
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=c["num_attention_heads"],
+            max_position_embeddings=c["max_position_embeddings"],
+            hidden_act=c["hidden_act"],
+            layer_norm_eps=float(c["layer_norm_eps"]),
+            projection_dim=c["projection_dim"],
+            eos_token_id=c["eos_token_id"],
+            with_projection=TEXT_ENCODER_ARCHITECTURES[architectures[0]],
+        )
+
+    @classmethod
+    def clip_l(cls) -> TextEncoderConfig:
+        """stabilityai/stable-diffusion-xl-base-1.0 `text_encoder/config.json` (CLIP ViT-L/14)."""
+        return cls()
+
+    @classmethod
+    def open_clip_bigg(cls) -> TextEncoderConfig:
+        """stabilityai/stable-diffusion-xl-base-1.0 `text_encoder_2/config.json` (OpenCLIP
+        ViT-bigG/14, with its projection)."""
+        return cls(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            hidden_act="gelu",
+            projection_dim=1280,
+            with_projection=True,
         )

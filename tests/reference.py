@@ -47,14 +47,18 @@ TIME_IDS = {6: [[1024, 1024, 0, 0, 1024, 1024], [768, 1152, 16, 32, 1024, 1024]]
             5: [[1024, 1024, 0, 0, 6.0], [768, 1152, 16, 32, 2.5]]}
 
 
-def random_unet(config: dict, seed: int = 0) -> UNet2DConditionModel:
-    """A diffusers UNet whose every parameter is perturbed, so no layer is an identity or zero."""
+def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """`model` in eval mode with every parameter perturbed, so no layer is an identity or zero."""
     torch.manual_seed(seed)
-    model = UNet2DConditionModel(**config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return model
+    return model.eval()
+
+
+def random_unet(config: dict, seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return perturbed(UNet2DConditionModel(**config), seed)
 
 
 def unet_inputs(config: dict, num_time_ids: int, height: int = 16, width: int = 24,

@@ -56,13 +56,15 @@ def normalize_groups(x: jax.Array, mean: jax.Array, var: jax.Array, eps: float) 
     return xg.reshape(b, h, w, c)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
-    """[B, T, N*D] queries over [B, S, N*D] keys and values -> [B, T, N*D]."""
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, is_causal: bool = False) -> jax.Array:
+    """[B, T, N*D] queries over [B, S, N*D] keys and values -> [B, T, N*D]; `is_causal`: query
+    t sees keys 0..t only (text encoders)."""
     b, t, inner = q.shape
     s = k.shape[1]
     d = inner // num_heads
     out = jax.nn.dot_product_attention(
-        q.reshape(b, t, num_heads, d), k.reshape(b, s, num_heads, d), v.reshape(b, s, num_heads, d)
+        q.reshape(b, t, num_heads, d), k.reshape(b, s, num_heads, d), v.reshape(b, s, num_heads, d),
+        is_causal=is_causal,
     )
     return out.reshape(b, t, inner)
 

@@ -1,0 +1,135 @@
+"""`python -m jaxfuse.generate`: one SDXL image from the command line.
+
+    python -m jaxfuse.generate --model path/to/stable-diffusion-xl-base-1.0 \\
+        --prompt "a lighthouse at dusk" --height 1024 --width 1024 --output lighthouse.png
+
+Writes the PNG, a JSON file of the settings and timings beside it, and with `--output-array`
+the decoded image as float32 [H, W, 3] in [0, 1]. Every input is checked before the model is
+loaded; an existing output file is kept unless `--overwrite` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from jaxfuse import schedulers
+from jaxfuse.pipeline import PipelineError, PipelineSpec, load_pipeline
+
+MODES = ("single", "sync", "displaced", "naive")
+DEFAULT_PROMPT = "a photograph of a lighthouse on a cliff at dusk"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxfuse.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", type=Path, help="a diffusers SDXL pipeline folder, or one converted by jaxfuse")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", choices=[k.value for k in schedulers.SchedulerKind], default="euler")
+    p.add_argument("--latents", type=Path, help="initial noise as .npy, diffusers layout (1, 4, H/8, W/8), unscaled")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--output", type=Path, default=Path("jaxfuse.png"), help="PNG to write")
+    p.add_argument("--output-array", type=Path, help="also write the image as float32 HxWx3 in [0, 1] (.npy)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--cache-dir", type=Path, help="where converted weights are kept (default: ~/.cache/jaxfuse)")
+    parallel = p.add_argument_group("patch parallelism")
+    parallel.add_argument("--devices", type=int, default=1, help="devices to split the image over")
+    parallel.add_argument("--mode", choices=MODES, default="single")
+    parallel.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps before displaced ones")
+    parallel.add_argument("--cfg-parallel", action="store_true",
+                          help="put the conditional and unconditional batch on two device groups")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> tuple[PipelineSpec, np.ndarray | None]:
+    """Everything that can be checked without loading weights; raises `PipelineError`."""
+    if args.model is None:
+        raise PipelineError("pass --model PATH: a diffusers SDXL pipeline folder (e.g. a local copy of "
+                            "stabilityai/stable-diffusion-xl-base-1.0).")
+    if args.mode != "single" or args.devices != 1 or args.cfg_parallel:
+        raise PipelineError(f"--mode {args.mode} --devices {args.devices}"
+                            f"{' --cfg-parallel' if args.cfg_parallel else ''}: patch parallelism is not in "
+                            "this version yet; use --mode single --devices 1.")
+    if args.output.suffix.lower() != ".png":
+        raise PipelineError(f"--output {args.output} must end in .png.")
+    outputs = [args.output, args.output.with_suffix(".json")] + ([args.output_array] if args.output_array else [])
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not args.overwrite:
+        raise PipelineError(f"{', '.join(existing)} already exist; choose another --output or pass --overwrite.")
+    spec = PipelineSpec.read(args.model)
+    latents = None
+    if args.latents is not None:
+        if not args.latents.is_file():
+            raise PipelineError(f"--latents {args.latents}: no such file.")
+        latents = np.load(args.latents, allow_pickle=False)
+    height, width = args.height or spec.default_size, args.width or spec.default_size
+    spec.check_request(height, width, args.steps, 1, None if latents is None else latents.shape)
+    return spec, latents
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr."""
+
+    def __init__(self, label: str, width: int = 30):
+        self.label, self.width, self.start = label, width, None
+
+    def __call__(self, step: int, total: int) -> None:
+        if self.start is None or step == 1:
+            self.start = time.perf_counter()
+        done = int(self.width * step / total)
+        rate = step / max(time.perf_counter() - self.start, 1e-9)
+        end = "\n" if step == total else ""
+        print(f"\r{self.label} [{'#' * done}{'.' * (self.width - done)}] {step}/{total} {rate:.2f} steps/s",
+              end=end, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        spec, latents = check_args(args)
+    except (PipelineError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    height, width = args.height or spec.default_size, args.width or spec.default_size
+
+    pipe = load_pipeline(spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir)
+    print(f"generating {width}x{height}, {args.steps} {args.scheduler} steps on {jax.devices()[0].platform} "
+          f"({dtype}); compiling first...", file=sys.stderr)
+    result = pipe.generate(
+        args.prompt, args.negative_prompt, height=height, width=width, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=args.seed,
+        latents=latents, scheduler=args.scheduler, progress=ProgressBar("denoising"),
+    )
+    image = result.images[0]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(image * 255).astype(np.uint8)).save(args.output)
+    if args.output_array:
+        np.save(args.output_array, image.astype(np.float32))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings.update(height=height, width=width, dtype=dtype, backend=jax.default_backend())
+    args.output.with_suffix(".json").write_text(json.dumps(
+        {"settings": settings, "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}, indent=2))
+    print(" ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()), file=sys.stderr)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

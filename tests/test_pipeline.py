@@ -1,0 +1,100 @@
+"""The whole pipeline against diffusers' StableDiffusionXLPipeline on the same tiny random model."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from tiny_sdxl import build
+
+import jaxfuse
+from jaxfuse.pipeline import PipelineError, load_pipeline
+
+HEIGHT, WIDTH = 64, 96  # non-square; latents 8x12
+STEPS = 8
+DIFFUSERS_SCHEDULERS = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, "dpmpp-2m": DPMSolverMultistepScheduler}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    build(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    from diffusers import StableDiffusionXLPipeline
+    return StableDiffusionXLPipeline.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def pipe(folder, tmp_path_factory):
+    return load_pipeline(folder, cache_dir=tmp_path_factory.mktemp("cache"), log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return np.random.default_rng(0).standard_normal((1, 4, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+
+
+def reference_images(reference, scheduler, noise, **kwargs):
+    reference.scheduler = DIFFUSERS_SCHEDULERS[scheduler].from_config(reference.scheduler.config)
+    return reference(height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, latents=torch.from_numpy(noise),
+                     output_type="np", **kwargs).images
+
+
+@pytest.mark.parametrize("scheduler", sorted(DIFFUSERS_SCHEDULERS))
+def test_images_equal_diffusers(scheduler, pipe, reference, noise):
+    kwargs = dict(prompt="a red circle at the top left", negative_prompt="a blue square", guidance_scale=6.0)
+    ours = pipe(**kwargs, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, latents=noise, scheduler=scheduler)
+    ref = reference_images(reference, scheduler, noise, **kwargs)
+    assert ours.shape == ref.shape == (1, HEIGHT, WIDTH, 3)
+    assert np.abs(ours - ref).max() < 2e-3
+
+
+def test_empty_negative_prompt_is_zeros_and_rescale_matches(pipe, reference, noise):
+    """SDXL zeroes the unconditional embeddings when no negative prompt is given
+    (`force_zeros_for_empty_prompt`); guidance rescale as diffusers does it."""
+    kwargs = dict(prompt=["a green star", "a star at the bottom left"], guidance_scale=4.0, guidance_rescale=0.7)
+    batch = np.concatenate([noise, noise[:, :, ::-1]])
+    ours = pipe(**kwargs, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, latents=batch)
+    ref = reference_images(reference, "euler", batch, **kwargs)
+    assert np.abs(ours - ref).max() < 2e-3
+
+
+def test_second_load_reads_the_cache(folder, tmp_path):
+    messages = []
+    first = load_pipeline(folder, cache_dir=tmp_path, log=messages.append)
+    second = load_pipeline(folder, cache_dir=tmp_path, log=messages.append)
+    assert "converting" in messages[0] and "cache" in messages[2]
+    for a, b in zip(jax.tree.leaves(first.unet_params), jax.tree.leaves(second.unet_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_seeded_noise_is_reproducible(pipe):
+    a = pipe("a red square", height=HEIGHT, width=WIDTH, num_inference_steps=2, seed=3)
+    b = pipe("a red square", height=HEIGHT, width=WIDTH, num_inference_steps=2, seed=3)
+    c = pipe("a red square", height=HEIGHT, width=WIDTH, num_inference_steps=2, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(height=70), "height 70 must be a positive multiple of 16 .* nearest valid: 64"),
+    (dict(num_inference_steps=0), "steps must be at least 1"),
+    (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), r"needs \(1, 4, 8, 12\)"),
+    (dict(scheduler="heun"), "heun"),
+])
+def test_bad_requests_fail_before_compiling(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe("a red circle", **{"height": HEIGHT, "width": WIDTH, **kwargs})
+
+
+def test_folder_missing_a_part_names_it(folder, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken, ignore=shutil.ignore_patterns("text_encoder_2"))
+    with pytest.raises(PipelineError, match="missing text_encoder_2/config.json"):
+        jaxfuse.load_pipeline(broken)

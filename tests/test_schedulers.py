@@ -1,0 +1,209 @@
+"""The samplers against diffusers' schedulers: timesteps, initial noise scale and whole denoising
+loops driven by a stand-in model; the loop as a jitted `lax.scan`; config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from jax import lax
+
+from jaxfuse import schedulers
+from jaxfuse.schedulers import SchedulerKind
+
+# diffusers' own schedulers warn about numpy 2's __array__ protocol; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+# stabilityai/stable-diffusion-xl-base-1.0 `scheduler/scheduler_config.json`
+SDXL_BASE = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+DIFFUSERS = {
+    SchedulerKind.EULER: EulerDiscreteScheduler,
+    SchedulerKind.DDIM: DDIMScheduler,
+    SchedulerKind.DPMPP_2M: DPMSolverMultistepScheduler,
+}
+SAMPLERS = [(SchedulerKind.EULER, False), (SchedulerKind.EULER, True), (SchedulerKind.DDIM, False),
+            (SchedulerKind.DPMPP_2M, False), (SchedulerKind.DPMPP_2M, True)]
+SAMPLER_IDS = ["euler", "euler-karras", "ddim", "dpmpp-2m", "dpmpp-2m-karras"]
+NOISE = np.random.default_rng(0).standard_normal((2, 4, 6, 8)).astype(np.float32)
+
+
+def fake_model(x, t, xp):
+    """A smooth stand-in for the UNet, written once for torch and jnp (`xp`): its output depends
+    on the model input and the timestep, so errors in either show up downstream."""
+    return 0.9 * xp.tanh(x) + 0.1 * xp.cos(0.5 * x + t / 250.0)
+
+
+def reference_loop(scheduler, num_steps: int) -> np.ndarray:
+    """diffusers' denoising loop (as in its pipelines) from NOISE -> final latents."""
+    scheduler.set_timesteps(num_steps)
+    x = torch.from_numpy(NOISE) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t)
+        x = scheduler.step(fake_model(model_input, float(t), torch), t, x).prev_sample
+    return x.numpy()
+
+
+def loop_step(schedule, carry, i):
+    x, state = carry
+    model_input = schedulers.scale_model_input(schedule, x, i)
+    output = fake_model(model_input, schedule.timesteps[i], jnp)
+    return schedulers.step(schedule, state, i, output, x), None
+
+
+def our_loop(schedule) -> jax.Array:
+    """The same loop, one eager step at a time."""
+    x = jnp.asarray(NOISE) * schedule.init_noise_sigma
+    carry = (x, schedulers.init_state(schedule, x))
+    for i in range(schedule.timesteps.shape[0]):
+        carry, _ = loop_step(schedule, carry, jnp.int32(i))
+    return carry[0]
+
+
+@jax.jit
+def scan_loop(schedule) -> jax.Array:
+    """The same loop as one compiled `lax.scan` over a traced step index."""
+    x = jnp.asarray(NOISE) * schedule.init_noise_sigma
+    steps = jnp.arange(schedule.timesteps.shape[0], dtype=jnp.int32)
+    carry = (x, schedulers.init_state(schedule, x))
+    (x, _), _ = lax.scan(lambda c, i: loop_step(schedule, c, i), carry, steps)
+    return x
+
+
+def assert_matches(ours, reference, tol=1e-5):
+    np.testing.assert_allclose(np.asarray(ours), reference, atol=tol * np.abs(reference).max(), rtol=0)
+
+
+def ours_and_diffusers(kind, config, num_steps):
+    """Our schedule and diffusers' scheduler (its timesteps not set yet) for one config dict."""
+    schedule = schedulers.make_schedule(kind, schedulers.SchedulerConfig.from_diffusers(config), num_steps)
+    return schedule, DIFFUSERS[kind].from_config(config)
+
+
+# 4 and 20 steps fall either side of DPM++'s 15-step `lower_order_final` threshold.
+@pytest.mark.parametrize("num_steps", [4, 20, 50])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("kind, karras", SAMPLERS, ids=SAMPLER_IDS)
+def test_matches_diffusers(kind, karras, spacing, prediction_type, num_steps):
+    config = dict(SDXL_BASE, timestep_spacing=spacing, prediction_type=prediction_type,
+                  use_karras_sigmas=karras)
+    schedule, reference = ours_and_diffusers(kind, config, num_steps)
+    expected = reference_loop(reference, num_steps)
+    # Euler's Karras timesteps are fractional, interpolated from sigmas that PyTorch's float32
+    # betas can move by an ulp; every other timestep is exact.
+    rtol = 1e-6 if kind is SchedulerKind.EULER and karras else 0
+    np.testing.assert_allclose(schedule.timesteps, reference.timesteps.numpy().astype(np.float32), rtol=rtol)
+    np.testing.assert_allclose(schedule.init_noise_sigma, float(reference.init_noise_sigma), rtol=1e-6)
+    assert_matches(our_loop(schedule), expected)
+
+
+@pytest.mark.parametrize("kind, karras", SAMPLERS, ids=SAMPLER_IDS)
+def test_scan_loop_equals_python_loop(kind, karras):
+    cfg = schedulers.SchedulerConfig.from_diffusers(SDXL_BASE)
+    schedule = schedulers.make_schedule(kind, cfg, 12, use_karras_sigmas=karras)
+    assert_matches(scan_loop(schedule), np.asarray(our_loop(schedule)), tol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(SchedulerKind))
+def test_another_class_config_as_from_config_reads_it(kind):
+    """Switching samplers by name: keys the Euler config left at Euler's defaults (listed in
+    `_use_default_values`) and keys it lacks take the new class's defaults (DDIM: "leading")."""
+    source = EulerDiscreteScheduler.from_config({"clip_sample": False}).config
+    schedule, reference = ours_and_diffusers(kind, dict(source), 20)
+    expected = reference_loop(reference, 20)
+    np.testing.assert_array_equal(schedule.timesteps, reference.timesteps.numpy().astype(np.float32))
+    assert_matches(our_loop(schedule), expected)
+
+
+@pytest.mark.parametrize("setting", [{"lower_order_final": False}, {"euler_at_final": True},
+                                     {"solver_type": "bh2"}],
+                         ids=["lower_order_final", "euler_at_final", "unipc-solver-type"])
+def test_dpm_settings_read_without_effect(setting):
+    config = dict(SDXL_BASE, **setting)
+    schedule, reference = ours_and_diffusers(SchedulerKind.DPMPP_2M, config, 10)
+    assert_matches(our_loop(schedule), reference_loop(reference, 10))
+
+
+def test_karras_argument_overrides_the_config():
+    cfg = schedulers.SchedulerConfig.from_diffusers(dict(SDXL_BASE, use_karras_sigmas=True))
+    plain_cfg = schedulers.SchedulerConfig.from_diffusers(SDXL_BASE)
+    for kind in (SchedulerKind.EULER, SchedulerKind.DPMPP_2M):
+        overridden = schedulers.make_schedule(kind, plain_cfg, 9, use_karras_sigmas=True)
+        from_config = schedulers.make_schedule(kind, cfg, 9)
+        jax.tree.map(np.testing.assert_array_equal, overridden, from_config)
+        plain = schedulers.make_schedule(kind, cfg, 9, use_karras_sigmas=False)
+        assert not np.array_equal(plain.timesteps, from_config.timesteps)
+
+
+def test_step_is_elementwise():
+    """A device stepping its own rows gets the rows of the whole image's step (DPM++: with state)."""
+    cfg = schedulers.SchedulerConfig.from_diffusers(SDXL_BASE)
+    schedule = schedulers.make_schedule(SchedulerKind.DPMPP_2M, cfg, 8)
+    x = jnp.asarray(NOISE)
+    rows = x[:, :, 2:5]
+    whole = (x, schedulers.init_state(schedule, x))
+    part = (rows, schedulers.init_state(schedule, rows))
+    for i in range(3):
+        whole, _ = loop_step(schedule, whole, i)
+        part, _ = loop_step(schedule, part, i)
+    np.testing.assert_array_equal(part[0], whole[0][:, :, 2:5])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("beta_schedule", "squaredcos_cap_v2"),
+    ("prediction_type", "sample"),
+    ("timestep_spacing", "uniform"),
+    ("timestep_type", "continuous"),
+    ("thresholding", True),
+    ("clip_sample", True),
+    ("trained_betas", [0.01] * 1000),
+    ("rescale_betas_zero_snr", True),
+    ("interpolation_type", "log_linear"),
+    ("final_sigmas_type", "sigma_min"),
+    ("use_exponential_sigmas", True),
+    ("algorithm_type", "sde-dpmsolver++"),
+    ("solver_order", 3),
+    ("solver_type", "heun"),
+])
+def test_unsupported_setting_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        schedulers.SchedulerConfig.from_diffusers(dict(SDXL_BASE, **{field: value}))
+
+
+def test_ddim_refuses_karras_sigmas():
+    cfg = schedulers.SchedulerConfig.from_diffusers(SDXL_BASE)
+    with pytest.raises(ValueError, match="^use_karras_sigmas: "):
+        schedulers.make_schedule(SchedulerKind.DDIM, cfg, 10, use_karras_sigmas=True)
+
+
+def test_ddim_refuses_a_config_without_clip_sample():
+    """diffusers' DDIM clips x0 when the key is absent; the other samplers have no such setting."""
+    assert DDIMScheduler.from_config({}).config.clip_sample
+    cfg = schedulers.SchedulerConfig.from_diffusers({})
+    with pytest.raises(ValueError, match="^clip_sample: "):
+        schedulers.make_schedule(SchedulerKind.DDIM, cfg, 10)
+    schedulers.make_schedule(SchedulerKind.EULER, cfg, 10)
+
+
+def test_step_counts_diffusers_cannot_schedule():
+    cfg = schedulers.SchedulerConfig.from_diffusers(dict(SDXL_BASE, timestep_spacing="trailing"))
+    with pytest.raises(ValueError, match="^num_steps: "):
+        schedulers.make_schedule(SchedulerKind.EULER, cfg, 0)
+    # 61 trailing steps: diffusers' rounding schedules 62 timesteps, the last one -1.
+    reference = DDIMScheduler.from_config(dict(SDXL_BASE, timestep_spacing="trailing"))
+    reference.set_timesteps(61)
+    assert len(reference.timesteps) == 62
+    with pytest.raises(ValueError, match=r"^num_steps: 61 .* 60, 62"):
+        schedulers.make_schedule(SchedulerKind.DDIM, cfg, 61)
+
+
+def test_unknown_sampler_name():
+    with pytest.raises(ValueError, match="heun"):
+        SchedulerKind("heun")
