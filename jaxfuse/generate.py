@@ -84,19 +84,20 @@ def check_args(args: argparse.Namespace) -> tuple[PipelineSpec, np.ndarray | Non
 
 
 class ProgressBar:
-    """A one-line text progress bar on stderr."""
+    """A one-line text progress bar on stderr; the rate counts from the end of the first step,
+    so it excludes start-up."""
 
     def __init__(self, label: str, width: int = 30):
-        self.label, self.width, self.start = label, width, None
+        self.label, self.width, self.first = label, width, None
 
     def __call__(self, step: int, total: int) -> None:
-        if self.start is None or step == 1:
-            self.start = time.perf_counter()
+        now = time.perf_counter()
+        if step == 1:
+            self.first = now
+        rate = f" {(step - 1) / (now - self.first):.2f} steps/s" if step > 1 and now > self.first else ""
         done = int(self.width * step / total)
-        rate = step / max(time.perf_counter() - self.start, 1e-9)
-        end = "\n" if step == total else ""
-        print(f"\r{self.label} [{'#' * done}{'.' * (self.width - done)}] {step}/{total} {rate:.2f} steps/s",
-              end=end, file=sys.stderr, flush=True)
+        print(f"\r{self.label} [{'#' * done}{'.' * (self.width - done)}] {step}/{total}{rate}",
+              end="\n" if step == total else "", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,8 +79,10 @@ def guide(noise: jax.Array, scale: jax.Array, rescale: jax.Array) -> jax.Array:
 
 
 def denoise(unet, params, latents, cond: Conditioning, schedule, guidance_scale, guidance_rescale,
-            use_guidance: bool, progress: Callable[[Any], None] | None = None) -> jax.Array:
-    """The whole sampling loop as one `lax.scan`: latents [B, 4, h, w] -> denoised latents."""
+            use_guidance: bool, progress: Callable[..., None] | None = None) -> jax.Array:
+    """The whole sampling loop as one `lax.scan`: latents [B, 4, h, w] -> denoised latents.
+    `progress(i, total=n)` is called on the host after step i."""
+    num_steps = schedule.timesteps.shape[0]
 
     def one_step(carry, i):
         x, state = carry
@@ -93,11 +95,11 @@ def denoise(unet, params, latents, cond: Conditioning, schedule, guidance_scale,
             noise = guide(noise, guidance_scale, guidance_rescale)
         x, state = schedulers.step(schedule, state, i, noise.astype(jnp.float32), x)
         if progress is not None:
-            jax.debug.callback(progress, i)
+            jax.debug.callback(functools.partial(progress, total=num_steps), i)
         return (x, state), None
 
-    steps = jnp.arange(schedule.timesteps.shape[0])
-    (latents, _), _ = lax.scan(one_step, (latents, schedulers.init_state(schedule, latents)), steps)
+    state = schedulers.init_state(schedule, latents)
+    (latents, _), _ = lax.scan(one_step, (latents, state), jnp.arange(num_steps))
     return latents
 
 
@@ -207,17 +209,34 @@ class SDXLPipeline:
         self.vae, self.vae_params = vae, vae_params
         self.encoders = list(encoders)
         self.dtype = jnp.dtype(dtype)
-        self._encode = jax.jit(lambda params, ids, i: self.encoders[i].module.apply({"params": params}, ids),
-                               static_argnums=2)
-        self._decode = jax.jit(lambda params, z: vae.apply({"params": params}, z, method=AutoencoderKL.decode))
-        self._denoisers: dict[Any, Any] = {}
+        self._executables: dict[Any, Any] = {}
+        self._compile_seconds = 0.0
+        self._progress: Callable[[int, int], None] | None = None
+
+    def _run(self, name: str, fn: Callable, *args):
+        """`jax.jit(fn)(*args)`, compiled once per `name` and argument shapes and kept; the time
+        spent compiling is counted apart from the phase's own time."""
+        leaves, tree = jax.tree.flatten(args)
+        signature = (name, tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
+        if signature not in self._executables:
+            start = time.perf_counter()
+            self._executables[signature] = jax.jit(fn).lower(*args).compile()
+            self._compile_seconds += time.perf_counter() - start
+        return self._executables[signature](*args)
+
+    def _step_done(self, i, total: int) -> None:
+        """Host side of the denoising loop's per-step callback."""
+        if self._progress is not None:
+            self._progress(int(i) + 1, total)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """Prompts -> context [B, 77, sum of widths] (each encoder's penultimate layer, side by
         side) and the last encoder's pooled embedding [B, pooled]."""
         contexts, pooled = [], None
         for i, encoder in enumerate(self.encoders):
-            hidden, pooled = self._encode(encoder.params, encoder.token_ids(prompts), i)
+            apply = encoder.module.apply
+            hidden, pooled = self._run(f"text_encoder_{i}", lambda p, ids: apply({"params": p}, ids),
+                                       encoder.params, encoder.token_ids(prompts))
             contexts.append(hidden)
         return jnp.concatenate(contexts, axis=-1), pooled
 
@@ -235,13 +254,14 @@ class SDXLPipeline:
                                 None if latents is None else np.shape(latents))
         kind = schedulers.SchedulerKind(scheduler)
         use_guidance = guidance_scale > 1.0
+        self._compile_seconds, self._progress = 0.0, progress
         timings = {}
 
         start = time.perf_counter()
         cond = self.conditioning(prompts, negative_prompt, use_guidance, (height, width),
                                  original_size, crops_coords_top_left, target_size)
         jax.block_until_ready(cond)
-        timings["encode"] = time.perf_counter() - start
+        timings["encode"] = time.perf_counter() - start - self._compile_seconds
 
         schedule = schedulers.make_schedule(kind, self.spec.scheduler, num_inference_steps)
         shape = self.spec.latent_shape(len(prompts), height, width)
@@ -250,17 +270,20 @@ class SDXLPipeline:
         x = noise * schedule.init_noise_sigma
         scales = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
 
+        check_inputs(self.unet.cfg, jnp.concatenate([x, x]) if use_guidance else x,
+                     cond.context, cond.text_embeds, cond.time_ids)
+        compiled_before = self._compile_seconds
         start = time.perf_counter()
-        run = self._denoiser(x, cond, schedule, scales, use_guidance, progress, num_inference_steps)
-        timings["compile"] = time.perf_counter() - start
-        start = time.perf_counter()
-        x = jax.block_until_ready(run(self.unet_params, x, cond, schedule, *scales))
-        timings["denoise"] = time.perf_counter() - start
+        loop = functools.partial(denoise, self.unet, use_guidance=use_guidance, progress=self._step_done)
+        x = jax.block_until_ready(self._run(f"denoise-{use_guidance}", loop, self.unet_params, x, cond, schedule,
+                                            *scales))
+        timings["denoise"] = time.perf_counter() - start - (self._compile_seconds - compiled_before)
 
+        compiled_before = self._compile_seconds
         start = time.perf_counter()
         images = np.asarray(self.decode(x))
-        timings["decode"] = time.perf_counter() - start
-        return Generation(images, timings)
+        timings["decode"] = time.perf_counter() - start - (self._compile_seconds - compiled_before)
+        return Generation(images, {"compile": self._compile_seconds, **timings})
 
     def __call__(self, prompt, negative_prompt=None, **kwargs) -> np.ndarray:
         """The images [B, H, W, 3] float32 in [0, 1]; see `generate` for the arguments."""
@@ -290,18 +313,6 @@ class SDXLPipeline:
             time_ids = jnp.concatenate([time_ids, time_ids])
         return Conditioning(context.astype(self.dtype), pooled.astype(self.dtype), time_ids)
 
-    def _denoiser(self, x, cond, schedule, scales, use_guidance, progress, total):
-        """The compiled denoising loop for these shapes, compiled once and kept."""
-        check_inputs(self.unet.cfg, jnp.concatenate([x, x]) if use_guidance else x,
-                     cond.context, cond.text_embeds, cond.time_ids)
-        key = (x.shape, cond.context.shape, cond.text_embeds.shape, schedule.kind, total,
-               use_guidance, progress is not None)
-        if key not in self._denoisers:
-            report = (lambda i: progress(int(i) + 1, total)) if progress else None
-            fn = functools.partial(denoise, self.unet, use_guidance=use_guidance, progress=report)
-            self._denoisers[key] = jax.jit(fn).lower(self.unet_params, x, cond, schedule, *scales).compile()
-        return self._denoisers[key]
-
     def decode(self, latents: jax.Array) -> jax.Array:
         """Latents [B, 4, h, w] -> images [B, H, W, 3] float32 in [0, 1]."""
         cfg = self.spec.vae
@@ -311,7 +322,9 @@ class SDXLPipeline:
             latents = latents * std / cfg.scaling_factor + mean
         else:
             latents = latents / cfg.scaling_factor
-        image = self._decode(self.vae_params, latents.astype(self.vae.dtype)).astype(jnp.float32)
+        decode = functools.partial(self.vae.apply, method=AutoencoderKL.decode)
+        image = self._run("vae_decode", lambda p, z: decode({"params": p}, z), self.vae_params,
+                          latents.astype(self.vae.dtype)).astype(jnp.float32)
         return jnp.clip(jnp.transpose(image, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
 
 

@@ -98,3 +98,15 @@ def test_folder_missing_a_part_names_it(folder, tmp_path):
     shutil.copytree(folder, broken, ignore=shutil.ignore_patterns("text_encoder_2"))
     with pytest.raises(PipelineError, match="missing text_encoder_2/config.json"):
         jaxfuse.load_pipeline(broken)
+
+
+def test_new_prompt_and_seed_reuse_the_compiled_program(pipe):
+    """Prompts, seeds and guidance values are data: only a new shape or sampler compiles again."""
+    steps = []
+    kwargs = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3)
+    pipe.generate("a red square", seed=1, **kwargs)
+    second = pipe.generate("a blue star at the top", seed=2, guidance_scale=7.5, progress=lambda *a: steps.append(a),
+                           **kwargs)
+    assert second.timings["compile"] == 0.0
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert pipe.generate("a red square", height=HEIGHT, width=2 * WIDTH, num_inference_steps=3).timings["compile"] > 0
