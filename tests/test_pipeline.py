@@ -3,6 +3,7 @@
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -70,8 +71,21 @@ def test_second_load_reads_the_cache(folder, tmp_path):
     first = load_pipeline(folder, cache_dir=tmp_path, log=messages.append)
     second = load_pipeline(folder, cache_dir=tmp_path, log=messages.append)
     assert "converting" in messages[0] and "cache" in messages[2]
-    for a, b in zip(jax.tree.leaves(first.unet_params), jax.tree.leaves(second.unet_params)):
+    (converted,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    third = load_pipeline(converted, log=messages.append)  # a converted folder loads as it is
+    assert len(messages) == 5
+    for a, b, c in zip(*(jax.tree.leaves(p.unet_params) for p in (first, second, third))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_bf16_keeps_the_vae_in_float32(folder, tmp_path, noise):
+    """SDXL's VAE config says `force_upcast`: in a bf16 pipeline it still runs in float32."""
+    pipe = load_pipeline(folder, dtype=jnp.bfloat16, cache_dir=tmp_path, log=lambda _: None)
+    assert {x.dtype for x in jax.tree.leaves(pipe.unet_params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(pipe.vae_params)} == {jnp.dtype(jnp.float32)}
+    images = pipe("a red circle", height=HEIGHT, width=WIDTH, num_inference_steps=3, latents=noise)
+    assert images.dtype == np.float32 and np.isfinite(images).all()
 
 
 def test_seeded_noise_is_reproducible(pipe):
