@@ -108,6 +108,13 @@ def _single_context_dim(value: Any, num_blocks: int) -> int:
     return dims.pop()
 
 
+def _check_class_name(config: Mapping[str, Any], expected: str) -> None:
+    """diffusers configs name their model class; a missing name is taken as the expected one."""
+    name = config.get("_class_name", expected)
+    if name != expected:
+        raise ConfigError(f"_class_name: {name!r} is not a {expected} config.")
+
+
 def _check_groups_divide(num_groups: int, block_out_channels: Sequence[int]) -> None:
     for i, channels in enumerate(block_out_channels):
         if channels % num_groups:
@@ -196,9 +203,7 @@ class UNetConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> UNetConfig:
         """Reads a diffusers `unet/config.json` dict; raises `ConfigError` naming the field."""
-        cls_name = config.get("_class_name", "UNet2DConditionModel")
-        if cls_name != "UNet2DConditionModel":
-            raise ConfigError(f"_class_name: {cls_name!r} is not a UNet2DConditionModel config.")
+        _check_class_name(config, "UNet2DConditionModel")
         for name, supported in _FIXED_FIELDS.items():
             value = config.get(name, supported)
             if value != supported:
@@ -362,9 +367,7 @@ class VAEConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> VAEConfig:
         """Reads a diffusers `vae/config.json` dict; raises `ConfigError` naming the field."""
-        cls_name = config.get("_class_name", "AutoencoderKL")
-        if cls_name != "AutoencoderKL":
-            raise ConfigError(f"_class_name: {cls_name!r} is not an AutoencoderKL config.")
+        _check_class_name(config, "AutoencoderKL")
         c = {**_DIFFUSERS_VAE_DEFAULTS, **config}
         _check_choice("act_fn", c["act_fn"], ("silu",))
         n = len(c["block_out_channels"])
