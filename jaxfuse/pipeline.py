@@ -27,14 +27,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from transformers import CLIPTokenizer
 
 from checkpoints_conversion.convert_diffusers import CONFIG_NAME, PARAMS_DIR, save_params
 from jaxfuse import schedulers
 from jaxfuse.config import UNetConfig, VAEConfig
 from jaxfuse.models.clip import load_text_encoder
-from jaxfuse.models.unet import check_inputs, load_unet
+from jaxfuse.models.unet import load_unet
 from jaxfuse.models.vae import AutoencoderKL, load_vae
+from jaxfuse.parallel import patch as px
+from jaxfuse.parallel.mesh import ROWS, ParallelConfig, make_mesh
+from jaxfuse.parallel.patch import Mode, Patch
 
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 TOKENIZERS = ("tokenizer", "tokenizer_2")
@@ -65,42 +70,92 @@ class Generation:
     timings: dict[str, float]
 
 
-def guide(noise: jax.Array, scale: jax.Array, rescale: jax.Array) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """The settings that shape the compiled denoising program (the rest are array arguments)."""
+
+    use_guidance: bool  # guidance scale > 1: the UNet sees the unconditional and conditional batch
+    use_rescale: bool  # guidance rescale > 0
+    parallel: ParallelConfig = ParallelConfig()
+
+    def phases(self, num_steps: int) -> list[tuple[Patch, int, int]]:
+        """(the layers' view, first step, end step) of each run of steps alike: displaced runs
+        its warm-up steps synchronously, keeping their context for the displaced ones."""
+        p = self.parallel
+        if p.mode == Mode.DISPLACED:
+            warm = min(p.warmup_steps, num_steps)
+            return [(p.patch(Mode.SYNC, record=True), 0, warm), (p.patch(), warm, num_steps)]
+        return [(p.patch(), 0, num_steps)]
+
+
+def sample_std(x: jax.Array, split: bool) -> jax.Array:
+    """[B, ...] -> [B, 1, ...] unbiased standard deviation of each sample; of the whole image
+    when its rows are split over the patches."""
+    axes = tuple(range(1, x.ndim))
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    count = np.prod(x.shape[1:])
+    if split:
+        mean, var = px.combine_moments(px.gather_moments(mean, var))
+        count *= lax.axis_size(px.PATCH)
+    return jnp.sqrt(var * count / (count - 1)).reshape((-1,) + (1,) * len(axes))
+
+
+def guide(noise: jax.Array, scale: jax.Array, rescale: jax.Array, sampling: Sampling) -> jax.Array:
     """Classifier-free guidance on [2B, ...] predictions (unconditional half first) -> [B, ...].
 
-    `rescale` > 0 mixes in the prediction rescaled to the conditional one's standard deviation
-    (Lin et al. 2023, sec. 3.4), as diffusers' `guidance_rescale` does (unbiased std per sample).
+    Rescaling mixes in the prediction rescaled to the conditional one's standard deviation
+    (Lin et al. 2023, sec. 3.4), as diffusers' `guidance_rescale` does.
     """
     uncond, cond = jnp.split(noise.astype(jnp.float32), 2)
     guided = uncond + scale * (cond - uncond)
-    axes = tuple(range(1, noise.ndim))
-    ratio = jnp.std(cond, axis=axes, keepdims=True, ddof=1) / jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+    if not sampling.use_rescale:
+        return guided
+    split = sampling.parallel.split
+    ratio = sample_std(cond, split) / sample_std(guided, split)
     return rescale * guided * ratio + (1 - rescale) * guided
 
 
 def denoise(unet, params, latents, cond: Conditioning, schedule, guidance_scale, guidance_rescale,
-            use_guidance: bool, progress: Callable[..., None] | None = None) -> jax.Array:
-    """The whole sampling loop as one `lax.scan`: latents [B, 4, h, w] -> denoised latents.
-    `progress(i, total=n)` is called on the host after step i."""
+            sampling: Sampling, progress: Callable[..., None] | None = None) -> jax.Array:
+    """The whole sampling loop: latents [B, 4, h, w] -> denoised latents, as one `lax.scan` per
+    phase (`Sampling.phases`), with the "stale" context in the carry. Runs as it is on one
+    device, or inside `shard_map` on each device's rows. `progress(i, total=n)` is called on the
+    host after step i."""
     num_steps = schedule.timesteps.shape[0]
+    cfg_parallel = sampling.parallel.cfg_parallel
 
-    def one_step(carry, i):
-        x, state = carry
+    def one_step(patch, carry, i):
+        x, state, stale = carry
         model_input = schedulers.scale_model_input(schedule, x, i)
-        if use_guidance:
+        if sampling.use_guidance and not cfg_parallel:
             model_input = jnp.concatenate([model_input, model_input])
-        noise = unet.apply({"params": params}, model_input, schedule.timesteps[i], cond.context,
-                           text_embeds=cond.text_embeds, time_ids=cond.time_ids)
-        if use_guidance:
-            noise = guide(noise, guidance_scale, guidance_rescale)
+        variables = {"params": params} if stale is None else {"params": params, px.STALE: stale}
+        out = unet.clone(patch=patch).apply(
+            variables, model_input, schedule.timesteps[i], cond.context, text_embeds=cond.text_embeds,
+            time_ids=cond.time_ids, mutable=[px.STALE] if patch.writes_stale else False)
+        noise, stale = (out[0], out[1][px.STALE]) if patch.writes_stale else (out, stale)
+        if cfg_parallel:
+            noise = px.join_guidance_halves(noise)
+        if sampling.use_guidance:
+            noise = guide(noise, guidance_scale, guidance_rescale, sampling)
         x, state = schedulers.step(schedule, state, i, noise.astype(jnp.float32), x)
         if progress is not None:
             jax.debug.callback(functools.partial(progress, total=num_steps), i)
-        return (x, state), None
+        return (x, state, stale)
 
-    state = schedulers.init_state(schedule, latents)
-    (latents, _), _ = lax.scan(one_step, (latents, state), jnp.arange(num_steps))
-    return latents
+    carry = (latents, schedulers.init_state(schedule, latents), None)
+    for patch, start, stop in sampling.phases(num_steps):
+        if start < stop and carry[2] is None and patch.writes_stale:
+            carry = one_step(patch, carry, start)  # creates the stale context the scan carries
+            start += 1
+        step = functools.partial(one_step, patch)
+        carry, _ = lax.scan(lambda c, i: (step(c, i), None), carry, jnp.arange(start, stop))
+    return carry[0]
+
+
+def mesh_key(mesh: Mesh | None) -> Any:
+    """What identifies a mesh for reuse of compiled programs and placed parameters."""
+    return None if mesh is None else (mesh.axis_names, mesh.devices.shape, tuple(d.id for d in mesh.devices.flat))
 
 
 @dataclasses.dataclass
@@ -176,15 +231,16 @@ class PipelineSpec:
         return (batch, self.unet.in_channels, height // self.vae_factor, width // self.vae_factor)
 
     def check_request(self, height: int, width: int, num_steps: int, batch: int = 1,
-                      latents_shape: tuple[int, ...] | None = None) -> None:
-        """One clear error for a request that cannot run."""
-        f = self.size_multiple
-        for name, size in (("height", height), ("width", width)):
+                      latents_shape: tuple[int, ...] | None = None, patches: int = 1) -> None:
+        """One clear error for a request that cannot run. Split over `patches` devices, the
+        latent height must divide into equal patches that the UNet can halve at every level."""
+        for name, size, f in (("height", height, self.size_multiple * patches), ("width", width, self.size_multiple)):
             if size <= 0 or size % f:
-                raise PipelineError(
-                    f"{name} {size} must be a positive multiple of {f} (VAE factor {self.vae_factor} x "
-                    f"UNet factor {self.unet.downsample_factor}); nearest valid: {max(f, round(size / f) * f)}."
-                )
+                why = (f"VAE factor {self.vae_factor} x UNet factor {self.unet.downsample_factor}"
+                       + (f" x {patches} patches" if name == "height" and patches > 1 else ""))
+                lower, upper = max(f, size // f * f), (size // f + 1) * f
+                raise PipelineError(f"{name} {size} must be a positive multiple of {f} ({why}); "
+                                    f"nearest valid: {lower} or {upper}.")
         if num_steps < 1:
             raise PipelineError(f"steps must be at least 1, got {num_steps}.")
         expected = self.latent_shape(batch, height, width)
@@ -212,8 +268,10 @@ class SDXLPipeline:
         self._executables: dict[Any, Any] = {}
         self._compile_seconds = 0.0
         self._progress: Callable[[int, int], None] | None = None
+        self._last_step = 0
+        self._on_mesh: dict[Any, Any] = {}
 
-    def _run(self, name: str, fn: Callable, *args):
+    def _run(self, name: Any, fn: Callable, *args):
         """`jax.jit(fn)(*args)`, compiled once per `name` and argument shapes and kept; the time
         spent compiling is counted apart from the phase's own time."""
         leaves, tree = jax.tree.flatten(args)
@@ -224,10 +282,21 @@ class SDXLPipeline:
             self._compile_seconds += time.perf_counter() - start
         return self._executables[signature](*args)
 
+    def _replicated(self, name: str, params: Any, mesh: Mesh) -> Any:
+        """`params` copied to every device of `mesh`, once per mesh."""
+        key = (name, mesh_key(mesh))
+        if key not in self._on_mesh:
+            self._on_mesh = {k: v for k, v in self._on_mesh.items() if k[0] != name}  # one mesh at a time
+            self._on_mesh[key] = jax.device_put(params, NamedSharding(mesh, P()))
+        return self._on_mesh[key]
+
     def _step_done(self, i, total: int) -> None:
-        """Host side of the denoising loop's per-step callback."""
-        if self._progress is not None:
-            self._progress(int(i) + 1, total)
+        """Host side of the denoising loop's per-step callback (which every device of a mesh
+        makes: each step is reported once)."""
+        step = int(i) + 1
+        if self._progress is not None and step > self._last_step:
+            self._last_step = step
+            self._progress(step, total)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """Prompts -> context [B, 77, sum of widths] (each encoder's penultimate layer, side by
@@ -245,16 +314,22 @@ class SDXLPipeline:
                  guidance_scale: float = 5.0, guidance_rescale: float = 0.0, seed: int = 0,
                  latents: np.ndarray | None = None, scheduler: str = "euler",
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
-                 target_size: tuple[int, int] | None = None,
+                 target_size: tuple[int, int] | None = None, parallel: ParallelConfig = ParallelConfig(),
                  progress: Callable[[int, int], None] | None = None) -> Generation:
-        """Runs the pipeline; `progress(step, total)` is called after every denoising step."""
+        """Runs the pipeline; `parallel` spreads the image over devices (default: one device);
+        `progress(step, total)` is called after every denoising step."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         height, width = height or self.spec.default_size, width or self.spec.default_size
         self.spec.check_request(height, width, num_inference_steps, len(prompts),
-                                None if latents is None else np.shape(latents))
+                                None if latents is None else np.shape(latents), parallel.patches)
         kind = schedulers.SchedulerKind(scheduler)
         use_guidance = guidance_scale > 1.0
-        self._compile_seconds, self._progress = 0.0, progress
+        if parallel.cfg_parallel and not use_guidance:
+            raise PipelineError("cfg_parallel splits the guidance batch, but guidance_scale <= 1 has none; "
+                                "drop --cfg-parallel or raise --guidance-scale.")
+        sampling = Sampling(use_guidance, guidance_rescale > 0, parallel)
+        mesh = make_mesh(parallel) if parallel.split else None
+        self._compile_seconds, self._progress, self._last_step = 0.0, progress, 0
         timings = {}
 
         start = time.perf_counter()
@@ -270,18 +345,22 @@ class SDXLPipeline:
         x = noise * schedule.init_noise_sigma
         scales = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
 
-        check_inputs(self.unet.cfg, jnp.concatenate([x, x]) if use_guidance else x,
-                     cond.context, cond.text_embeds, cond.time_ids)
         compiled_before = self._compile_seconds
         start = time.perf_counter()
-        loop = functools.partial(denoise, self.unet, use_guidance=use_guidance, progress=self._step_done)
-        x = jax.block_until_ready(self._run(f"denoise-{use_guidance}", loop, self.unet_params, x, cond, schedule,
-                                            *scales))
+        loop = functools.partial(denoise, self.unet, sampling=sampling, progress=self._step_done)
+        params = self.unet_params
+        if mesh is not None:
+            specs = (P(), ROWS, P(px.CFG) if parallel.cfg_parallel else P(), P(), P(), P())
+            loop = jax.shard_map(loop, mesh=mesh, in_specs=specs, out_specs=ROWS)
+            params, x, cond, schedule, *scales = (
+                self._replicated("unet", params, mesh),
+                *(jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip((x, cond, schedule, *scales), specs[1:])))
+        x = jax.block_until_ready(self._run(("denoise", sampling), loop, params, x, cond, schedule, *scales))
         timings["denoise"] = time.perf_counter() - start - (self._compile_seconds - compiled_before)
 
         compiled_before = self._compile_seconds
         start = time.perf_counter()
-        images = np.asarray(self.decode(x))
+        images = np.asarray(self.decode(x, mesh))
         timings["decode"] = time.perf_counter() - start - (self._compile_seconds - compiled_before)
         return Generation(images, {"compile": self._compile_seconds, **timings})
 
@@ -313,8 +392,9 @@ class SDXLPipeline:
             time_ids = jnp.concatenate([time_ids, time_ids])
         return Conditioning(context.astype(self.dtype), pooled.astype(self.dtype), time_ids)
 
-    def decode(self, latents: jax.Array) -> jax.Array:
-        """Latents [B, 4, h, w] -> images [B, H, W, 3] float32 in [0, 1]."""
+    def decode(self, latents: jax.Array, mesh: Mesh | None = None) -> jax.Array:
+        """Latents [B, 4, h, w] -> images [B, H, W, 3] float32 in [0, 1]; on `mesh`, each device
+        decodes its rows with synchronous patch parallelism."""
         cfg = self.spec.vae
         if cfg.latents_mean is not None and cfg.latents_std is not None:
             mean = jnp.asarray(cfg.latents_mean, jnp.float32).reshape(1, -1, 1, 1)
@@ -322,10 +402,17 @@ class SDXLPipeline:
             latents = latents * std / cfg.scaling_factor + mean
         else:
             latents = latents / cfg.scaling_factor
-        decode = functools.partial(self.vae.apply, method=AutoencoderKL.decode)
-        image = self._run("vae_decode", lambda p, z: decode({"params": p}, z), self.vae_params,
-                          latents.astype(self.vae.dtype)).astype(jnp.float32)
-        return jnp.clip(jnp.transpose(image, (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
+        vae = self.vae if mesh is None else self.vae.clone(patch=Patch(Mode.SYNC))
+
+        def decode(params, z):
+            return vae.apply({"params": params}, z, method=AutoencoderKL.decode)
+
+        params = self.vae_params
+        if mesh is not None:
+            decode = jax.shard_map(decode, mesh=mesh, in_specs=(P(), ROWS), out_specs=ROWS)
+            params = self._replicated("vae", params, mesh)
+        image = self._run(("vae_decode", mesh_key(mesh)), decode, params, latents.astype(self.vae.dtype))
+        return jnp.clip(jnp.transpose(image.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
 
 
 def _source_hash(folder: Path, dtype: jnp.dtype) -> str:

@@ -379,7 +379,9 @@ def make_schedule(kind: SchedulerKind, cfg: SchedulerConfig, num_steps: int,
 def init_state(schedule: Schedule, latents: jax.Array) -> SchedulerState:
     """The scan carry's scheduler part before step 0 (DPM++ has no history yet)."""
     del schedule  # the same state for every kind keeps the carry's structure kind-independent
-    return SchedulerState(prev_x0=jnp.zeros(latents.shape, jnp.float32))
+    # zeros_like, not zeros(shape): inside shard_map the state then varies over the mesh axes
+    # the latents vary over, as the scan carry must.
+    return SchedulerState(prev_x0=jnp.zeros_like(latents, jnp.float32))
 
 
 def scale_model_input(schedule: Schedule, latents: jax.Array, i: jax.Array) -> jax.Array:

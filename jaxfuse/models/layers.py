@@ -4,11 +4,13 @@ down- and upsampling.
 Legend for shape lines: B batch, H/W rows/columns, C channels, G norm groups, T query tokens,
 S key/value tokens, N heads (in attention) and D channels per head.
 
-This is the only module that will know about patches (DESIGN.md): each layer that looks beyond a
-pixel's own row does so through one pure function, the seam where a patch-parallel mode exchanges
-context. A 3x3 convolution's context is the rows of `conv2d`'s padding, group norm's is the
-statistics of `group_moments`, self-attention's is the keys and values handed to `attention`.
-Everything else (linear layers, 1x1 convolutions, cross-attention) is row-local.
+This is the only module that knows about patches (DESIGN.md). Inside `shard_map`, with a
+`Patch` whose mode is not single, each layer that looks beyond its own rows gets that context
+from the other patches (`jaxfuse.parallel.patch`): a 3x3 convolution the neighbours' edge rows in
+place of its zero padding, group norm the whole image's statistics, self-attention every patch's
+keys and values. `exchanged` decides per mode whether the context is this step's or the previous
+step's (kept in the `stale` collection). Everything else (linear layers, 1x1 convolutions,
+cross-attention, nearest upsampling) is row-local.
 
 Activations are NHWC. `dtype` is the compute dtype; norm statistics, attention logits and softmax
 are always float32.
@@ -16,12 +18,16 @@ are always float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxfuse.parallel import patch as px
+from jaxfuse.parallel.patch import Mode, Patch
 
 Dtype = Any
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -69,38 +75,76 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, is_causa
     return out.reshape(b, t, inner)
 
 
+def exchanged(module: nn.Module, name: str, patch: Patch, exchange: Callable[[], Any], fresh: bool = False) -> Any:
+    """The context `module` uses this step: `exchange()`'s result in sync steps (or when
+    `fresh`), the value kept from the previous step in displaced ones. Whenever the step writes
+    stale context, this step's exchange is kept for the next; in a displaced step nothing this
+    step computes waits on it, so it overlaps the step's compute."""
+    result = exchange()
+    used = result
+    if patch.mode == Mode.DISPLACED and not fresh:
+        if not module.has_variable(px.STALE, name):
+            raise ValueError(f"{module.name}: a displaced step needs the previous step's '{name}' "
+                             "context; run at least one synchronous warm-up step first.")
+        used = module.get_variable(px.STALE, name)
+    if patch.writes_stale and module.is_mutable_collection(px.STALE):
+        module.put_variable(px.STALE, name, result)
+    return used
+
+
 def upsample_nearest(x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated (PyTorch's `interpolate(nearest)`)."""
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 class Conv2d(nn.Module):
-    """A k x k convolution with bias, parameters named like PyTorch's `Conv2d` (kernel HWIO)."""
+    """A k x k convolution with bias, parameters named like PyTorch's `Conv2d` (kernel HWIO).
+
+    On a patch of rows, output row j reads input rows s j - top .. s j - top + k - 1, so the
+    patch needs `top` rows of the patch above and k - s - top of the one below (3x3: one and
+    one; stride 2 with padding 1: one above, none below; the VAE's (0, 1) padding: one below).
+    """
 
     features: int
     kernel_size: int = 3
     stride: int = 1
     padding: Padding | None = None  # None: k // 2 on every side, the size-preserving padding
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features)
-        )
+        k, s = self.kernel_size, self.stride
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         padding = self.padding if self.padding is not None else ((k // 2, k // 2),) * 2
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, padding)
+        x = x.astype(self.dtype)
+        above, below = padding[0][0], k - s - padding[0][0]
+        if self.patch.split and (above or below):
+            x = self.with_context_rows(x, above, below)
+            padding = ((0, 0), padding[1])
+        y = conv2d(x, kernel.astype(self.dtype), s, padding)
         return y + bias.astype(self.dtype)
+
+    def with_context_rows(self, x: jax.Array, above: int, below: int) -> jax.Array:
+        """[B, h, W, C] -> [B, above + h + below, W, C]: the patch between its neighbours' rows
+        (zeros in naive mode and at the image's borders)."""
+        if self.patch.mode == Mode.NAIVE:
+            b, _, w, c = x.shape
+            top, bottom = jnp.zeros((b, above, w, c), x.dtype), jnp.zeros((b, below, w, c), x.dtype)
+        else:
+            top, bottom = exchanged(self, "halo", self.patch, lambda: px.neighbour_rows(x, above, below))
+        return jnp.concatenate([top, x, bottom], axis=1)
 
 
 class GroupNorm(nn.Module):
-    """PyTorch `GroupNorm` with an affine transform; statistics in float32."""
+    """PyTorch `GroupNorm` with an affine transform; statistics in float32, of the whole image
+    when the image is split (see `GroupNormMode` for displaced steps)."""
 
     num_groups: int
     epsilon: float
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -108,19 +152,36 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
         mean, var = group_moments(x, self.num_groups)
+        if self.patch.split:
+            mean, var = self.image_moments(mean, var)
         y = normalize_groups(x, mean, var, self.epsilon) * scale + bias
         return y.astype(self.dtype)
+
+    def image_moments(self, mean: jax.Array, var: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The patch's statistics [B, G] -> the ones this step normalises with."""
+        gn, mode = self.patch.gn, self.patch.mode
+        if mode == Mode.NAIVE or (mode == Mode.DISPLACED and gn == px.GroupNormMode.SEPARATE):
+            return mean, var
+        fresh = mode == Mode.DISPLACED and gn == px.GroupNormMode.SYNC
+        moments = exchanged(self, "moments", self.patch, lambda: px.gather_moments(mean, var), fresh)
+        if mode == Mode.DISPLACED and gn == px.GroupNormMode.CORRECTED:
+            moments = px.with_own_moments(moments, mean, var)
+        elif mode == Mode.DISPLACED and gn == px.GroupNormMode.CORRECTED_DISTRIFUSION:
+            return px.distrifusion_moments(moments, mean, var)
+        return px.combine_moments(moments)
 
 
 class Attention(nn.Module):
     """diffusers `Attention`: multi-head attention over the tokens of `x`, or over `context`
     (cross-attention) when it is given. [B, T, C] -> [B, T, C]. `qkv_bias`: the VAE's
-    projections have biases, the UNet's do not."""
+    projections have biases, the UNet's do not. On a split image, self-attention's queries are
+    the patch's own tokens and its keys and values those of every patch (naive: its own)."""
 
     num_heads: int
     head_dim: int
     qkv_bias: bool = False
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -129,6 +190,12 @@ class Attention(nn.Module):
         q = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
         k = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(source)
         v = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(source)
+        if context is None and self.patch.split and self.patch.mode != Mode.NAIVE:
+            local = jnp.concatenate([k, v], axis=-1)  # one exchange for both
+            kv = exchanged(self, "kv", self.patch, lambda: px.gather_rows(local))
+            if self.patch.mode == Mode.DISPLACED:
+                kv = px.own_rows_fresh(kv, local)
+            k, v = jnp.split(kv, 2, axis=-1)
         out = attention(q, k, v, self.num_heads)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
@@ -143,16 +210,20 @@ class ResnetBlock(nn.Module):
     num_groups: int
     epsilon: float
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        h = nn.silu(GroupNorm(self.num_groups, self.epsilon, self.dtype, name="norm1")(x))
-        h = Conv2d(self.out_channels, dtype=self.dtype, name="conv1")(h)
+        def norm(name):
+            return GroupNorm(self.num_groups, self.epsilon, self.dtype, self.patch, name=name)
+
+        h = nn.silu(norm("norm1")(x))
+        h = Conv2d(self.out_channels, dtype=self.dtype, patch=self.patch, name="conv1")(h)
         if temb is not None:
             t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
-        h = nn.silu(GroupNorm(self.num_groups, self.epsilon, self.dtype, name="norm2")(h))
-        h = Conv2d(self.out_channels, dtype=self.dtype, name="conv2")(h)
+        h = nn.silu(norm("norm2")(h))
+        h = Conv2d(self.out_channels, dtype=self.dtype, patch=self.patch, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = Conv2d(self.out_channels, kernel_size=1, dtype=self.dtype, name="conv_shortcut")(x)
         return x + h
@@ -165,11 +236,12 @@ class Downsample(nn.Module):
     features: int
     padding: int = 1
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         pad = ((self.padding, self.padding),) * 2 if self.padding else ((0, 1), (0, 1))
-        return Conv2d(self.features, stride=2, padding=pad, dtype=self.dtype, name="conv")(x)
+        return Conv2d(self.features, stride=2, padding=pad, dtype=self.dtype, patch=self.patch, name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -177,7 +249,8 @@ class Upsample(nn.Module):
 
     features: int
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return Conv2d(self.features, dtype=self.dtype, name="conv")(upsample_nearest(x))
+        return Conv2d(self.features, dtype=self.dtype, patch=self.patch, name="conv")(upsample_nearest(x))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from checkpoints_conversion.convert_diffusers import CONFIG_NAME, component_folder, load_params
 from jaxfuse.config import UNetConfig
 from jaxfuse.models.layers import Attention, Conv2d, Downsample, Dtype, GroupNorm, ResnetBlock, Upsample
+from jaxfuse.parallel.patch import Patch
 
 # diffusers' Transformer2DModel normalises its input with this epsilon, whatever the UNet's.
 TRANSFORMER_NORM_EPS = 1e-6
@@ -77,6 +78,7 @@ class BasicTransformerBlock(nn.Module):
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -85,7 +87,7 @@ class BasicTransformerBlock(nn.Module):
         def norm(name):
             return nn.LayerNorm(LAYER_NORM_EPS, dtype=self.dtype, use_fast_variance=False, name=name)
 
-        x = x + Attention(self.num_heads, head_dim, dtype=self.dtype, name="attn1")(norm("norm1")(x))
+        x = x + Attention(self.num_heads, head_dim, dtype=self.dtype, patch=self.patch, name="attn1")(norm("norm1")(x))
         x = x + Attention(self.num_heads, head_dim, dtype=self.dtype, name="attn2")(norm("norm2")(x), context)
         return x + FeedForward(self.dtype, name="ff")(norm("norm3")(x))
 
@@ -97,6 +99,7 @@ class Transformer2D(nn.Module):
     cfg: UNetConfig
     level: int
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -108,16 +111,16 @@ class Transformer2D(nn.Module):
                 return nn.Dense(c, dtype=self.dtype, name=name)
             return Conv2d(c, kernel_size=1, dtype=self.dtype, name=name)
 
-        y = GroupNorm(self.cfg.norm_num_groups, TRANSFORMER_NORM_EPS, self.dtype, name="norm")(x)
+        y = GroupNorm(self.cfg.norm_num_groups, TRANSFORMER_NORM_EPS, self.dtype, self.patch, name="norm")(x)
         y = projection("proj_in")(y).reshape(b, h * w, c)
         heads = self.cfg.num_attention_heads[self.level]
         for i in range(self.cfg.transformer_layers_per_block[self.level]):
-            y = BasicTransformerBlock(heads, self.dtype, name=f"transformer_blocks_{i}")(y, context)
+            y = BasicTransformerBlock(heads, self.dtype, self.patch, name=f"transformer_blocks_{i}")(y, context)
         return x + projection("proj_out")(y.reshape(b, h, w, c))
 
 
-def unet_resnet(cfg: UNetConfig, channels: int, dtype: Dtype, name: str) -> ResnetBlock:
-    return ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, dtype, name=name)
+def unet_resnet(cfg: UNetConfig, channels: int, dtype: Dtype, patch: Patch, name: str) -> ResnetBlock:
+    return ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, dtype, patch, name=name)
 
 
 class DownBlock(nn.Module):
@@ -126,6 +129,7 @@ class DownBlock(nn.Module):
     cfg: UNetConfig
     index: int
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x, temb, context):
@@ -133,12 +137,12 @@ class DownBlock(nn.Module):
         channels = cfg.block_out_channels[i]
         skips = []
         for j in range(cfg.layers_per_block[i]):
-            x = unet_resnet(cfg, channels, self.dtype, f"resnets_{j}")(x, temb)
+            x = unet_resnet(cfg, channels, self.dtype, self.patch, f"resnets_{j}")(x, temb)
             if cfg.down_block_types[i] == "CrossAttnDownBlock2D":
-                x = Transformer2D(cfg, i, self.dtype, name=f"attentions_{j}")(x, context)
+                x = Transformer2D(cfg, i, self.dtype, self.patch, name=f"attentions_{j}")(x, context)
             skips.append(x)
         if i < cfg.num_levels - 1:
-            x = Downsample(channels, cfg.downsample_padding, self.dtype, name="downsamplers_0")(x)
+            x = Downsample(channels, cfg.downsample_padding, self.dtype, self.patch, name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
 
@@ -148,14 +152,15 @@ class MidBlock(nn.Module):
 
     cfg: UNetConfig
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x, temb, context):
         cfg = self.cfg
         channels = cfg.block_out_channels[-1]
-        x = unet_resnet(cfg, channels, self.dtype, "resnets_0")(x, temb)
-        x = Transformer2D(cfg, cfg.num_levels - 1, self.dtype, name="attentions_0")(x, context)
-        return unet_resnet(cfg, channels, self.dtype, "resnets_1")(x, temb)
+        x = unet_resnet(cfg, channels, self.dtype, self.patch, "resnets_0")(x, temb)
+        x = Transformer2D(cfg, cfg.num_levels - 1, self.dtype, self.patch, name="attentions_0")(x, context)
+        return unet_resnet(cfg, channels, self.dtype, self.patch, "resnets_1")(x, temb)
 
 
 class UpBlock(nn.Module):
@@ -165,6 +170,7 @@ class UpBlock(nn.Module):
     cfg: UNetConfig
     index: int
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x, skips, temb, context):
@@ -173,11 +179,11 @@ class UpBlock(nn.Module):
         channels = cfg.block_out_channels[level]
         for j in range(cfg.layers_per_block[level] + 1):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = unet_resnet(cfg, channels, self.dtype, f"resnets_{j}")(x, temb)
+            x = unet_resnet(cfg, channels, self.dtype, self.patch, f"resnets_{j}")(x, temb)
             if cfg.up_block_types[i] == "CrossAttnUpBlock2D":
-                x = Transformer2D(cfg, level, self.dtype, name=f"attentions_{j}")(x, context)
+                x = Transformer2D(cfg, level, self.dtype, self.patch, name=f"attentions_{j}")(x, context)
         if level > 0:
-            x = Upsample(channels, self.dtype, name="upsamplers_0")(x)
+            x = Upsample(channels, self.dtype, self.patch, name="upsamplers_0")(x)
         return x
 
 
@@ -225,6 +231,7 @@ class UNet2DConditionModel(nn.Module):
 
     cfg: UNetConfig
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None):
@@ -246,17 +253,17 @@ class UNet2DConditionModel(nn.Module):
             added = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
             temb = temb + TimestepEmbedding(cfg.time_embed_dim, self.dtype, name="add_embedding")(added)
 
-        x = Conv2d(cfg.block_out_channels[0], dtype=self.dtype, name="conv_in")(x)
+        x = Conv2d(cfg.block_out_channels[0], dtype=self.dtype, patch=self.patch.fresh(), name="conv_in")(x)
         skips = [x]
         for i in range(cfg.num_levels):
-            x, block_skips = DownBlock(cfg, i, self.dtype, name=f"down_blocks_{i}")(x, temb, context)
+            x, block_skips = DownBlock(cfg, i, self.dtype, self.patch, name=f"down_blocks_{i}")(x, temb, context)
             skips += block_skips
-        x = MidBlock(cfg, self.dtype, name="mid_block")(x, temb, context)
+        x = MidBlock(cfg, self.dtype, self.patch, name="mid_block")(x, temb, context)
         for i in range(cfg.num_levels):
-            x = UpBlock(cfg, i, self.dtype, name=f"up_blocks_{i}")(x, skips, temb, context)
+            x = UpBlock(cfg, i, self.dtype, self.patch, name=f"up_blocks_{i}")(x, skips, temb, context)
 
-        x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="conv_norm_out")(x))
-        x = Conv2d(cfg.out_channels, dtype=self.dtype, name="conv_out")(x)
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, self.dtype, self.patch, name="conv_norm_out")(x))
+        x = Conv2d(cfg.out_channels, dtype=self.dtype, patch=self.patch, name="conv_out")(x)
         return jnp.transpose(x, (0, 3, 1, 2))
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from checkpoints_conversion.convert_diffusers import CONFIG_NAME, component_folder, load_params
 from jaxfuse.config import VAEConfig
 from jaxfuse.models.layers import Attention, Conv2d, Downsample, Dtype, GroupNorm, ResnetBlock, Upsample
+from jaxfuse.parallel.patch import Patch
 
 # Every group norm of diffusers' VAE (ResNets, mid-block attention, output norms) uses this
 # epsilon; the config has no field for it.
@@ -30,8 +31,8 @@ NORM_EPS = 1e-6
 LOGVAR_RANGE = (-30.0, 20.0)
 
 
-def vae_resnet(cfg: VAEConfig, channels: int, dtype: Dtype, name: str) -> ResnetBlock:
-    return ResnetBlock(channels, cfg.norm_num_groups, NORM_EPS, dtype, name=name)
+def vae_resnet(cfg: VAEConfig, channels: int, dtype: Dtype, patch: Patch, name: str) -> ResnetBlock:
+    return ResnetBlock(channels, cfg.norm_num_groups, NORM_EPS, dtype, patch, name=name)
 
 
 class AttentionBlock(nn.Module):
@@ -40,12 +41,13 @@ class AttentionBlock(nn.Module):
 
     num_groups: int
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        y = GroupNorm(self.num_groups, NORM_EPS, self.dtype, name="group_norm")(x)
-        attn = Attention(num_heads=1, head_dim=c, qkv_bias=True, dtype=self.dtype)
+        y = GroupNorm(self.num_groups, NORM_EPS, self.dtype, self.patch, name="group_norm")(x)
+        attn = Attention(num_heads=1, head_dim=c, qkv_bias=True, dtype=self.dtype, patch=self.patch)
         # The checkpoint keeps to_q/to_k/to_v/to_out beside group_norm in one module, so the
         # shared Attention's parameters live in this module's scope, not in a child's.
         nn.share_scope(self, attn)
@@ -59,14 +61,15 @@ class MidBlock(nn.Module):
 
     cfg: VAEConfig
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, channels = self.cfg, self.cfg.block_out_channels[-1]
-        x = vae_resnet(cfg, channels, self.dtype, "resnets_0")(x)
+        x = vae_resnet(cfg, channels, self.dtype, self.patch, "resnets_0")(x)
         if cfg.mid_block_add_attention:
-            x = AttentionBlock(cfg.norm_num_groups, self.dtype, name="attentions_0")(x)
-        return vae_resnet(cfg, channels, self.dtype, "resnets_1")(x)
+            x = AttentionBlock(cfg.norm_num_groups, self.dtype, self.patch, name="attentions_0")(x)
+        return vae_resnet(cfg, channels, self.dtype, self.patch, "resnets_1")(x)
 
 
 class DownEncoderBlock(nn.Module):
@@ -76,15 +79,16 @@ class DownEncoderBlock(nn.Module):
     cfg: VAEConfig
     index: int
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, i = self.cfg, self.index
         channels = cfg.block_out_channels[i]
         for j in range(cfg.layers_per_block):
-            x = vae_resnet(cfg, channels, self.dtype, f"resnets_{j}")(x)
+            x = vae_resnet(cfg, channels, self.dtype, self.patch, f"resnets_{j}")(x)
         if i < cfg.num_levels - 1:
-            x = Downsample(channels, padding=0, dtype=self.dtype, name="downsamplers_0")(x)
+            x = Downsample(channels, padding=0, dtype=self.dtype, patch=self.patch, name="downsamplers_0")(x)
         return x
 
 
@@ -96,6 +100,7 @@ class UpDecoderBlock(nn.Module):
     cfg: VAEConfig
     index: int
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -103,17 +108,17 @@ class UpDecoderBlock(nn.Module):
         level = cfg.num_levels - 1 - self.index
         channels = cfg.block_out_channels[level]
         for j in range(cfg.layers_per_block + 1):
-            x = vae_resnet(cfg, channels, self.dtype, f"resnets_{j}")(x)
+            x = vae_resnet(cfg, channels, self.dtype, self.patch, f"resnets_{j}")(x)
         if level > 0:
-            x = Upsample(channels, self.dtype, name="upsamplers_0")(x)
+            x = Upsample(channels, self.dtype, self.patch, name="upsamplers_0")(x)
         return x
 
 
-def output_head(cfg: VAEConfig, x: jax.Array, features: int, dtype: Dtype) -> jax.Array:
+def output_head(cfg: VAEConfig, x: jax.Array, features: int, dtype: Dtype, patch: Patch) -> jax.Array:
     """Group norm, SiLU, 3x3 convolution: how the encoder and the decoder both end. Called from
     the caller's compact method, so the parameters are the caller's `conv_norm_out`/`conv_out`."""
-    x = nn.silu(GroupNorm(cfg.norm_num_groups, NORM_EPS, dtype, name="conv_norm_out")(x))
-    return Conv2d(features, dtype=dtype, name="conv_out")(x)
+    x = nn.silu(GroupNorm(cfg.norm_num_groups, NORM_EPS, dtype, patch, name="conv_norm_out")(x))
+    return Conv2d(features, dtype=dtype, patch=patch, name="conv_out")(x)
 
 
 class Encoder(nn.Module):
@@ -122,15 +127,16 @@ class Encoder(nn.Module):
 
     cfg: VAEConfig
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        x = Conv2d(cfg.block_out_channels[0], dtype=self.dtype, name="conv_in")(x)
+        x = Conv2d(cfg.block_out_channels[0], dtype=self.dtype, patch=self.patch, name="conv_in")(x)
         for i in range(cfg.num_levels):
-            x = DownEncoderBlock(cfg, i, self.dtype, name=f"down_blocks_{i}")(x)
-        x = MidBlock(cfg, self.dtype, name="mid_block")(x)
-        return output_head(cfg, x, 2 * cfg.latent_channels, self.dtype)
+            x = DownEncoderBlock(cfg, i, self.dtype, self.patch, name=f"down_blocks_{i}")(x)
+        x = MidBlock(cfg, self.dtype, self.patch, name="mid_block")(x)
+        return output_head(cfg, x, 2 * cfg.latent_channels, self.dtype, self.patch)
 
 
 class Decoder(nn.Module):
@@ -138,15 +144,16 @@ class Decoder(nn.Module):
 
     cfg: VAEConfig
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        x = Conv2d(cfg.block_out_channels[-1], dtype=self.dtype, name="conv_in")(x)
-        x = MidBlock(cfg, self.dtype, name="mid_block")(x)
+        x = Conv2d(cfg.block_out_channels[-1], dtype=self.dtype, patch=self.patch, name="conv_in")(x)
+        x = MidBlock(cfg, self.dtype, self.patch, name="mid_block")(x)
         for i in range(cfg.num_levels):
-            x = UpDecoderBlock(cfg, i, self.dtype, name=f"up_blocks_{i}")(x)
-        return output_head(cfg, x, cfg.out_channels, self.dtype)
+            x = UpDecoderBlock(cfg, i, self.dtype, self.patch, name=f"up_blocks_{i}")(x)
+        return output_head(cfg, x, cfg.out_channels, self.dtype, self.patch)
 
 
 def check_nchw(x: jax.Array, channels: int, what: str) -> None:
@@ -165,11 +172,12 @@ class AutoencoderKL(nn.Module):
 
     cfg: VAEConfig
     dtype: Dtype = jnp.float32
+    patch: Patch = Patch()
 
     def setup(self):
         cfg = self.cfg
-        self.encoder = Encoder(cfg, self.dtype)
-        self.decoder = Decoder(cfg, self.dtype)
+        self.encoder = Encoder(cfg, self.dtype, self.patch)
+        self.decoder = Decoder(cfg, self.dtype, self.patch)
         latent = cfg.latent_channels
         self.quant_conv = (Conv2d(2 * latent, kernel_size=1, dtype=self.dtype)
                            if cfg.use_quant_conv else None)

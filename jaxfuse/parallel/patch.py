@@ -1,0 +1,136 @@
+"""Patch parallelism: the modes, and the exchanges a layer makes with the other patches.
+
+The latent is split by rows over the mesh axis `PATCH`: device p holds rows [p h, (p + 1) h) of
+every activation. Three kinds of layer look beyond their own rows (DESIGN.md):
+
+    3x3 convolution   rows of the neighbouring patches    `neighbour_rows`  (ppermute)
+    self-attention    keys and values of every patch      `gather_rows`     (all_gather)
+    group norm        statistics of the whole image       `gather_moments`  (all_gather)
+
+These functions run inside `shard_map` and are called only from `models/layers.py`, which decides
+per mode whether a layer uses this step's exchange (`sync`), the previous step's (`displaced`, kept
+in the Flax collection `STALE`) or none (`naive`).
+
+Legend: B batch, h local rows, W columns, C channels, G groups, N patches, S all tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+PATCH = "patch"  # mesh axis over which the image rows are split
+CFG = "cfg"  # mesh axis over which the guidance batch halves are split
+STALE = "stale"  # Flax collection holding the previous step's exchanged context
+
+
+class Mode(str, enum.Enum):
+    SINGLE = "single"  # no mesh: plain SDXL
+    SYNC = "sync"  # fresh context, used at once: equals single
+    DISPLACED = "displaced"  # the previous step's context, own rows fresh (DistriFusion)
+    NAIVE = "naive"  # no context at all: zero halos, local attention and statistics
+
+
+class GroupNormMode(str, enum.Enum):
+    """Group-norm statistics in `displaced` steps (DistriFusion's ablation, REFERENCES.md)."""
+
+    CORRECTED = "corrected"  # stale statistics with the own patch's replaced by fresh ones
+    CORRECTED_DISTRIFUSION = "corrected-distrifusion"  # E[x], E[x^2] + (fresh - stale) local, not / N
+    STALE = "stale"  # the previous step's whole-image statistics
+    SYNC = "sync"  # fresh whole-image statistics every step (a blocking, tiny exchange)
+    SEPARATE = "separate"  # the own patch's statistics only
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """What a layer knows about patches in one denoising step.
+
+    `record`: also keep this step's exchange in `STALE`, for displaced steps to come (the
+    synchronous warm-up steps of a displaced run do this; displaced steps always do).
+    """
+
+    mode: Mode = Mode.SINGLE
+    gn: GroupNormMode = GroupNormMode.CORRECTED
+    record: bool = False
+
+    @property
+    def split(self) -> bool:
+        return self.mode != Mode.SINGLE
+
+    @property
+    def writes_stale(self) -> bool:
+        return self.mode == Mode.DISPLACED or (self.record and self.mode == Mode.SYNC)
+
+    def fresh(self) -> Patch:
+        """The same step with a fresh exchange that is not kept: the first convolution reads its
+        neighbours' latent rows (a few KB) as they are now, in every mode but naive."""
+        mode = Mode.SYNC if self.mode == Mode.DISPLACED else self.mode
+        return dataclasses.replace(self, mode=mode, record=False)
+
+
+def neighbour_rows(x: jax.Array, above: int, below: int) -> tuple[jax.Array, jax.Array]:
+    """[B, h, W, C] -> the last `above` rows of the patch above [B, above, W, C] and the first
+    `below` rows of the patch below [B, below, W, C]; zeros past the image's top and bottom,
+    which is the unsplit convolution's zero padding."""
+    n = lax.axis_size(PATCH)
+    down = [(p, p + 1) for p in range(n - 1)]  # each patch sends its last rows to the next one
+    up = [(p + 1, p) for p in range(n - 1)]
+    h = x.shape[1]
+    from_above = lax.ppermute(x[:, h - above:], PATCH, down) if above else x[:, :0]
+    from_below = lax.ppermute(x[:, :below], PATCH, up) if below else x[:, :0]
+    return from_above, from_below
+
+
+def gather_rows(tokens: jax.Array) -> jax.Array:
+    """[B, h W, C] local tokens -> [B, S, C] every patch's tokens, in image order."""
+    return lax.all_gather(tokens, PATCH, axis=1, tiled=True)
+
+
+def own_rows_fresh(gathered: jax.Array, local: jax.Array) -> jax.Array:
+    """[B, S, C] gathered (stale) tokens with this patch's slice replaced by `local` [B, T, C]."""
+    start = lax.axis_index(PATCH) * local.shape[1]
+    return lax.dynamic_update_slice_in_dim(gathered, local.astype(gathered.dtype), start, axis=1)
+
+
+def gather_moments(mean: jax.Array, var: jax.Array) -> jax.Array:
+    """Local group statistics [B, G] twice -> every patch's [N, 2, B, G] (mean, variance)."""
+    return lax.all_gather(jnp.stack([mean, var]), PATCH)
+
+
+def combine_moments(moments: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[N, 2, B, G] per-patch (mean, variance) of equal-size patches -> whole-image mean and
+    variance [B, G]. Chan's combination: the variance is the mean of the patch variances plus
+    the variance of the patch means, with no E[x^2] - E[x]^2 cancellation."""
+    means, variances = moments[:, 0], moments[:, 1]
+    mean = means.mean(axis=0)
+    return mean, (variances + jnp.square(means - mean)).mean(axis=0)
+
+
+def with_own_moments(moments: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
+    """[N, 2, B, G] with this patch's entry replaced by its fresh (mean, variance) [B, G]."""
+    return moments.at[lax.axis_index(PATCH)].set(jnp.stack([mean, var]))
+
+
+def distrifusion_moments(stale: jax.Array, mean: jax.Array, var: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """DistriFusion's corrected asynchronous statistics, as its code computes them: the stale
+    whole-image E[x] and E[x^2] plus the change of the own patch's, not divided by N; where the
+    variance comes out negative, the own patch's variance is used."""
+    own = stale[lax.axis_index(PATCH)]
+    means, squares = stale[:, 0], stale[:, 1] + jnp.square(stale[:, 0])
+    ex = means.mean(axis=0) + (mean - own[0])
+    ex2 = squares.mean(axis=0) + (var + jnp.square(mean) - own[1] - jnp.square(own[0]))
+    global_var = ex2 - jnp.square(ex)
+    return ex, jnp.where(global_var < 0, var, global_var)
+
+
+def join_guidance_halves(noise: jax.Array) -> jax.Array:
+    """This `CFG` group's half of the noise prediction [B, ...] -> both halves [2B, ...],
+    unconditional (group 0) first: one small exchange per step. A sum of each half in its own
+    slot, so the result is the same on both groups (what the scan carry and `shard_map` need)."""
+    group = lax.axis_index(CFG)
+    slots = jnp.stack([jnp.where(group == 0, noise, 0), jnp.where(group == 1, noise, 0)])
+    return lax.psum(slots, CFG).reshape((-1,) + noise.shape[1:])
