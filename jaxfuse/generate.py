@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,9 +23,10 @@ import numpy as np
 from PIL import Image
 
 from jaxfuse import schedulers
+from jaxfuse.parallel.mesh import CPU_DEVICES_FLAG, ParallelConfig
+from jaxfuse.parallel.patch import GroupNormMode, Mode
 from jaxfuse.pipeline import PipelineError, PipelineSpec, load_pipeline
 
-MODES = ("single", "sync", "displaced", "naive")
 DEFAULT_PROMPT = "a photograph of a lighthouse on a cliff at dusk"
 
 
@@ -50,22 +52,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, help="where converted weights are kept (default: ~/.cache/jaxfuse)")
     parallel = p.add_argument_group("patch parallelism")
     parallel.add_argument("--devices", type=int, default=1, help="devices to split the image over")
-    parallel.add_argument("--mode", choices=MODES, default="single")
+    parallel.add_argument("--mode", choices=[m.value for m in Mode], default=None,
+                          help="single, or how patches see each other: sync (exact), displaced (DistriFusion: "
+                               "previous step's context, communication overlapped), naive (none) "
+                               "(default: single on one device, displaced on several)")
     parallel.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps before displaced ones")
     parallel.add_argument("--cfg-parallel", action="store_true",
                           help="put the conditional and unconditional batch on two device groups")
+    parallel.add_argument("--gn", choices=[g.value for g in GroupNormMode], default="corrected",
+                          help="group-norm statistics in displaced steps")
     return p.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> tuple[PipelineSpec, np.ndarray | None]:
+def check_args(args: argparse.Namespace) -> tuple[PipelineSpec, np.ndarray | None, ParallelConfig]:
     """Everything that can be checked without loading weights; raises `PipelineError`."""
     if args.model is None:
         raise PipelineError("pass --model PATH: a diffusers SDXL pipeline folder (e.g. a local copy of "
                             "stabilityai/stable-diffusion-xl-base-1.0).")
-    if args.mode != "single" or args.devices != 1 or args.cfg_parallel:
-        raise PipelineError(f"--mode {args.mode} --devices {args.devices}"
-                            f"{' --cfg-parallel' if args.cfg_parallel else ''}: patch parallelism is not in "
-                            "this version yet; use --mode single --devices 1.")
+    mode = args.mode or ("single" if args.devices == 1 else "displaced")
+    parallel = ParallelConfig(args.devices, mode, args.warmup_steps, args.cfg_parallel, args.gn)
     if args.output.suffix.lower() != ".png":
         raise PipelineError(f"--output {args.output} must end in .png.")
     outputs = [args.output, args.output.with_suffix(".json")] + ([args.output_array] if args.output_array else [])
@@ -79,8 +84,18 @@ def check_args(args: argparse.Namespace) -> tuple[PipelineSpec, np.ndarray | Non
             raise PipelineError(f"--latents {args.latents}: no such file.")
         latents = np.load(args.latents, allow_pickle=False)
     height, width = args.height or spec.default_size, args.width or spec.default_size
-    spec.check_request(height, width, args.steps, 1, None if latents is None else latents.shape)
-    return spec, latents
+    spec.check_request(height, width, args.steps, 1, None if latents is None else latents.shape, parallel.patches)
+    return spec, latents, parallel
+
+
+def emulate_cpu_devices(count: int) -> bool:
+    """Asks XLA for `count` CPU devices unless XLA_FLAGS already says how many; it must run
+    before JAX starts its backend, and it changes nothing on GPU or TPU. True if it set it."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count <= 1 or CPU_DEVICES_FLAG in flags:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_DEVICES_FLAG}={count}".strip()
+    return True
 
 
 class ProgressBar:
@@ -103,28 +118,42 @@ class ProgressBar:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        spec, latents = check_args(args)
+        spec, latents, parallel = check_args(args)
     except (PipelineError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    emulated = emulate_cpu_devices(parallel.devices)
+    if emulated and jax.default_backend() == "cpu":
+        print(f"no accelerator: emulating {parallel.devices} CPU devices "
+              f"(XLA_FLAGS={os.environ['XLA_FLAGS']})", file=sys.stderr)
+    if len(jax.devices()) < parallel.devices:
+        print(f"error: --devices {parallel.devices} but only {len(jax.devices())} "
+              f"{jax.default_backend()} devices are present.", file=sys.stderr)
         return 2
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     height, width = args.height or spec.default_size, args.width or spec.default_size
 
     pipe = load_pipeline(spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir)
-    print(f"generating {width}x{height}, {args.steps} {args.scheduler} steps on {jax.devices()[0].platform} "
-          f"({dtype}); compiling first...", file=sys.stderr)
-    result = pipe.generate(
-        args.prompt, args.negative_prompt, height=height, width=width, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=args.seed,
-        latents=latents, scheduler=args.scheduler, progress=ProgressBar("denoising"),
-    )
+    layout = "1 device" if not parallel.split else (
+        f"{parallel.devices} devices, {parallel.mode.value}" + (", cfg-parallel" if parallel.cfg_parallel else ""))
+    print(f"generating {width}x{height}, {args.steps} {args.scheduler} steps on {jax.default_backend()} "
+          f"({layout}, {dtype}); compiling first...", file=sys.stderr)
+    try:
+        result = pipe.generate(
+            args.prompt, args.negative_prompt, height=height, width=width, num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=args.seed,
+            latents=latents, scheduler=args.scheduler, parallel=parallel, progress=ProgressBar("denoising"),
+        )
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     image = result.images[0]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.round(image * 255).astype(np.uint8)).save(args.output)
     if args.output_array:
         np.save(args.output_array, image.astype(np.float32))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings.update(height=height, width=width, dtype=dtype, backend=jax.default_backend())
+    settings.update(height=height, width=width, dtype=dtype, backend=jax.default_backend(), mode=parallel.mode.value)
     args.output.with_suffix(".json").write_text(json.dumps(
         {"settings": settings, "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}, indent=2))
     print(" ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()), file=sys.stderr)

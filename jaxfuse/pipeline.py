@@ -238,9 +238,9 @@ class PipelineSpec:
             if size <= 0 or size % f:
                 why = (f"VAE factor {self.vae_factor} x UNet factor {self.unet.downsample_factor}"
                        + (f" x {patches} patches" if name == "height" and patches > 1 else ""))
-                lower, upper = max(f, size // f * f), (size // f + 1) * f
+                nearest = " or ".join(str(v) for v in (size // f * f, (size // f + 1) * f) if v > 0)
                 raise PipelineError(f"{name} {size} must be a positive multiple of {f} ({why}); "
-                                    f"nearest valid: {lower} or {upper}.")
+                                    f"nearest valid: {nearest}.")
         if num_steps < 1:
             raise PipelineError(f"steps must be at least 1, got {num_steps}.")
         expected = self.latent_shape(batch, height, width)
@@ -352,9 +352,10 @@ class SDXLPipeline:
         if mesh is not None:
             specs = (P(), ROWS, P(px.CFG) if parallel.cfg_parallel else P(), P(), P(), P())
             loop = jax.shard_map(loop, mesh=mesh, in_specs=specs, out_specs=ROWS)
-            params, x, cond, schedule, *scales = (
-                self._replicated("unet", params, mesh),
-                *(jax.device_put(a, NamedSharding(mesh, spec)) for a, spec in zip((x, cond, schedule, *scales), specs[1:])))
+            inputs = (x, cond, schedule, *scales)
+            x, cond, schedule, *scales = [jax.device_put(a, NamedSharding(mesh, spec))
+                                          for a, spec in zip(inputs, specs[1:])]
+            params = self._replicated("unet", params, mesh)
         x = jax.block_until_ready(self._run(("denoise", sampling), loop, params, x, cond, schedule, *scales))
         timings["denoise"] = time.perf_counter() - start - (self._compile_seconds - compiled_before)
 
