@@ -1,6 +1,7 @@
 """`python -m jaxfuse.generate` end to end on the tiny model, and its errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 from PIL import Image
 from tiny_sdxl import build
 
-from jaxfuse.generate import main
+from jaxfuse.generate import emulate_cpu_devices, main
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,9 @@ def test_existing_output_is_kept(folder, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--height", "40"], "height 40 must be a positive multiple of 16"),
-    (["--mode", "displaced", "--devices", "4"], "patch parallelism is not in this version"),
+    (["--devices", "8", "--height", "96"], "height 96 must be a positive multiple of 128"),
+    (["--devices", "16", "--height", "256"], "--devices 16 but only 8 cpu devices are present"),
+    (["--devices", "4", "--mode", "displaced", "--warmup-steps", "0"], "at least one synchronous warm-up step"),
     (["--latents", "missing.npy"], "no such file"),
 ])
 def test_bad_input_is_one_clear_error(folder, tmp_path, capsys, extra, message):
@@ -74,3 +77,19 @@ def test_unknown_scheduler_is_refused_by_the_command_line():
     result = subprocess.run([sys.executable, "-m", "jaxfuse.generate", "--scheduler", "heun"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "invalid choice: 'heun'" in result.stderr
+
+
+def test_parallel_run_writes_its_settings(folder, tmp_path):
+    out = tmp_path / "patches.png"
+    assert run(folder, tmp_path, "--output", str(out), "--devices", "4", "--warmup-steps", "1",
+               "--height", "128") == 0
+    settings = json.loads(out.with_suffix(".json").read_text())["settings"]
+    assert settings["mode"] == "displaced" and settings["devices"] == 4  # displaced: the default on 4
+
+
+def test_cpu_devices_are_emulated_only_when_not_already_set(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    assert emulate_cpu_devices(4)
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"
+    assert not emulate_cpu_devices(8)  # the user's (or the first) setting stands
+    assert not emulate_cpu_devices(1)

@@ -2,7 +2,6 @@
 the previous step's exchange, and the bytes exchanged are the ones DESIGN.md counts."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal

@@ -11,6 +11,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from tiny_sdxl import build
 
 import jaxfuse
+from jaxfuse.parallel.mesh import ParallelConfig
+from jaxfuse.parallel.patch import GroupNormMode, Mode
 from jaxfuse.pipeline import PipelineError, load_pipeline
 
 HEIGHT, WIDTH = 64, 96  # non-square; latents 8x12
@@ -124,3 +126,52 @@ def test_new_prompt_and_seed_reuse_the_compiled_program(pipe):
     assert second.timings["compile"] == 0.0
     assert steps == [(1, 3), (2, 3), (3, 3)]
     assert pipe.generate("a red square", height=HEIGHT, width=2 * WIDTH, num_inference_steps=3).timings["compile"] > 0
+
+
+TALL = 128  # 16 latent rows: 8 patches of 2, which the tiny UNet halves once
+
+
+@pytest.fixture(scope="module")
+def tall_noise():
+    return np.random.default_rng(5).standard_normal((1, 4, TALL // 8, WIDTH // 8)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tall_single(pipe, tall_noise):
+    return pipe(**PARALLEL_REQUEST, latents=tall_noise)
+
+
+PARALLEL_REQUEST = dict(prompt="a star at the top left", negative_prompt="a green circle", guidance_scale=5.5,
+                        guidance_rescale=0.3, height=TALL, width=WIDTH, num_inference_steps=4)
+
+
+@pytest.mark.parametrize("devices, cfg_parallel", [(2, False), (4, False), (8, False), (2, True), (4, True), (8, True)])
+def test_sync_images_equal_single(pipe, tall_noise, tall_single, devices, cfg_parallel):
+    """The whole pipeline, VAE decode included, split over the mesh; with cfg_parallel the two
+    guidance halves run on two groups of devices/2."""
+    parallel = ParallelConfig(devices, Mode.SYNC, cfg_parallel=cfg_parallel)
+    images = pipe(**PARALLEL_REQUEST, latents=tall_noise, parallel=parallel)
+    assert np.abs(images - tall_single).max() < 1e-4
+
+
+def test_displaced_with_warmup_covering_every_step_equals_single(pipe, tall_noise, tall_single):
+    parallel = ParallelConfig(4, Mode.DISPLACED, warmup_steps=4, gn=GroupNormMode.SYNC)
+    assert np.abs(pipe(**PARALLEL_REQUEST, latents=tall_noise, parallel=parallel) - tall_single).max() < 1e-4
+
+
+@pytest.mark.parametrize("gn", list(GroupNormMode))
+def test_every_group_norm_choice_runs(pipe, tall_noise, tall_single, gn):
+    images = pipe(**PARALLEL_REQUEST, latents=tall_noise, parallel=ParallelConfig(4, Mode.DISPLACED, 1, gn=gn))
+    assert images.shape == tall_single.shape and np.isfinite(images).all()
+    assert np.abs(images - tall_single).max() > 0  # displaced steps do change the result
+
+
+def test_naive_images_differ_from_single(pipe, tall_noise, tall_single):
+    images = pipe(**PARALLEL_REQUEST, latents=tall_noise, parallel=ParallelConfig(4, Mode.NAIVE))
+    assert np.abs(images - tall_single).max() > 1e-2
+
+
+def test_height_the_mesh_cannot_split_lists_valid_heights(pipe):
+    with pytest.raises(PipelineError, match=r"height 96 must be a positive multiple of 128 \(.* x 8 patches\); "
+                                            r"nearest valid: 128"):
+        pipe("a red circle", height=96, width=WIDTH, parallel=ParallelConfig(8, Mode.SYNC))
