@@ -17,7 +17,7 @@ from collections import Counter
 
 DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "s64": 8}
 KINDS = ("collective-permute", "all-gather", "all-reduce")
-_OP = re.compile(r"=\s*(?P<result>\(.*?\)|\S+)\s+(?P<kind>collective-permute|all-gather|all-reduce)(?P<start>-start)?\(")
+_OP = re.compile(r"=\s*(?P<result>\(.*?\)|\S+)\s+(?P<kind>" + "|".join(KINDS) + r")(?P<start>-start)?\(")
 _SHAPE = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
 _GROUPS = re.compile(r"replica_groups=\{\{(?P<first>[\d,]+)\}")
 
