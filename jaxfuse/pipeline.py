@@ -330,40 +330,40 @@ class SDXLPipeline:
         sampling = Sampling(use_guidance, guidance_rescale > 0, parallel)
         mesh = make_mesh(parallel) if parallel.split else None
         self._compile_seconds, self._progress, self._last_step = 0.0, progress, 0
-        timings = {}
+        timings: dict[str, float] = {}
 
-        start = time.perf_counter()
-        cond = self.conditioning(prompts, negative_prompt, use_guidance, (height, width),
-                                 original_size, crops_coords_top_left, target_size)
-        jax.block_until_ready(cond)
-        timings["encode"] = time.perf_counter() - start - self._compile_seconds
-
+        cond = self._timed(timings, "encode", lambda: self.conditioning(
+            prompts, negative_prompt, use_guidance, (height, width), original_size, crops_coords_top_left,
+            target_size))
         schedule = schedulers.make_schedule(kind, self.spec.scheduler, num_inference_steps)
         shape = self.spec.latent_shape(len(prompts), height, width)
         noise = (jnp.asarray(latents, jnp.float32) if latents is not None
                  else jax.random.normal(jax.random.key(seed), shape, jnp.float32))
-        x = noise * schedule.init_noise_sigma
         scales = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
+        x = self._timed(timings, "denoise", lambda: self.denoise(
+            noise * schedule.init_noise_sigma, cond, schedule, scales, sampling, mesh))
+        images = np.asarray(self._timed(timings, "decode", lambda: self.decode(x, mesh)))
+        return Generation(images, {"compile": self._compile_seconds, **timings})
 
-        compiled_before = self._compile_seconds
-        start = time.perf_counter()
+    def _timed(self, timings: dict[str, float], phase: str, work: Callable[[], Any]) -> Any:
+        """`work()`, finished; its seconds less the compiling it caused go to `timings[phase]`."""
+        compiled_before, start = self._compile_seconds, time.perf_counter()
+        result = jax.block_until_ready(work())
+        timings[phase] = time.perf_counter() - start - (self._compile_seconds - compiled_before)
+        return result
+
+    def denoise(self, x, cond: Conditioning, schedule, scales, sampling: Sampling, mesh: Mesh | None) -> jax.Array:
+        """Initial latents [B, 4, h, w] -> denoised latents; on `mesh`, split by rows."""
         loop = functools.partial(denoise, self.unet, sampling=sampling, progress=self._step_done)
         params = self.unet_params
         if mesh is not None:
-            specs = (P(), ROWS, P(px.CFG) if parallel.cfg_parallel else P(), P(), P(), P())
+            specs = (P(), ROWS, P(px.CFG) if sampling.parallel.cfg_parallel else P(), P(), P(), P())
             loop = jax.shard_map(loop, mesh=mesh, in_specs=specs, out_specs=ROWS)
             inputs = (x, cond, schedule, *scales)
             x, cond, schedule, *scales = [jax.device_put(a, NamedSharding(mesh, spec))
                                           for a, spec in zip(inputs, specs[1:])]
             params = self._replicated("unet", params, mesh)
-        x = jax.block_until_ready(self._run(("denoise", sampling), loop, params, x, cond, schedule, *scales))
-        timings["denoise"] = time.perf_counter() - start - (self._compile_seconds - compiled_before)
-
-        compiled_before = self._compile_seconds
-        start = time.perf_counter()
-        images = np.asarray(self.decode(x, mesh))
-        timings["decode"] = time.perf_counter() - start - (self._compile_seconds - compiled_before)
-        return Generation(images, {"compile": self._compile_seconds, **timings})
+        return self._run(("denoise", sampling), loop, params, x, cond, schedule, *scales)
 
     def __call__(self, prompt, negative_prompt=None, **kwargs) -> np.ndarray:
         """The images [B, H, W, 3] float32 in [0, 1]; see `generate` for the arguments."""
