@@ -75,9 +75,11 @@ def pipeline_tables(tmp: Path) -> None:
     for parallel in (ParallelConfig(2, "sync"), ParallelConfig(4, "sync"), ParallelConfig(8, "sync"),
                      ParallelConfig(8, "sync", cfg_parallel=True), ParallelConfig(8, "displaced", warmup_steps=2),
                      ParallelConfig(8, "naive")):
-        label = parallel.mode.value + (", cfg-parallel" if parallel.cfg_parallel else "") + (
-            f", warm-up {parallel.warmup_steps} of 8" if parallel.mode.value == "displaced" else "")
-        print(f"| {parallel.patches} | {label} | {relative(pipe(**request, latents=noise, parallel=parallel), single)} |")
+        label = parallel.mode.value + (", cfg-parallel" if parallel.cfg_parallel else "")
+        if parallel.mode.value == "displaced":
+            label += f", warm-up {parallel.warmup_steps} of 8"
+        images = pipe(**request, latents=noise, parallel=parallel)
+        print(f"| {parallel.patches} | {label} | {relative(images, single)} |")
 
 
 def main() -> int:
