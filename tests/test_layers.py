@@ -85,6 +85,19 @@ def test_attention(cross, tmp_path):
     assert_matches(ours.apply({"params": params}, *args), ref(tokens, encoder_hidden_states=context))
 
 
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_attention_path_equals_dot_product_attention(is_causal, dtype):
+    """The einsum path chosen on CPU against `jax.nn.dot_product_attention`, the path elsewhere."""
+    rng = np.random.default_rng(7)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 12, 4 * 8)), dtype) for _ in range(3))
+    out = layers.attention(q, k, v, 4, is_causal=is_causal)
+    ref = jax.nn.dot_product_attention(*(x.reshape(2, 12, 4, 8) for x in (q, k, v)), is_causal=is_causal)
+    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref.reshape(2, 12, 32), np.float32),
+                               atol=tolerance, rtol=tolerance)
+
+
 def test_group_norm_equals_torch():
     x = torch.randn(2, 32, 6, 5, generator=torch.Generator().manual_seed(5))
     mean, var = layers.group_moments(nhwc(x), 8)

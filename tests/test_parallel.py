@@ -5,13 +5,13 @@ import jax
 import numpy as np
 import pytest
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
-from jax.sharding import PartitionSpec as P
 
 from jaxfuse.config import UNetConfig
 from jaxfuse.models.unet import UNet2DConditionModel
+from jaxfuse.parallel.cost import sharded_step
 from jaxfuse.parallel.hlo import collective_bytes
-from jaxfuse.parallel.mesh import ROWS, ParallelConfig, ParallelError, make_mesh
-from jaxfuse.parallel.patch import PATCH, STALE, GroupNormMode, Mode, Patch
+from jaxfuse.parallel.mesh import ParallelConfig, ParallelError, make_mesh
+from jaxfuse.parallel.patch import GroupNormMode, Mode, Patch
 
 CFG = UNetConfig.tiny()  # 3 levels: a patch's latent rows must halve twice
 B, H, W = 2, 32, 24  # non-square; with 8 patches each holds 4 latent rows
@@ -53,27 +53,17 @@ def mesh_of(n):
     return make_mesh(ParallelConfig(n, Mode.SYNC))
 
 
-def patch_step(unet, patch, inputs, with_stale):
-    """One UNet call on the local rows: (params, sample[, stale]) -> (noise[, new stale])."""
-    rest = {k: v for k, v in inputs.items() if k != "sample"}
-
-    def step(params, sample, stale=None):
-        variables = {"params": params} if stale is None else {"params": params, STALE: stale}
-        mutable = [STALE] if patch.writes_stale else False
-        out = unet.clone(patch=patch).apply(variables, sample, mutable=mutable, **rest)
-        return (out[0], out[1][STALE]) if patch.writes_stale else out
-
-    in_specs = (P(), ROWS, P(PATCH)) if with_stale else (P(), ROWS)
-    out_specs = (ROWS, P(PATCH)) if patch.writes_stale else ROWS
-    return step, in_specs, out_specs
+def sharded(unet, patch, n, inputs, stale=None):
+    """One UNet step on an n-patch mesh (`jaxfuse.parallel.cost.sharded_step`) and its arguments
+    after the parameters; a stale tree travels between calls stacked over PATCH."""
+    conditioning = {k: v for k, v in inputs.items() if k != "sample"}
+    fn = sharded_step(unet, patch, mesh_of(n), conditioning, with_stale=stale is not None)
+    return fn, (inputs["sample"], conditioning) + ((stale,) if stale is not None else ())
 
 
 def run(unet, patch, n, params, inputs, stale=None):
-    """`patch_step` on an n-patch mesh; a stale tree travels between calls stacked over PATCH."""
-    step, in_specs, out_specs = patch_step(unet, patch, inputs, stale is not None)
-    fn = jax.jit(jax.shard_map(step, mesh=mesh_of(n), in_specs=in_specs, out_specs=out_specs))
-    args = (params, inputs["sample"]) + ((stale,) if stale is not None else ())
-    return fn(*args)
+    fn, args = sharded(unet, patch, n, inputs, stale)
+    return jax.jit(fn)(params, *args)
 
 
 def relative(a, b):
@@ -140,10 +130,9 @@ def collectives_reaching(jaxpr, outvars):
 
 def step_jaxpr(unet, patch, params, inputs, stale=None):
     """The per-device jaxpr of one step (the body of its shard_map)."""
-    step, in_specs, out_specs = patch_step(unet, patch, inputs, stale is not None)
-    fn = jax.shard_map(step, mesh=mesh_of(4), in_specs=in_specs, out_specs=out_specs)
-    args = (params, inputs["sample"]) + ((stale,) if stale is not None else ())
-    (outer,) = [e for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns if e.primitive.name == "shard_map"]
+    fn, args = sharded(unet, patch, 4, inputs, stale)
+    jaxpr = jax.make_jaxpr(fn)(params, *args)
+    (outer,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
     return outer.params["jaxpr"]
 
 
@@ -167,10 +156,8 @@ def test_displaced_noise_prediction_waits_on_no_exchange_of_its_step(unet, param
 
 
 def compiled_bytes(unet, patch, n, params, inputs, stale=None):
-    step, in_specs, out_specs = patch_step(unet, patch, inputs, stale is not None)
-    fn = jax.jit(jax.shard_map(step, mesh=mesh_of(n), in_specs=in_specs, out_specs=out_specs))
-    args = (params, inputs["sample"]) + ((stale,) if stale is not None else ())
-    return collective_bytes(fn.lower(*args).compile().as_text())
+    fn, args = sharded(unet, patch, n, inputs, stale)
+    return collective_bytes(jax.jit(fn).lower(params, *args).compile().as_text())
 
 
 @pytest.mark.parametrize("n", [2, 4])

@@ -2,7 +2,8 @@
 
 Per device and per collective, what arrives from other devices:
 
-    collective-permute   the whole result (a neighbour's rows)
+    collective-permute   the whole result (a neighbour's rows); nothing when it has no
+                         source-target pairs (a one-patch mesh)
     all-gather           (N - 1) / N of the result (every patch's part but the own)
     all-reduce           2 (N - 1) / N of the operand (what a ring all-reduce receives)
 
@@ -22,6 +23,7 @@ KINDS = ("collective-permute", "all-gather", "all-reduce")
 _OP = re.compile(r"=\s*(?P<result>\(.*?\)|\S+)\s+(?P<kind>" + "|".join(KINDS) + r")(?P<start>-start)?\(")
 _SHAPE = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
 _GROUPS = re.compile(r"replica_groups=\{\{(?P<first>[\d,]+)\}")
+_NO_PAIRS = "source_target_pairs={}"
 
 
 def _bytes(types: str, asynchronous: bool) -> int:
@@ -47,6 +49,8 @@ def collective_bytes(hlo_text: str) -> Counter:
         if op is None:
             continue
         size, kind = _bytes(op["result"], op["start"] is not None), op["kind"]
+        if kind == "collective-permute" and _NO_PAIRS in line:
+            continue
         groups = _GROUPS.search(line)
         n = len(groups["first"].split(",")) if groups else 1
         if kind == "all-gather":

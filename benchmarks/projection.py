@@ -1,0 +1,149 @@
+"""Projected SDXL latency and speed-up on 2, 4 and 8 accelerators, from measured per-device cost.
+
+    python benchmarks/projection.py --costs benchmarks/parallel_cost.json --plot benchmarks/projection.png
+
+Measured (by benchmarks/parallel_cost.py, from the compiled programs): each device's FLOPs and
+bytes received per UNet step. Stated, not measured here: each accelerator's peak bf16 rate and
+link bandwidth (vendor figures, `ACCELERATORS`), and the fraction of peak a UNet step achieves,
+which is calibrated once on DistriFusion's measured single-A100 latency at 1024² (50 steps in
+5.02 s, REFERENCES.md) and used for every accelerator and size. The model:
+
+    compute = FLOPs / (peak x fraction)          communication = bytes received / link bandwidth
+    sync step = compute + communication           displaced step = max(compute, communication)
+    latency = warm-up x sync step + (steps - warm-up) x displaced step     (UNet steps only)
+
+It leaves out what a real run adds (kernel launches, small-kernel inefficiency at small patches,
+the text encoders and the VAE), so it is an upper bound on the speed-up; DistriFusion's measured
+curve is drawn beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# name -> (peak dense bf16 FLOP/s, bytes/s a device receives over its links), vendor figures.
+ACCELERATORS = {
+    "A100 NVLink3": (312e12, 300e9),  # 600 GB/s NVLink, both directions together
+    "H100 NVLink4": (989e12, 450e9),  # 900 GB/s NVLink, both directions together
+    "TPU v5e": (197e12, 200e9),  # 1,600 Gbps inter-chip interconnect per chip
+    "TPU v5p": (459e12, 600e9),  # 4,800 Gbps inter-chip interconnect per chip
+}
+# DistriFusion on A100s (REFERENCES.md): measured latency in seconds, 50 DDIM steps, by size and N.
+DISTRIFUSION_S = {
+    1024: {1: 5.02, 2: 3.35, 4: 2.26, 8: 1.77},
+    2048: {1: 23.7, 2: 13.3, 4: 7.60, 8: 4.81},
+    3840: {1: 140.0, 2: 76.6, 4: 41.3, 8: 22.9},
+}
+STEPS, WARMUP = 50, 4
+MODES = ("single", "sync", "displaced", "naive")
+
+
+def calibrated_fraction(rows: list[dict]) -> float:
+    """The fraction of the A100's peak that DistriFusion's single-GPU 1024² latency implies
+    for our measured single-device FLOPs."""
+    single = [r for r in rows if r["preset"] == "sdxl-base" and r["size"] == 1024 and r["mode"] == "single"]
+    if not single:
+        raise SystemExit("the costs hold no sdxl-base 1024 single-device row to calibrate on; "
+                         "pass --fraction-of-peak")
+    return single[0]["flops"] * STEPS / DISTRIFUSION_S[1024][1] / ACCELERATORS["A100 NVLink3"][0]
+
+
+def project(rows: list[dict], fraction: float, cfg_parallel: bool) -> list[dict]:
+    """Latency and speed-up of every (accelerator, size, N, mode) the costs allow."""
+    out = []
+    for name, (peak, bandwidth) in ACCELERATORS.items():
+        rate = peak * fraction
+        for size in sorted({r["size"] for r in rows}):
+            at = {(r["devices"], r["mode"]): r for r in rows if r["size"] == size
+                  and r["cfg_parallel"] == (cfg_parallel and r["devices"] > 1)}
+            if (1, "single") not in at:
+                continue
+            single = STEPS * at[1, "single"]["flops"] / rate
+            out.append(dict(accelerator=name, size=size, devices=1, mode="single", compute_ms=single / STEPS * 1e3,
+                            comm_ms=0.0, latency_s=single, speedup=1.0))
+            for (n, mode), r in sorted(at.items(), key=lambda item: (item[0][0], MODES.index(item[0][1]))):
+                if n == 1:
+                    continue
+                compute, comm = r["flops"] / rate, r["received_bytes"] / bandwidth
+                sync_step, overlapped = compute + comm, max(compute, comm)
+                latency = {"sync": STEPS * sync_step, "naive": STEPS * overlapped,
+                           "displaced": WARMUP * sync_step + (STEPS - WARMUP) * overlapped}[mode]
+                out.append(dict(accelerator=name, size=size, devices=n, mode=mode, compute_ms=compute * 1e3,
+                                comm_ms=comm * 1e3, latency_s=latency, speedup=single / latency))
+    return out
+
+
+def table(projected: list[dict]) -> str:
+    lines = ["| accelerator | size | N | mode | compute ms/step | comm ms/step | latency s | speed-up "
+             "| DistriFusion A100, measured |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in projected:
+        if p["mode"] == "naive":
+            continue
+        measured = DISTRIFUSION_S.get(p["size"], {}).get(p["devices"])
+        ref = (f"{measured:.2f} s ({DISTRIFUSION_S[p['size']][1] / measured:.1f}x)"
+               if measured and p["accelerator"].startswith("A100") and p["mode"] in ("single", "displaced") else "")
+        lines.append(f"| {p['accelerator']} | {p['size']}² | {p['devices']} | {p['mode']} | {p['compute_ms']:.1f} "
+                     f"| {p['comm_ms']:.2f} | {p['latency_s']:.2f} | {p['speedup']:.2f}x | {ref} |")
+    return "\n".join(lines)
+
+
+def plot(projected: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({p["size"] for p in projected})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.8), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for (name, mode), style in {("A100 NVLink3", "displaced"): "-o", ("A100 NVLink3", "sync"): "--o",
+                                    ("H100 NVLink4", "displaced"): "-s", ("TPU v5e", "displaced"): "-^",
+                                    ("TPU v5p", "displaced"): "-v"}.items():
+            points = [p for p in projected if p["size"] == size and p["accelerator"] == name
+                      and p["mode"] in (mode, "single")]
+            ax.plot([p["devices"] for p in points], [p["speedup"] for p in points], style, ms=4,
+                    label=f"{name} {mode} (projected)")
+        if size in DISTRIFUSION_S:
+            measured = DISTRIFUSION_S[size]
+            ax.plot(list(measured), [measured[1] / t for t in measured.values()], "k-D", ms=5,
+                    label="DistriFusion A100 (measured)")
+        ax.plot([1, 8], [1, 8], ":", color="grey", label="linear")
+        ax.set(title=f"{size}x{size}", xlabel="devices", ylabel="speed-up vs one device", xticks=[1, 2, 4, 8])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--costs", type=Path, default=Path(__file__).with_name("parallel_cost.json"),
+                   help="rows written by parallel_cost.py --json")
+    p.add_argument("--fraction-of-peak", type=float,
+                   help="achieved fraction of peak FLOP/s (default: calibrated on DistriFusion's single A100)")
+    p.add_argument("--cfg-parallel", action="store_true", help="project the rows with the guidance batch split")
+    p.add_argument("--plot", type=Path, help="write the speed-up curves to this PNG")
+    p.add_argument("--json", type=Path, help="also write the projected rows here")
+    args = p.parse_args()
+    if not args.costs.is_file():
+        raise SystemExit(f"{args.costs} does not exist; run benchmarks/parallel_cost.py --json {args.costs} first")
+    rows = [r for r in json.loads(args.costs.read_text()) if r["dtype"] == "bfloat16"]
+    fraction = args.fraction_of_peak or calibrated_fraction(rows)
+    projected = project(rows, fraction, args.cfg_parallel)
+    print(f"{STEPS} steps, warm-up {WARMUP}, achieved {fraction:.1%} of peak FLOP/s, "
+          f"{'guidance batch split over two groups' if args.cfg_parallel else 'no guidance split'}\n")
+    print(table(projected))
+    if args.plot:
+        plot(projected, args.plot, f"SDXL UNet, {STEPS} steps: projected from measured FLOPs and bytes\n"
+             f"({fraction:.0%} of peak FLOP/s)")
+    if args.json:
+        args.json.write_text(json.dumps(projected, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
