@@ -100,9 +100,10 @@ def test_cpu_attention_path_equals_dot_product_attention(is_causal, dtype):
 
 def test_group_norm_equals_torch():
     x = torch.randn(2, 32, 6, 5, generator=torch.Generator().manual_seed(5))
+    scale, bias = (torch.randn(32, generator=torch.Generator().manual_seed(s)) for s in (6, 7))
     mean, var = layers.group_moments(nhwc(x), 8)
-    out = layers.normalize_groups(nhwc(x), mean, var, 1e-5)
-    assert_matches(out, torch.nn.functional.group_norm(x, 8, eps=1e-5).permute(0, 2, 3, 1))
+    out = layers.normalize_groups(nhwc(x), mean, var, 1e-5, jnp.asarray(scale.numpy()), jnp.asarray(bias.numpy()))
+    assert_matches(out, torch.nn.functional.group_norm(x, 8, scale, bias, eps=1e-5).permute(0, 2, 3, 1))
 
 
 def test_group_moments_keep_precision_far_from_zero():

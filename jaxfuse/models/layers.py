@@ -44,22 +44,34 @@ def group_moments(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
     """[B, H, W, C] -> mean, variance [B, G] over each group's pixels and channels, in float32.
 
     The variance is the mean of squared deviations from the mean (two passes), not
-    E[x²] - E[x]², which cancels catastrophically when the mean is large.
+    E[x²] - E[x]², which cancels catastrophically when the mean is large. Both passes reduce
+    over the pixels first, with the channels contiguous, then over the channels of a group:
+    2-4x faster on CPU than one reduction over the grouped axes (benchmarks/RESULTS.md).
     """
     b, h, w, c = x.shape
-    xg = x.reshape(b, h * w, num_groups, c // num_groups).astype(jnp.float32)
-    mean = xg.mean(axis=(1, 3))
-    var = jnp.square(xg - mean[:, None, :, None]).mean(axis=(1, 3))
+    x = x.reshape(b, h * w, c).astype(jnp.float32)
+
+    def per_group(channel_means: jax.Array) -> jax.Array:  # [B, C] -> [B, G]
+        return channel_means.reshape(b, num_groups, c // num_groups).mean(axis=-1)
+
+    mean = per_group(x.mean(axis=1))
+    var = per_group(jnp.square(x - per_channel(mean, c)[:, None, :]).mean(axis=1))
     return mean, var
 
 
-def normalize_groups(x: jax.Array, mean: jax.Array, var: jax.Array, eps: float) -> jax.Array:
-    """[B, H, W, C] with per-group [B, G] statistics -> normalised [B, H, W, C] float32."""
-    b, h, w, c = x.shape
-    g = mean.shape[-1]
-    xg = x.reshape(b, h, w, g, c // g).astype(jnp.float32)
-    xg = (xg - mean[:, None, None, :, None]) * lax.rsqrt(var + eps)[:, None, None, :, None]
-    return xg.reshape(b, h, w, c)
+def per_channel(group_values: jax.Array, channels: int) -> jax.Array:
+    """[B, G] -> [B, C]: each group's value repeated for its channels."""
+    return jnp.repeat(group_values, channels // group_values.shape[-1], axis=-1)
+
+
+def normalize_groups(x: jax.Array, mean: jax.Array, var: jax.Array, eps: float, scale: jax.Array,
+                     bias: jax.Array) -> jax.Array:
+    """[B, H, W, C] with per-group [B, G] statistics and per-channel [C] scale and bias ->
+    (x - mean) / sqrt(var + eps) * scale + bias in float32, with per-channel [B, C] factors."""
+    c = x.shape[-1]
+    gain = per_channel(lax.rsqrt(var + eps), c) * scale.astype(jnp.float32)
+    centred = x.astype(jnp.float32) - per_channel(mean, c)[:, None, None, :]
+    return centred * gain[:, None, None, :] + bias.astype(jnp.float32)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, is_causal: bool = False) -> jax.Array:
@@ -161,7 +173,7 @@ class GroupNorm(nn.Module):
         mean, var = group_moments(x, self.num_groups)
         if self.patch.split:
             mean, var = self.image_moments(mean, var)
-        y = normalize_groups(x, mean, var, self.epsilon) * scale + bias
+        y = normalize_groups(x, mean, var, self.epsilon, scale, bias)
         return y.astype(self.dtype)
 
     def image_moments(self, mean: jax.Array, var: jax.Array) -> tuple[jax.Array, jax.Array]:
