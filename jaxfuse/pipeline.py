@@ -35,6 +35,7 @@ from checkpoints_conversion.convert_diffusers import CONFIG_NAME, PARAMS_DIR, sa
 from jaxfuse import schedulers
 from jaxfuse.config import UNetConfig, VAEConfig
 from jaxfuse.models.clip import load_text_encoder
+from jaxfuse.models.layers import apply_patched
 from jaxfuse.models.unet import load_unet
 from jaxfuse.models.vae import AutoencoderKL, load_vae
 from jaxfuse.parallel import patch as px
@@ -129,11 +130,8 @@ def denoise(unet, params, latents, cond: Conditioning, schedule, guidance_scale,
         model_input = schedulers.scale_model_input(schedule, x, i)
         if sampling.use_guidance and not cfg_parallel:
             model_input = jnp.concatenate([model_input, model_input])
-        variables = {"params": params} if stale is None else {"params": params, px.STALE: stale}
-        out = unet.clone(patch=patch).apply(
-            variables, model_input, schedule.timesteps[i], cond.context, text_embeds=cond.text_embeds,
-            time_ids=cond.time_ids, mutable=[px.STALE] if patch.writes_stale else False)
-        noise, stale = (out[0], out[1][px.STALE]) if patch.writes_stale else (out, stale)
+        noise, stale = apply_patched(unet, patch, params, stale, model_input, schedule.timesteps[i], cond.context,
+                                     text_embeds=cond.text_embeds, time_ids=cond.time_ids)
         if cfg_parallel:
             noise = px.join_guidance_halves(noise)
         if sampling.use_guidance:

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.extend.core import ClosedJaxpr, Jaxpr
+from test_parallel import sub_jaxprs
 
 from jaxfuse.config import UNetConfig
 from jaxfuse.parallel.cost import build_step, compile_step, step_cost
@@ -39,13 +39,6 @@ def test_collective_bytes_by_kind():
     assert got["collective-permute"] == 2 * 16 * 8 * 4
     assert got["all-reduce"] == 2 * 10 * 4 * 1 // 2
     assert set(got) == {"all-gather", "collective-permute", "all-reduce"}
-
-
-def sub_jaxprs(eqn):
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, (ClosedJaxpr, Jaxpr)):
-                yield item.jaxpr if isinstance(item, ClosedJaxpr) else item
 
 
 def contraction_flops(jaxpr) -> int:

@@ -111,6 +111,16 @@ def exchanged(module: nn.Module, name: str, patch: Patch, exchange: Callable[[],
     return used
 
 
+def apply_patched(module: nn.Module, patch: Patch, params: Any, stale: Any, *args, **kwargs) -> tuple[Any, Any]:
+    """`module.apply` as one step under `patch`: (output, the stale context for the next step),
+    which is this step's exchanges when it writes them and `stale` as given otherwise."""
+    variables = {"params": params} if stale is None else {"params": params, px.STALE: stale}
+    if not patch.writes_stale:
+        return module.clone(patch=patch).apply(variables, *args, **kwargs), stale
+    out, written = module.clone(patch=patch).apply(variables, *args, mutable=[px.STALE], **kwargs)
+    return out, written[px.STALE]
+
+
 def upsample_nearest(x: jax.Array) -> jax.Array:
     """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated (PyTorch's `interpolate(nearest)`)."""
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)

@@ -26,10 +26,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxfuse.config import UNetConfig
+from jaxfuse.models.layers import apply_patched
 from jaxfuse.models.unet import UNet2DConditionModel, abstract_params
 from jaxfuse.parallel.hlo import collective_bytes
 from jaxfuse.parallel.mesh import ROWS, ParallelConfig, make_mesh
-from jaxfuse.parallel.patch import CFG, PATCH, STALE, Mode, Patch, join_guidance_halves
+from jaxfuse.parallel.patch import CFG, PATCH, Mode, Patch, join_guidance_halves
 
 
 def unet_step(unet: UNet2DConditionModel, patch: Patch, cfg_parallel: bool = False) -> Callable:
@@ -38,13 +39,10 @@ def unet_step(unet: UNet2DConditionModel, patch: Patch, cfg_parallel: bool = Fal
     two halves' predictions are joined."""
 
     def step(params, sample, conditioning, stale=None):
-        variables = {"params": params} if stale is None else {"params": params, STALE: stale}
-        out = unet.clone(patch=patch).apply(variables, sample, mutable=[STALE] if patch.writes_stale else False,
-                                            **conditioning)
-        noise, new_stale = (out[0], out[1][STALE]) if patch.writes_stale else (out, None)
+        noise, new_stale = apply_patched(unet, patch, params, stale, sample, **conditioning)
         if cfg_parallel:
             noise = join_guidance_halves(noise)
-        return noise if new_stale is None else (noise, new_stale)
+        return (noise, new_stale) if patch.writes_stale else noise
 
     return step
 
