@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -107,6 +108,28 @@ def flax_axes(ndim: int, leaf: str) -> tuple[int, ...]:
     if leaf == "kernel" and ndim == 2:
         return (1, 0)  # linear [O, I] -> [I, O]
     return tuple(range(ndim))
+
+
+# Module names that end in `_<digits>` in diffusers itself rather than by the `.N` renaming.
+UNDERSCORE_NAMES = ("linear_1", "linear_2")
+
+
+def checkpoint_name(path: tuple[str, ...]) -> str:
+    """The inverse of `flax_path` for a parameter: (`down_blocks_0`, `resnets_1`, `conv1`,
+    `kernel`) -> `down_blocks.0.resnets.1.conv1.weight`."""
+    *module, leaf = path
+    parts = [part if part in UNDERSCORE_NAMES else re.sub(r"_(\d+)$", r".\1", part) for part in module]
+    return ".".join([*parts, "weight" if leaf in WEIGHT_LEAVES else leaf])
+
+
+def export_checkpoint(params: Any) -> dict[str, np.ndarray]:
+    """A Flax parameter tree -> {checkpoint name: tensor in PyTorch's layout}, the inverse of
+    `convert_checkpoint` (as numpy arrays, in the parameters' dtype)."""
+    tensors = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value)
+        tensors[checkpoint_name(path)] = value.transpose(np.argsort(flax_axes(value.ndim, path[-1])))
+    return tensors
 
 
 def match_checkpoint(shapes: Mapping[str, tuple[int, ...]], abstract: Any, buffers: tuple[str, ...] = (),

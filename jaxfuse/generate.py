@@ -1,11 +1,13 @@
 """`python -m jaxfuse.generate`: one SDXL image from the command line.
 
+    python -m jaxfuse.generate                  # the built-in demo model, its default prompt
     python -m jaxfuse.generate --model path/to/stable-diffusion-xl-base-1.0 \\
         --prompt "a lighthouse at dusk" --height 1024 --width 1024 --output lighthouse.png
 
 Writes the PNG, a JSON file of the settings and timings beside it, and with `--output-array`
 the decoded image as float32 [H, W, 3] in [0, 1]. Every input is checked before the model is
-loaded; an existing output file is kept unless `--overwrite` is given.
+loaded; an existing output file is kept unless `--overwrite` is given. Without `--devices` the
+image is spread over every device present, on a CPU over an emulated mesh of 4.
 """
 
 from __future__ import annotations
@@ -23,18 +25,23 @@ import numpy as np
 from PIL import Image
 
 from jaxfuse import schedulers
+from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.parallel.mesh import CPU_DEVICES_FLAG, ParallelConfig
 from jaxfuse.parallel.patch import GroupNormMode, Mode
 from jaxfuse.pipeline import PipelineError, PipelineSpec, load_pipeline
 
-DEFAULT_PROMPT = "a photograph of a lighthouse on a cliff at dusk"
+# Emulated CPU devices when --devices is not given: enough to show patch parallelism, few enough
+# to keep a 2-core machine responsive.
+DEFAULT_CPU_DEVICES = 4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxfuse.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", type=Path, help="a diffusers SDXL pipeline folder, or one converted by jaxfuse")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--model", type=Path, default=DEMO_MODEL,
+                   help="a diffusers SDXL pipeline folder, or one converted by jaxfuse (default: the built-in "
+                        "demo model, 128x128 scenes of coloured shapes)")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
@@ -51,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--cache-dir", type=Path, help="where converted weights are kept (default: ~/.cache/jaxfuse)")
     parallel = p.add_argument_group("patch parallelism")
-    parallel.add_argument("--devices", type=int, default=1, help="devices to split the image over")
+    parallel.add_argument("--devices", type=int, default=None,
+                          help="devices to split the image over (default: every device present, or the most "
+                               f"the image's rows divide among; on a CPU, {DEFAULT_CPU_DEVICES} emulated ones)")
     parallel.add_argument("--mode", choices=[m.value for m in Mode], default=None,
                           help="single, or how patches see each other: sync (exact), displaced (DistriFusion: "
                                "previous step's context, communication overlapped), naive (none) "
@@ -64,13 +73,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> tuple[PipelineSpec, np.ndarray | None, ParallelConfig]:
-    """Everything that can be checked without loading weights; raises `PipelineError`."""
-    if args.model is None:
-        raise PipelineError("pass --model PATH: a diffusers SDXL pipeline folder (e.g. a local copy of "
-                            "stabilityai/stable-diffusion-xl-base-1.0).")
-    mode = args.mode or ("single" if args.devices == 1 else "displaced")
-    parallel = ParallelConfig(args.devices, mode, args.warmup_steps, args.cfg_parallel, args.gn)
+def parallel_config(args: argparse.Namespace, devices: int) -> ParallelConfig:
+    mode = args.mode or ("single" if devices == 1 else "displaced")
+    return ParallelConfig(devices, mode, args.warmup_steps, args.cfg_parallel, args.gn)
+
+
+def check_args(args: argparse.Namespace) -> tuple[PipelineSpec, np.ndarray | None, ParallelConfig | None]:
+    """Everything that can be checked without loading weights; raises `PipelineError`. The
+    parallel layout is None when `--devices` is not given: it then depends on the devices present
+    (`default_parallel`)."""
+    parallel = None if args.devices is None else parallel_config(args, args.devices)
     if args.output.suffix.lower() != ".png":
         raise PipelineError(f"--output {args.output} must end in .png.")
     outputs = [args.output, args.output.with_suffix(".json")] + ([args.output_array] if args.output_array else [])
@@ -84,8 +96,25 @@ def check_args(args: argparse.Namespace) -> tuple[PipelineSpec, np.ndarray | Non
             raise PipelineError(f"--latents {args.latents}: no such file.")
         latents = np.load(args.latents, allow_pickle=False)
     height, width = args.height or spec.default_size, args.width or spec.default_size
-    spec.check_request(height, width, args.steps, 1, None if latents is None else latents.shape, parallel.patches)
+    spec.check_request(height, width, args.steps, 1, None if latents is None else latents.shape,
+                       parallel.patches if parallel else 1)
     return spec, latents, parallel
+
+
+def default_parallel(args: argparse.Namespace, spec: PipelineSpec, height: int, width: int) -> ParallelConfig:
+    """The layout without `--devices`: every device present (DEFAULT_CPU_DEVICES on a CPU), or
+    the most among which the image's rows divide; one device when `--mode single`."""
+    present = len(jax.devices())
+    wanted = 1 if args.mode == "single" else min(present, DEFAULT_CPU_DEVICES if jax.default_backend() == "cpu"
+                                                 else present)
+    for devices in range(wanted, 0, -1):
+        try:
+            parallel = parallel_config(args, devices)
+            spec.check_request(height, width, args.steps, 1, None, parallel.patches)
+            return parallel
+        except ValueError:
+            continue
+    raise PipelineError(f"no device count up to {wanted} fits a {width}x{height} image.")
 
 
 def emulate_cpu_devices(count: int) -> bool:
@@ -122,16 +151,21 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    emulated = emulate_cpu_devices(parallel.devices)
+    emulated = emulate_cpu_devices(args.devices or DEFAULT_CPU_DEVICES)
     if emulated and jax.default_backend() == "cpu":
-        print(f"no accelerator: emulating {parallel.devices} CPU devices "
+        print(f"no accelerator: emulating {args.devices or DEFAULT_CPU_DEVICES} CPU devices "
               f"(XLA_FLAGS={os.environ['XLA_FLAGS']})", file=sys.stderr)
+    height, width = args.height or spec.default_size, args.width or spec.default_size
+    try:
+        parallel = parallel or default_parallel(args, spec, height, width)
+    except (PipelineError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if len(jax.devices()) < parallel.devices:
         print(f"error: --devices {parallel.devices} but only {len(jax.devices())} "
               f"{jax.default_backend()} devices are present.", file=sys.stderr)
         return 2
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    height, width = args.height or spec.default_size, args.width or spec.default_size
 
     pipe = load_pipeline(spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir)
     layout = "1 device" if not parallel.split else (
@@ -153,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_array:
         np.save(args.output_array, image.astype(np.float32))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings.update(height=height, width=width, dtype=dtype, backend=jax.default_backend(), mode=parallel.mode.value)
+    settings.update(height=height, width=width, devices=parallel.devices, dtype=dtype,
+                    backend=jax.default_backend(), mode=parallel.mode.value)
     args.output.with_suffix(".json").write_text(json.dumps(
         {"settings": settings, "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}, indent=2))
     print(" ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()), file=sys.stderr)

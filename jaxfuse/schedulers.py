@@ -182,7 +182,7 @@ class SchedulerState:
 # Host side: numpy, float64 except where diffusers rounds to float32 (noted).
 
 
-def _alphas_cumprod(cfg: SchedulerConfig) -> np.ndarray:
+def train_alphas_cumprod(cfg: SchedulerConfig) -> np.ndarray:
     """[T] float32 cumulative products of 1 - beta, rounded as diffusers (PyTorch on CPU) does:
     betas in float32, the product accumulated in float64."""
     t = cfg.num_train_timesteps
@@ -266,7 +266,7 @@ def _schedule(kind: SchedulerKind, timesteps: np.ndarray, x0_coefficients, next_
 
 def _euler(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing, karras: bool) -> Schedule:
     """Euler steps on x = x0 + sigma noise; the UNet sees alpha x (the sample it was trained on)."""
-    alphas_cumprod = _alphas_cumprod(cfg)
+    alphas_cumprod = train_alphas_cumprod(cfg)
     train_sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)  # float32, as diffusers
     t = cfg.num_train_timesteps
     timesteps = _spaced_timesteps(spacing, n, t, cfg.steps_offset).astype(np.float32)
@@ -294,7 +294,7 @@ def _euler(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing, karras: bool)
 def _ddim(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing) -> Schedule:
     """DDIM (eta = 0) from each timestep t to t - T // n: diffusers' target even where that is not
     the next scheduled timestep ("linspace", "trailing")."""
-    alphas_cumprod = _alphas_cumprod(cfg).astype(np.float64)
+    alphas_cumprod = train_alphas_cumprod(cfg).astype(np.float64)
     t = cfg.num_train_timesteps
     timesteps = np.round(_spaced_timesteps(spacing, n, t, cfg.steps_offset)).astype(np.int64)
     targets = timesteps - t // n
@@ -312,7 +312,7 @@ def _ddim(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing) -> Schedule:
 def _dpmpp_2m(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing, karras: bool) -> Schedule:
     """DPM-Solver++(2M) with the midpoint rule: the first-order update plus a correction from the
     change of x0 between steps, weighted by the ratio of the steps' log-SNR increments."""
-    alphas_cumprod = _alphas_cumprod(cfg)
+    alphas_cumprod = train_alphas_cumprod(cfg)
     train_sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)  # float32, as diffusers
     t = cfg.num_train_timesteps
     if karras:  # between the extreme training sigmas, unlike Euler's

@@ -13,7 +13,7 @@ from reference import BASE_LIKE, SDXL_BASE_CONFIG, SDXL_REFINER_CONFIG, random_u
 from safetensors.numpy import load_file, save_file
 
 import jaxfuse
-from checkpoints_conversion.convert_diffusers import ConversionError, main, match_checkpoint
+from checkpoints_conversion.convert_diffusers import ConversionError, export_checkpoint, main, match_checkpoint
 from jaxfuse.config import UNetConfig
 from jaxfuse.models.unet import abstract_params
 
@@ -139,3 +139,12 @@ def test_runtime_imports_neither_torch_nor_diffusers():
             "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_export_is_the_inverse_of_conversion(model, params):
+    """Exporting the converted tree gives back diffusers' own names, layouts and values."""
+    exported = export_checkpoint(params)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert sorted(exported) == sorted(state)
+    for name, tensor in state.items():
+        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)

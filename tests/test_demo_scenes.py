@@ -171,3 +171,12 @@ def test_accuracy_is_the_fraction_of_caption_objects_found():
     assert detect.prompt_accuracy("a blue square at the top and a red star on the left", image) == 0.5
     # One detection matches one caption object.
     assert detect.prompt_accuracy("a blue square at the top and a blue square at the top", image) == 0.5
+
+
+def test_accuracy_without_shape_counts_colour_and_cell():
+    background = scenes.Background((90, 90, 90), (90, 90, 90), vertical=True)
+    scene = Scene((SceneObject("red", "circle", "bottom left"),), (Placement(0.0, 0.0, 0.1),), background)
+    image = scenes.render(scene, 128)
+    assert detect.prompt_accuracy("a red star at the bottom left", image) == 0.0
+    assert detect.prompt_accuracy("a red star at the bottom left", image, with_shape=False) == 1.0
+    assert detect.prompt_accuracy("a blue circle at the bottom left", image, with_shape=False) == 0.0

@@ -6,50 +6,23 @@ SDXL's micro-conditioning and a 4-level VAE (factor 8, as in SDXL)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from reference import perturbed, random_unet
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-SDXL_SCHEDULER = {
-    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
-}
+from jaxfuse.demo import architecture
+from jaxfuse.demo.architecture import SDXL_SCHEDULER
+
 WORDS = ("red", "blue", "green", "circle", "square", "triangle", "star", "top", "left", "bottom")
 TEXT_WIDTHS = (32, 48)  # hidden sizes of the two encoders; the UNet context is their sum
 POOLED = 24  # projection_dim of the second encoder
 
 
-def byte_symbols() -> list[str]:
-    """The 256 printable stand-ins for bytes that byte-level BPE (GPT-2, CLIP) works on."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-
-
 def write_tokenizer(folder: Path, pad_token: str) -> CLIPTokenizer:
     """A CLIP tokenizer whose merges spell `WORDS`: every other word falls back to bytes."""
-    symbols = byte_symbols()
-    vocab = symbols + [s + "</w>" for s in symbols]
-    merges = []
-    for word in WORDS:
-        parts = [*word[:-1], word[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1], *parts[2:]]
-            vocab.append(parts[0])
-    vocab = list(dict.fromkeys(vocab + ["<|startoftext|>", "<|endoftext|>"]))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "pad_token": pad_token}))
+    architecture.write_tokenizer(folder, WORDS, pad_token)
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 

@@ -183,10 +183,15 @@ def detect(image: np.ndarray) -> list[SceneObject]:
     return objects
 
 
-def prompt_accuracy(caption: str, image: np.ndarray) -> float:
+def prompt_accuracy(caption: str, image: np.ndarray, with_shape: bool = True) -> float:
     """The fraction of the caption's objects found in the image with the same colour, shape and
-    position; each detected object matches at most one of the caption's (a multiset
-    intersection). Recall only: objects the caption does not name cost nothing."""
-    named = collections.Counter(parse_caption(caption))
-    found = collections.Counter(detect(image))
+    position (colour and position only unless `with_shape`); each detected object matches at
+    most one of the caption's (a multiset intersection). Recall only: objects the caption does
+    not name cost nothing."""
+
+    def key(obj: SceneObject) -> tuple[str, ...]:
+        return (obj.colour, obj.shape, obj.position) if with_shape else (obj.colour, obj.position)
+
+    named = collections.Counter(map(key, parse_caption(caption)))
+    found = collections.Counter(map(key, detect(image)))
     return sum((named & found).values()) / sum(named.values())

@@ -1,0 +1,84 @@
+"""The shipped demo model: it loads by SDXL's path, equals diffusers on its own weights and is
+what `python -m jaxfuse.generate` runs with no arguments; and the training script that made it
+runs end to end. How well it follows its prompts is measured by benchmarks/quality.py."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
+from jaxfuse.demo.architecture import IMAGE_SIZE, demo_architecture
+from jaxfuse.demo.train import TrainConfig, train
+from jaxfuse.generate import main
+from jaxfuse.parallel.mesh import ParallelConfig
+from jaxfuse.pipeline import PipelineSpec, load_pipeline
+
+MB = 2**20
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return load_pipeline(DEMO_MODEL, cache_dir=tmp_path_factory.mktemp("cache"), log=lambda _: None)
+
+
+def test_shipped_model_is_small_and_an_sdxl_pipeline_folder():
+    size = sum(p.stat().st_size for p in DEMO_MODEL.rglob("*") if p.is_file())
+    assert size <= 30 * MB
+    spec = PipelineSpec.read(DEMO_MODEL)
+    arch = demo_architecture(spec.vae.scaling_factor)
+    assert (spec.unet, spec.vae) == (arch.unet, arch.vae)
+    assert spec.default_size == IMAGE_SIZE and spec.unet.addition_embed_type == "text_time"
+    assert spec.vae_factor == 8 and spec.vae.latent_channels == 4
+
+
+def test_shipped_model_generates_a_finite_image_quickly(pipe):
+    result = pipe.generate(DEMO_PROMPT, num_inference_steps=4, parallel=ParallelConfig(4, "displaced", 1))
+    image = result.images[0]
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(image).all()
+    assert image.std() > 0.05  # a picture, not a flat field
+    assert result.timings["denoise"] < 30
+
+
+def test_shipped_model_equals_diffusers(pipe):
+    """The exported folder is a diffusers pipeline: loaded by diffusers, with the same noise, it
+    makes the same image as jaxfuse (tokenizers, both encoders, UNet, scheduler and VAE)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    reference = StableDiffusionXLPipeline.from_pretrained(DEMO_MODEL, torch_dtype=torch.float32)
+    noise = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    kwargs = dict(prompt=DEMO_PROMPT, num_inference_steps=6, guidance_scale=5.0)
+    ours = pipe(**kwargs, latents=noise)
+    ref = reference(**kwargs, latents=torch.from_numpy(noise), output_type="np").images
+    assert np.abs(ours - ref).max() < 2e-3
+
+
+def test_generate_without_arguments_uses_the_demo_model_on_4_emulated_devices(tmp_path):
+    out = tmp_path / "jaxfuse.png"
+    assert main(["--output", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    settings = json.loads(out.with_suffix(".json").read_text())["settings"]
+    assert (settings["devices"], settings["mode"], settings["height"]) == (4, "displaced", IMAGE_SIZE)
+    assert settings["prompt"] == DEMO_PROMPT
+    image = np.asarray(Image.open(out))
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.std() > 10
+
+
+@pytest.mark.slow
+def test_training_runs_resumes_and_exports_a_loadable_model(tmp_path):
+    """A few steps of every stage; a second run with more steps resumes from the checkpoints."""
+    cfg = TrainConfig(vae_steps=2, vae_batch=2, decoder_steps=2, dataset_size=256, unet_steps=2, unet_batch=4,
+                      log_every=1, checkpoint_every=1)
+    train(cfg, tmp_path / "work", None, log=lambda _: None)
+    lines = []
+    longer = TrainConfig(**{**cfg.__dict__, "unet_steps": 3})
+    train(longer, tmp_path / "work", tmp_path / "model", log=lines.append)
+    assert "unet: resuming at step 2" in lines
+    assert not any(line.startswith(("vae step", "decoder step")) for line in lines)
+    assert any(line.startswith("unet step 3/3") for line in lines)
+    pipe = load_pipeline(tmp_path / "model", cache_dir=tmp_path / "cache", log=lambda _: None)
+    image = pipe("a red circle in the centre", num_inference_steps=2)[0]
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(image).all()
+    assert jax.tree.leaves(pipe.unet_params)[0].dtype == np.float32
