@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in settings(args.devices, args.warmups):
         if key(row) in known:
             continue
-        parallel = ParallelConfig(row["devices"], row["mode"], max(row["warmup"], 1) if row["mode"] == "displaced"
-                                  else 4, gn=row["gn"])
+        parallel = ParallelConfig(row["devices"], row["mode"], row["warmup"], gn=row["gn"])
         images, seconds = generate(parallel)
         values = psnr(images, single)
         row = dict(row, **identity, **accuracy(captions, images), psnr=float(values.mean()),

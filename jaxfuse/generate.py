@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    emulated = emulate_cpu_devices(args.devices or DEFAULT_CPU_DEVICES)
-    if emulated and jax.default_backend() == "cpu":
-        print(f"no accelerator: emulating {args.devices or DEFAULT_CPU_DEVICES} CPU devices "
+    cpu_devices = args.devices or DEFAULT_CPU_DEVICES
+    if emulate_cpu_devices(cpu_devices) and jax.default_backend() == "cpu":
+        print(f"no accelerator: emulating {cpu_devices} CPU devices "
               f"(XLA_FLAGS={os.environ['XLA_FLAGS']})", file=sys.stderr)
     height, width = args.height or spec.default_size, args.width or spec.default_size
     try:

@@ -67,13 +67,11 @@ def tokenizer_files(words: tuple[str, ...], pad_token: str) -> dict[str, str]:
     }
 
 
-def write_tokenizer(folder: Path, words: tuple[str, ...], pad_token: str) -> int:
-    """Writes `tokenizer_files` into `folder`; returns the vocabulary size."""
+def write_tokenizer(folder: Path, words: tuple[str, ...], pad_token: str) -> None:
+    """Writes `tokenizer_files` into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = tokenizer_files(words, pad_token)
-    for name, text in files.items():
+    for name, text in tokenizer_files(words, pad_token).items():
         (folder / name).write_text(text)
-    return len(json.loads(files["vocab.json"]))
 
 
 # SDXL pads its first tokenizer with the end token and its second with "!".
@@ -88,10 +86,6 @@ class DemoArchitecture:
     vae: VAEConfig
     text_encoders: tuple[TextEncoderConfig, TextEncoderConfig]
     unet: UNetConfig
-
-    @property
-    def context_width(self) -> int:
-        return sum(e.hidden_size for e in self.text_encoders)
 
 
 def demo_architecture(scaling_factor: float = 1.0) -> DemoArchitecture:

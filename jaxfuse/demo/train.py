@@ -127,7 +127,7 @@ def scene_batch(seed: int, count: int) -> tuple[np.ndarray, list[str]]:
     return np.transpose(images, (0, 3, 1, 2)).astype(np.float32) / 127.5 - 1, captions
 
 
-# --- stage 1: the VAE --------------------------------------------------------------------------
+# --- stages 1 and 2: the VAE, then its decoder alone ------------------------------------------
 
 def reconstruction_loss(images: jax.Array, recon: jax.Array, cfg: TrainConfig) -> jax.Array:
     """L1 + L2 of NCHW images in [-1, 1]. Objects cover about a tenth of the image: weighting their
@@ -204,7 +204,7 @@ def train_decoder(arch: DemoArchitecture, vae_params, cfg: TrainConfig, workdir:
     return {**state, "params": {**frozen, **state["params"]}}
 
 
-# --- stage 2: the encoded data set -------------------------------------------------------------
+# --- stage 3: the encoded data set -------------------------------------------------------------
 
 def tokenizers(workdir: Path) -> list[CLIPTokenizer]:
     out = []
@@ -215,7 +215,8 @@ def tokenizers(workdir: Path) -> list[CLIPTokenizer]:
 
 
 def encode_dataset(arch: DemoArchitecture, vae_params, cfg: TrainConfig, workdir: Path, log) -> dict:
-    """{latents [N, 4, 32, 32] float32 (unscaled means), ids_1, ids_2 [N, 77] int32, scaling_factor}."""
+    """{latents [N, 4, h, w] float32 (unscaled means), ids_1, ids_2 [N, 77] int32, scaling_factor,
+    seconds}; N is `dataset_size` rounded down to whole chunks of 256."""
     path = workdir / "dataset.npz"
     if path.is_file():
         return dict(np.load(path))
@@ -239,7 +240,7 @@ def encode_dataset(arch: DemoArchitecture, vae_params, cfg: TrainConfig, workdir
     return data
 
 
-# --- stage 3: the text encoders and the UNet ---------------------------------------------------
+# --- stage 4: the text encoders and the UNet ---------------------------------------------------
 
 def text_conditioning(arch: DemoArchitecture, params, ids_1, ids_2):
     """Token ids -> (context [B, 77, 128], pooled [B, 64]) as the pipeline computes them."""
