@@ -8,6 +8,14 @@ Writes the PNG, a JSON file of the settings and timings beside it, and with `--o
 the decoded image as float32 [H, W, 3] in [0, 1]. Every input is checked before the model is
 loaded; an existing output file is kept unless `--overwrite` is given. Without `--devices` the
 image is spread over every device present, on a CPU over an emulated mesh of 4.
+
+On several hosts, start the same command on each with its place in the run:
+
+    python -m jaxfuse.generate ... --coordinator-address 10.0.0.1:8476 --num-processes 2 --process-id 0
+    python -m jaxfuse.generate ... --coordinator-address 10.0.0.1:8476 --num-processes 2 --process-id 1
+
+The mesh then spans every process's devices and process 0 writes the files. In a cluster that JAX
+recognises by itself (a TPU pod slice, SLURM) the three flags can be left out.
 """
 
 from __future__ import annotations
@@ -26,7 +34,14 @@ from PIL import Image
 
 from jaxfuse import schedulers
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
-from jaxfuse.parallel.mesh import CPU_DEVICES_FLAG, ParallelConfig
+from jaxfuse.parallel.mesh import (
+    CPU_DEVICES_FLAG,
+    ParallelConfig,
+    ParallelError,
+    ProcessLayout,
+    initialize_processes,
+    is_main_process,
+)
 from jaxfuse.parallel.patch import GroupNormMode, Mode
 from jaxfuse.pipeline import PipelineError, PipelineSpec, load_pipeline
 
@@ -70,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="put the conditional and unconditional batch on two device groups")
     parallel.add_argument("--gn", choices=[g.value for g in GroupNormMode], default="corrected",
                           help="group-norm statistics in displaced steps")
+    hosts = p.add_argument_group("several hosts (jax.distributed); all three flags or none")
+    hosts.add_argument("--coordinator-address", help="HOST:PORT of process 0, the same for every process")
+    hosts.add_argument("--num-processes", type=int, help="how many processes (hosts) take part")
+    hosts.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
+    hosts.add_argument("--process-timeout", type=int, default=300,
+                       help="seconds to wait for every process to join before failing")
     return p.parse_args(argv)
 
 
@@ -78,11 +99,16 @@ def parallel_config(args: argparse.Namespace, devices: int) -> ParallelConfig:
     return ParallelConfig(devices, mode, args.warmup_steps, args.cfg_parallel, args.gn)
 
 
-def check_args(args: argparse.Namespace) -> tuple[PipelineSpec, np.ndarray | None, ParallelConfig | None]:
-    """Everything that can be checked without loading weights; raises `PipelineError`. The
-    parallel layout is None when `--devices` is not given: it then depends on the devices present
-    (`default_parallel`)."""
+def check_args(args: argparse.Namespace
+               ) -> tuple[PipelineSpec, np.ndarray | None, ParallelConfig | None, ProcessLayout]:
+    """Everything that can be checked without loading weights; raises `PipelineError` or
+    `ParallelError`. The parallel layout is None when `--devices` is not given: it then depends on
+    the devices present (`default_parallel`)."""
     parallel = None if args.devices is None else parallel_config(args, args.devices)
+    processes = ProcessLayout(args.coordinator_address, args.num_processes, args.process_id, args.process_timeout)
+    if parallel is not None and processes.given and parallel.devices % processes.num_processes:
+        raise ParallelError(f"--devices {parallel.devices} must divide evenly among --num-processes "
+                            f"{processes.num_processes}: each process brings the same number of devices.")
     if args.output.suffix.lower() != ".png":
         raise PipelineError(f"--output {args.output} must end in .png.")
     outputs = [args.output, args.output.with_suffix(".json")] + ([args.output_array] if args.output_array else [])
@@ -98,15 +124,15 @@ def check_args(args: argparse.Namespace) -> tuple[PipelineSpec, np.ndarray | Non
     height, width = args.height or spec.default_size, args.width or spec.default_size
     spec.check_request(height, width, args.steps, 1, None if latents is None else latents.shape,
                        parallel.patches if parallel else 1)
-    return spec, latents, parallel
+    return spec, latents, parallel, processes
 
 
 def default_parallel(args: argparse.Namespace, spec: PipelineSpec, height: int, width: int) -> ParallelConfig:
     """The layout without `--devices`: every device present (DEFAULT_CPU_DEVICES on a CPU), or
     the most among which the image's rows divide; one device when `--mode single`."""
     present = len(jax.devices())
-    wanted = 1 if args.mode == "single" else min(present, DEFAULT_CPU_DEVICES if jax.default_backend() == "cpu"
-                                                 else present)
+    cpu_devices = DEFAULT_CPU_DEVICES * jax.process_count()
+    wanted = 1 if args.mode == "single" else min(present, cpu_devices if jax.default_backend() == "cpu" else present)
     for devices in range(wanted, 0, -1):
         try:
             parallel = parallel_config(args, devices)
@@ -147,14 +173,28 @@ class ProgressBar:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        spec, latents, parallel = check_args(args)
+        spec, latents, parallel, processes = check_args(args)
     except (PipelineError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cpu_devices = args.devices or DEFAULT_CPU_DEVICES
-    if emulate_cpu_devices(cpu_devices) and jax.default_backend() == "cpu":
-        print(f"no accelerator: emulating {cpu_devices} CPU devices "
-              f"(XLA_FLAGS={os.environ['XLA_FLAGS']})", file=sys.stderr)
+    # Each process emulates its share of the CPU devices; both must happen before JAX starts.
+    cpu_devices = (args.devices or DEFAULT_CPU_DEVICES * (processes.num_processes or 1)) // (
+        processes.num_processes or 1)
+    emulated = emulate_cpu_devices(cpu_devices)
+    try:
+        initialize_processes(processes)
+    except ParallelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    main_process = is_main_process()
+
+    def report(line: str) -> None:  # progress and results: from process 0 only
+        if main_process:
+            print(line, file=sys.stderr)
+
+    if emulated and jax.default_backend() == "cpu":
+        report(f"no accelerator: emulating {cpu_devices} CPU devices per process "
+               f"(XLA_FLAGS={os.environ['XLA_FLAGS']})")
     height, width = args.height or spec.default_size, args.width or spec.default_size
     try:
         parallel = parallel or default_parallel(args, spec, height, width)
@@ -167,28 +207,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
 
-    pipe = load_pipeline(spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir)
+    pipe = load_pipeline(spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir, log=report)
     layout = "1 device" if not parallel.split else (
         f"{parallel.devices} devices, {parallel.mode.value}" + (", cfg-parallel" if parallel.cfg_parallel else ""))
-    print(f"generating {width}x{height}, {args.steps} {args.scheduler} steps on {jax.default_backend()} "
-          f"({layout}, {dtype}); compiling first...", file=sys.stderr)
+    hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    report(f"generating {width}x{height}, {args.steps} {args.scheduler} steps on {jax.default_backend()} "
+           f"({layout}{hosts}, {dtype}); compiling first...")
     try:
         result = pipe.generate(
             args.prompt, args.negative_prompt, height=height, width=width, num_inference_steps=args.steps,
             guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=args.seed,
-            latents=latents, scheduler=args.scheduler, parallel=parallel, progress=ProgressBar("denoising"),
+            latents=latents, scheduler=args.scheduler, parallel=parallel,
+            progress=ProgressBar("denoising") if main_process else None,
         )
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not main_process:
+        return 0
     image = result.images[0]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.round(image * 255).astype(np.uint8)).save(args.output)
     if args.output_array:
         np.save(args.output_array, image.astype(np.float32))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings.update(height=height, width=width, devices=parallel.devices, dtype=dtype,
-                    backend=jax.default_backend(), mode=parallel.mode.value)
+    settings.update(height=height, width=width, devices=parallel.devices, processes=jax.process_count(),
+                    dtype=dtype, backend=jax.default_backend(), mode=parallel.mode.value)
     args.output.with_suffix(".json").write_text(json.dumps(
         {"settings": settings, "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}, indent=2))
     print(" ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()), file=sys.stderr)

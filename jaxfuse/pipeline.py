@@ -39,7 +39,7 @@ from jaxfuse.models.layers import apply_patched
 from jaxfuse.models.unet import load_unet
 from jaxfuse.models.vae import AutoencoderKL, load_vae
 from jaxfuse.parallel import patch as px
-from jaxfuse.parallel.mesh import ROWS, ParallelConfig, make_mesh
+from jaxfuse.parallel.mesh import ROWS, ParallelConfig, ProcessLayout, gather, initialize_processes, make_mesh, place
 from jaxfuse.parallel.patch import Mode, Patch
 
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -285,7 +285,7 @@ class SDXLPipeline:
         key = (name, mesh_key(mesh))
         if key not in self._on_mesh:
             self._on_mesh = {k: v for k, v in self._on_mesh.items() if k[0] != name}  # one mesh at a time
-            self._on_mesh[key] = jax.device_put(params, NamedSharding(mesh, P()))
+            self._on_mesh[key] = place(params, NamedSharding(mesh, P()))
         return self._on_mesh[key]
 
     def _step_done(self, i, total: int) -> None:
@@ -340,7 +340,7 @@ class SDXLPipeline:
         scales = (jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
         x = self._timed(timings, "denoise", lambda: self.denoise(
             noise * schedule.init_noise_sigma, cond, schedule, scales, sampling, mesh))
-        images = np.asarray(self._timed(timings, "decode", lambda: self.decode(x, mesh)))
+        images = gather(self._timed(timings, "decode", lambda: self.decode(x, mesh)))
         return Generation(images, {"compile": self._compile_seconds, **timings})
 
     def _timed(self, timings: dict[str, float], phase: str, work: Callable[[], Any]) -> Any:
@@ -358,8 +358,7 @@ class SDXLPipeline:
             specs = (P(), ROWS, P(px.CFG) if sampling.parallel.cfg_parallel else P(), P(), P(), P())
             loop = jax.shard_map(loop, mesh=mesh, in_specs=specs, out_specs=ROWS)
             inputs = (x, cond, schedule, *scales)
-            x, cond, schedule, *scales = [jax.device_put(a, NamedSharding(mesh, spec))
-                                          for a, spec in zip(inputs, specs[1:])]
+            x, cond, schedule, *scales = [place(a, NamedSharding(mesh, spec)) for a, spec in zip(inputs, specs[1:])]
             params = self._replicated("unet", params, mesh)
         return self._run(("denoise", sampling), loop, params, x, cond, schedule, *scales)
 
@@ -429,14 +428,23 @@ def default_cache_dir() -> Path:
 
 
 def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str | Path | None = None,
-                  log: Callable[[str], None] = print) -> SDXLPipeline:
+                  log: Callable[[str], None] = print, *, coordinator_address: str | None = None,
+                  num_processes: int | None = None, process_id: int | None = None) -> SDXLPipeline:
     """An SDXL pipeline from a diffusers folder (converted once and cached under `cache_dir`,
-    default `$JAXFUSE_CACHE` or ~/.cache/jaxfuse) or from a converted folder."""
+    default `$JAXFUSE_CACHE` or ~/.cache/jaxfuse) or from a converted folder.
+
+    Across hosts, every process calls it with the same folder and its own place in the run
+    (`jax.distributed.initialize`'s arguments; none in a cluster JAX recognises by itself), before
+    anything else uses JAX; generating then spreads the image over every process's devices.
+    """
     spec = PipelineSpec.read(folder)
+    initialize_processes(ProcessLayout(coordinator_address, num_processes, process_id))
     folder, dtype = spec.folder, jnp.dtype(dtype)
     source = folder
     cache = None
-    if not spec.converted:
+    # Across processes each one converts for itself: the cache's orbax checkpoint would make every
+    # process write and wait for the others.
+    if not spec.converted and jax.process_count() == 1:
         cache = Path(cache_dir or default_cache_dir()) / f"{folder.name}-{_source_hash(folder, dtype)}"
         if (cache / "complete").is_file():
             log(f"loading converted weights from the cache {cache}")

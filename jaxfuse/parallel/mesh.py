@@ -1,17 +1,26 @@
-"""The parallel settings and the device mesh they run on.
+"""The parallel settings, the processes and the device mesh they run on.
 
 Without classifier-free-guidance parallelism the mesh is one axis, `PATCH`, of N devices; with it,
 (`CFG`=2, `PATCH`=N/2): the unconditional and conditional halves of the batch live on the two
 `CFG` groups, each splitting the image over its N/2 devices.
+
+Across hosts one process runs per host (`ProcessLayout`, `initialize_processes`) and the mesh spans
+every process's devices. Every process runs the same program; `place` feeds each one only the
+shards its own devices hold and `gather` gives every process the whole result.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import socket
+import time
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, PartitionSpec
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxfuse.parallel.patch import CFG, PATCH, GroupNormMode, Mode, Patch
 
@@ -83,3 +92,117 @@ def make_mesh(cfg: ParallelConfig, devices: list | None = None) -> Mesh:
 
 # Latents and images, NCHW, split by rows over the patches (replicated over the CFG groups).
 ROWS = PartitionSpec(None, None, PATCH, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessLayout:
+    """Where this process sits in a multi-host run: `jax.distributed.initialize`'s arguments, all
+    given or none. With none, a cluster that JAX recognises by itself (a TPU pod slice, SLURM,
+    Open MPI) supplies them, and elsewhere the process runs alone. `timeout_s` bounds the wait
+    for the other processes."""
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    timeout_s: int = 300
+
+    def __post_init__(self):
+        named = {"--coordinator-address": self.coordinator_address, "--num-processes": self.num_processes,
+                 "--process-id": self.process_id}
+        missing = [flag for flag, value in named.items() if value is None]
+        if 0 < len(missing) < len(named):
+            raise ParallelError(f"the process layout needs {', '.join(named)} together; {', '.join(missing)} "
+                                "missing.")
+        if self.coordinator_address is not None:
+            if not re.fullmatch(r"\S+:\d{1,5}", self.coordinator_address) or not (
+                    0 < int(self.coordinator_address.rsplit(":", 1)[1]) < 65536):
+                raise ParallelError(f"--coordinator-address {self.coordinator_address!r} must be HOST:PORT, "
+                                    "the address of process 0 and a free port on it, e.g. 10.0.0.1:8476.")
+            if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
+                raise ParallelError(f"--process-id {self.process_id} must be in 0..{self.num_processes - 1} "
+                                    f"for --num-processes {self.num_processes}.")
+        if self.timeout_s < 1:
+            raise ParallelError(f"the process timeout must be at least 1 s, got {self.timeout_s}.")
+
+    @property
+    def given(self) -> bool:
+        return self.coordinator_address is not None
+
+
+def initialize_processes(layout: ProcessLayout) -> None:
+    """Joins the processes of a multi-host run (`jax.distributed.initialize`); a no-op when they
+    are joined already, or when none are named and JAX recognises no cluster. It must run before
+    anything starts JAX's backends. Raises ParallelError when the coordinator cannot be reached
+    within `layout.timeout_s`."""
+    if jax.distributed.is_initialized():
+        return
+    if not layout.given:
+        try:
+            jax.distributed.initialize(initialization_timeout=layout.timeout_s)
+        except (ValueError, RuntimeError):  # no cluster around, or JAX already started: one process
+            return
+    else:
+        # JAX ends the whole process, past any Python handler, when its client cannot connect in
+        # time; so the other processes first wait for the coordinator's port themselves.
+        timeout = layout.timeout_s if layout.process_id == 0 else _wait_for_coordinator(layout)
+        try:
+            jax.distributed.initialize(layout.coordinator_address, layout.num_processes, layout.process_id,
+                                       initialization_timeout=timeout)
+        except RuntimeError as e:
+            if "before any JAX calls" in str(e):
+                raise ParallelError("the process layout must be set before anything else uses JAX in this "
+                                    "process: pass it to load_pipeline first, or start a new process.") from e
+            raise ParallelError(_unreachable(layout, e)) from e
+        except Exception as e:  # the coordinator client reports a timeout as an XLA runtime error
+            raise ParallelError(_unreachable(layout, e)) from e
+    # Collectives between CPU processes need gloo (without other processes it cannot start, so it
+    # is set only here); it changes nothing on GPU or TPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def _wait_for_coordinator(layout: ProcessLayout) -> int:
+    """Waits until the coordinator's port accepts connections; returns the seconds left of the
+    timeout (at least 1). Raises ParallelError when the timeout passes first."""
+    host, port = layout.coordinator_address.rsplit(":", 1)
+    deadline = time.monotonic() + layout.timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return max(1, round(deadline - time.monotonic()))
+        except OSError as e:
+            if time.monotonic() + 0.5 > deadline:
+                raise ParallelError(_unreachable(layout, e)) from e
+            time.sleep(0.5)
+
+
+def _unreachable(layout: ProcessLayout, error: Exception) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"process {layout.process_id} of {layout.num_processes} could not join the others through the "
+            f"coordinator at {layout.coordinator_address} within {layout.timeout_s} s: check that every process "
+            f"was started with the same --coordinator-address and --num-processes, that process 0 runs on that "
+            f"host, and that its port is open. ({first_line})")
+
+
+def is_main_process() -> bool:
+    """True in the process that writes files and reports progress (process 0)."""
+    return jax.process_index() == 0
+
+
+def place(tree: Any, sharding: NamedSharding) -> Any:
+    """Every array of `tree` (the same values in every process) laid out as `sharding`; across
+    processes, each process supplies only the shards its own devices hold."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
+
+
+def gather(array: jax.Array) -> np.ndarray:
+    """The whole value of an array that may be spread over processes, in every process."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

@@ -1,0 +1,106 @@
+"""Multi-host generation: two local processes of 4 emulated CPU devices each, joined by
+`jax.distributed` over loopback, run one 8-device mesh."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
+from jaxfuse.parallel.mesh import ParallelConfig, ParallelError, ProcessLayout
+from jaxfuse.pipeline import load_pipeline
+
+STEPS = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def generate_command(tmp_path, process: int, port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jaxfuse.generate", "--steps", str(STEPS), "--devices", "8",
+            "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(process),
+            "--output", str(tmp_path / f"process{process}.png"),
+            "--output-array", str(tmp_path / f"process{process}.npy"), "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def process_env() -> dict[str, str]:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+
+def run_two_processes(tmp_path, *extra: str) -> list[subprocess.CompletedProcess]:
+    port = free_port()
+    procs = [subprocess.Popen(generate_command(tmp_path, i, port, *extra), env=process_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return results
+
+
+@pytest.mark.slow
+def test_sync_over_two_processes_equals_one_process_with_eight_devices(tmp_path):
+    results = run_two_processes(tmp_path, "--mode", "sync")
+    image = np.load(tmp_path / "process0.npy")
+    # Only process 0 writes files and reports progress.
+    assert not (tmp_path / "process1.png").exists() and not (tmp_path / "process1.npy").exists()
+    assert "denoising" in results[0].stderr and "denoising" not in results[1].stderr
+    settings = json.loads((tmp_path / "process0.json").read_text())["settings"]
+    assert (settings["processes"], settings["devices"], settings["mode"]) == (2, 8, "sync")
+
+    pipe = load_pipeline(DEMO_MODEL, cache_dir=tmp_path / "cache", log=lambda _: None)
+    reference = pipe(DEMO_PROMPT, num_inference_steps=STEPS, seed=0, parallel=ParallelConfig(8, "sync"))[0]
+    assert np.abs(image - reference).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_displaced_runs_over_two_processes(tmp_path):
+    run_two_processes(tmp_path, "--mode", "displaced", "--warmup-steps", "1")
+    image = np.load(tmp_path / "process0.npy")
+    assert np.isfinite(image).all() and image.std() > 0.01
+    settings = json.loads((tmp_path / "process0.json").read_text())["settings"]
+    assert (settings["processes"], settings["mode"]) == (2, "displaced")
+
+
+def test_a_process_that_cannot_reach_the_coordinator_fails_clearly(tmp_path):
+    port = free_port()  # nothing listens there
+    start = time.perf_counter()
+    result = subprocess.run(generate_command(tmp_path, 1, port, "--process-timeout", "3"), env=process_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"could not join the others through the coordinator at 127.0.0.1:{port} within 3 s" in result.stderr
+    assert "Traceback" not in result.stderr and time.perf_counter() - start < 60
+    assert not (tmp_path / "process1.png").exists()
+
+
+@pytest.mark.parametrize("layout, message", [
+    (dict(coordinator_address="127.0.0.1:1234"), "--num-processes, --process-id missing"),
+    (dict(coordinator_address="127.0.0.1", num_processes=2, process_id=0), "must be HOST:PORT"),
+    (dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2), "must be in 0..1"),
+    (dict(coordinator_address="127.0.0.1:99999", num_processes=2, process_id=0), "must be HOST:PORT"),
+])
+def test_process_layout_errors_name_the_fix(layout, message):
+    with pytest.raises(ParallelError, match=message):
+        ProcessLayout(**layout)
+
+
+def test_cli_checks_the_process_layout_before_starting(tmp_path, capsys):
+    from jaxfuse.generate import main
+
+    out = tmp_path / "x.png"
+    assert main(["--output", str(out), "--process-id", "1"]) == 2
+    assert "--coordinator-address, --num-processes missing" in capsys.readouterr().err
+    assert main(["--output", str(out), "--devices", "6", "--coordinator-address", "127.0.0.1:1234",
+                 "--num-processes", "4", "--process-id", "0"]) == 2
+    assert "must divide evenly among --num-processes 4" in capsys.readouterr().err
+    assert not out.exists()
