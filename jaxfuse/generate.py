@@ -178,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Each process emulates its share of the CPU devices; both must happen before JAX starts.
-    cpu_devices = (args.devices or DEFAULT_CPU_DEVICES * (processes.num_processes or 1)) // (
-        processes.num_processes or 1)
+    cpu_devices = args.devices // (processes.num_processes or 1) if args.devices else DEFAULT_CPU_DEVICES
     emulated = emulate_cpu_devices(cpu_devices)
     try:
         initialize_processes(processes)
