@@ -148,12 +148,10 @@ def initialize_processes(layout: ProcessLayout) -> None:
         try:
             jax.distributed.initialize(layout.coordinator_address, layout.num_processes, layout.process_id,
                                        initialization_timeout=timeout)
-        except RuntimeError as e:
-            if "before any JAX calls" in str(e):
+        except Exception as e:  # the coordinator client reports a timeout as an XLA runtime error
+            if isinstance(e, RuntimeError) and "before any JAX calls" in str(e):
                 raise ParallelError("the process layout must be set before anything else uses JAX in this "
                                     "process: pass it to load_pipeline first, or start a new process.") from e
-            raise ParallelError(_unreachable(layout, e)) from e
-        except Exception as e:  # the coordinator client reports a timeout as an XLA runtime error
             raise ParallelError(_unreachable(layout, e)) from e
     # Collectives between CPU processes need gloo (without other processes it cannot start, so it
     # is set only here); it changes nothing on GPU or TPU.
