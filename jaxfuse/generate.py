@@ -78,13 +78,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                f"the image's rows divide among; on a CPU, {DEFAULT_CPU_DEVICES} emulated ones)")
     parallel.add_argument("--mode", choices=[m.value for m in Mode], default=None,
                           help="single, or how patches see each other: sync (exact), displaced (DistriFusion: "
-                               "previous step's context, communication overlapped), naive (none) "
+                               "previous step's context, communication overlapped), naive (none), pcpp "
+                               "(displaced, but self-attention sees only part of the two neighbouring patches) "
                                "(default: single on one device, displaced on several)")
-    parallel.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps before displaced ones")
+    parallel.add_argument("--context", type=float, default=None,
+                          help="pcpp: the fraction of the patch above and of the patch below that self-attention "
+                               "sees, 0 to 1 (default: 0.3); 1 is the two neighbours in full, not every patch")
+    parallel.add_argument("--warmup-steps", type=int, default=4,
+                          help="synchronous steps before displaced (or pcpp) ones")
     parallel.add_argument("--cfg-parallel", action="store_true",
                           help="put the conditional and unconditional batch on two device groups")
     parallel.add_argument("--gn", choices=[g.value for g in GroupNormMode], default="corrected",
-                          help="group-norm statistics in displaced steps")
+                          help="group-norm statistics in displaced and pcpp steps")
     hosts = p.add_argument_group("several hosts (jax.distributed); all three flags or none")
     hosts.add_argument("--coordinator-address", help="HOST:PORT of process 0, the same for every process")
     hosts.add_argument("--num-processes", type=int, help="how many processes (hosts) take part")
@@ -96,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def parallel_config(args: argparse.Namespace, devices: int) -> ParallelConfig:
     mode = args.mode or ("single" if devices == 1 else "displaced")
-    return ParallelConfig(devices, mode, args.warmup_steps, args.cfg_parallel, args.gn)
+    context = {} if args.context is None else {"context": args.context}
+    return ParallelConfig(devices, mode, args.warmup_steps, args.cfg_parallel, args.gn, **context)
 
 
 def check_args(args: argparse.Namespace
@@ -104,6 +110,8 @@ def check_args(args: argparse.Namespace
     """Everything that can be checked without loading weights; raises `PipelineError` or
     `ParallelError`. The parallel layout is None when `--devices` is not given: it then depends on
     the devices present (`default_parallel`)."""
+    if args.context is not None and args.mode != "pcpp":
+        raise ParallelError("--context sets how much of its neighbours a patch sees in pcpp mode; add --mode pcpp.")
     parallel = None if args.devices is None else parallel_config(args, args.devices)
     processes = ProcessLayout(args.coordinator_address, args.num_processes, args.process_id, args.process_timeout)
     if parallel is not None and processes.given and parallel.devices % processes.num_processes:
@@ -134,11 +142,13 @@ def default_parallel(args: argparse.Namespace, spec: PipelineSpec, height: int, 
     cpu_devices = DEFAULT_CPU_DEVICES * jax.process_count()
     wanted = 1 if args.mode == "single" else min(present, cpu_devices if jax.default_backend() == "cpu" else present)
     for devices in range(wanted, 0, -1):
+        if args.cfg_parallel and devices % 2:
+            continue
+        parallel = parallel_config(args, devices)  # a setting it refuses is wrong at any count
         try:
-            parallel = parallel_config(args, devices)
             spec.check_request(height, width, args.steps, 1, None, parallel.patches)
             return parallel
-        except ValueError:
+        except PipelineError:
             continue
     raise PipelineError(f"no device count up to {wanted} fits a {width}x{height} image.")
 
@@ -231,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         np.save(args.output_array, image.astype(np.float32))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings.update(height=height, width=width, devices=parallel.devices, processes=jax.process_count(),
-                    dtype=dtype, backend=jax.default_backend(), mode=parallel.mode.value)
+                    dtype=dtype, backend=jax.default_backend(), mode=parallel.mode.value,
+                    context=parallel.context if parallel.mode == Mode.PCPP else None)
     args.output.with_suffix(".json").write_text(json.dumps(
         {"settings": settings, "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}, indent=2))
     print(" ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()), file=sys.stderr)

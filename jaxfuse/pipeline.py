@@ -80,10 +80,10 @@ class Sampling:
     parallel: ParallelConfig = ParallelConfig()
 
     def phases(self, num_steps: int) -> list[tuple[Patch, int, int]]:
-        """(the layers' view, first step, end step) of each run of steps alike: displaced runs
-        its warm-up steps synchronously, keeping their context for the displaced ones."""
+        """(the layers' view, first step, end step) of each run of steps alike: displaced (and
+        pcpp) runs its warm-up steps synchronously, keeping their context for the steps after."""
         p = self.parallel
-        if p.mode == Mode.DISPLACED:
+        if p.patch().displaced:
             warm = min(p.warmup_steps, num_steps)
             return [(p.patch(Mode.SYNC, record=True), 0, warm), (p.patch(), warm, num_steps)]
         return [(p.patch(), 0, num_steps)]

@@ -54,6 +54,8 @@ def test_existing_output_is_kept(folder, tmp_path, capsys):
     (["--devices", "16", "--height", "256"], "--devices 16 but only 8 cpu devices are present"),
     (["--devices", "4", "--mode", "displaced", "--warmup-steps", "0"], "at least one synchronous warm-up step"),
     (["--latents", "missing.npy"], "no such file"),
+    (["--context", "0.5"], "add --mode pcpp"),
+    (["--mode", "pcpp", "--context", "1.5"], "must be in [0, 1], got 1.5"),
 ])
 def test_bad_input_is_one_clear_error(folder, tmp_path, capsys, extra, message):
     assert run(folder, tmp_path, "--output", str(tmp_path / "x.png"), *extra) == 2
@@ -85,6 +87,15 @@ def test_parallel_run_writes_its_settings(folder, tmp_path):
                "--height", "128") == 0
     settings = json.loads(out.with_suffix(".json").read_text())["settings"]
     assert settings["mode"] == "displaced" and settings["devices"] == 4  # displaced: the default on 4
+    assert settings["context"] is None
+
+
+def test_pcpp_run_records_its_context(folder, tmp_path):
+    out = tmp_path / "pcpp.png"
+    assert run(folder, tmp_path, "--output", str(out), "--mode", "pcpp", "--context", "0.5", "--warmup-steps", "1",
+               "--height", "128") == 0
+    settings = json.loads(out.with_suffix(".json").read_text())["settings"]
+    assert (settings["mode"], settings["context"], settings["devices"]) == ("pcpp", 0.5, 4)
 
 
 def test_cpu_devices_are_emulated_only_when_not_already_set(monkeypatch):

@@ -1,17 +1,25 @@
-"""Patch parallelism on the emulated 8-device CPU mesh: sync equals single, displaced reads only
-the previous step's exchange, and the bytes exchanged are the ones DESIGN.md counts."""
+"""Patch parallelism on the emulated 8-device CPU mesh: sync equals single, displaced and pcpp
+read only the previous step's exchange, pcpp's attention window is the rows it should be, and the
+bytes exchanged are the ones DESIGN.md counts."""
+
+import math
+from fractions import Fraction
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from jax.sharding import PartitionSpec as P
 
 from jaxfuse.config import UNetConfig
+from jaxfuse.models.layers import Attention, apply_patched
 from jaxfuse.models.unet import UNet2DConditionModel
+from jaxfuse.parallel import patch as px
 from jaxfuse.parallel.cost import sharded_step
 from jaxfuse.parallel.hlo import collective_bytes
 from jaxfuse.parallel.mesh import ParallelConfig, ParallelError, make_mesh
-from jaxfuse.parallel.patch import GroupNormMode, Mode, Patch
+from jaxfuse.parallel.patch import PATCH, GroupNormMode, Mode, Patch
 
 CFG = UNetConfig.tiny()  # 3 levels: a patch's latent rows must halve twice
 B, H, W = 2, 32, 24  # non-square; with 8 patches each holds 4 latent rows
@@ -136,13 +144,15 @@ def step_jaxpr(unet, patch, params, inputs, stale=None):
     return outer.params["jaxpr"]
 
 
-def test_displaced_noise_prediction_waits_on_no_exchange_of_its_step(unet, params, inputs):
-    """Asynchrony is real: of everything a displaced step exchanges, only the first
+@pytest.mark.parametrize("parallel", [ParallelConfig(4, Mode.DISPLACED), ParallelConfig(4, Mode.PCPP)],
+                         ids=["displaced", "pcpp"])
+def test_displaced_noise_prediction_waits_on_no_exchange_of_its_step(unet, params, inputs, parallel):
+    """Asynchrony is real: of everything a displaced (or pcpp) step exchanges, only the first
     convolution's fresh latent halo feeds its noise prediction (one row of 4 latent channels
     from each neighbour: 2 x B x 1 x W x 4 x 4 bytes = 1536 bytes here); the rest is only
     written to the stale state for the next step. In sync mode the same walk finds them all."""
-    _, stale = run(unet, Patch(Mode.SYNC, record=True), 4, params, inputs)
-    displaced = step_jaxpr(unet, Patch(Mode.DISPLACED), params, inputs, stale)
+    _, stale = run(unet, parallel.patch(Mode.SYNC, record=True), 4, params, inputs)
+    displaced = step_jaxpr(unet, parallel.patch(), params, inputs, stale)
     reaching = collectives_reaching(displaced, displaced.outvars[:1])
     assert [e.primitive.name for e in reaching] == ["ppermute", "ppermute"]
     assert all(e.invars[0].aval.shape == (B, 1, W, CFG.in_channels) for e in reaching)
@@ -200,7 +210,130 @@ def test_mesh_larger_than_the_devices_names_the_fix():
     (dict(devices=4), "mode single runs on one device"),
     (dict(devices=3, mode="sync", cfg_parallel=True), "is odd"),
     (dict(devices=4, mode="displaced", warmup_steps=0), "at least one synchronous warm-up step"),
+    (dict(devices=4, mode="pcpp", warmup_steps=0), "pcpp mode needs at least one synchronous warm-up step"),
+    (dict(devices=4, mode="pcpp", context=1.5), r"must be in \[0, 1\], got 1.5"),
 ])
 def test_bad_parallel_settings(kwargs, message):
     with pytest.raises(ParallelError, match=message):
         ParallelConfig(**kwargs)
+
+
+# --- PCPP: self-attention sees its own rows and a window of each neighbour's -------------------
+
+def window_size(context, tokens):
+    """The specification, in exact arithmetic: context x tokens, to the nearest token, halves up."""
+    return math.floor(Fraction(str(context)) * tokens + Fraction(1, 2))
+
+
+@pytest.mark.parametrize("context, tokens, expected", [(0.3, 15, 5), (0.3, 8, 2), (0.5, 3, 2), (0.1, 4, 0),
+                                                       (1.0, 12, 12), (0.0, 12, 0)])
+def test_window_size_rounds_to_the_nearest_token_halves_up(context, tokens, expected):
+    assert px.window_tokens(context, tokens) == window_size(context, tokens) == expected
+
+
+def test_window_size_agrees_with_exact_arithmetic():
+    for context in np.round(np.arange(0, 1.0001, 0.05), 2):
+        for tokens in range(1, 200):
+            assert px.window_tokens(float(context), tokens) == window_size(context, tokens), (context, tokens)
+
+
+def visible_tokens(patch, rows, width, n, context):
+    """The image tokens (row-major indices) patch `patch` of `n` should attend to, built from
+    rows and columns: its own rows; of the patch above, its last rows, whole ones first, then the
+    end of the row above them; of the patch below, its first rows, then the start of the next."""
+    h = rows // n
+    count = window_size(context, h * width)
+    whole, rest = divmod(count, width)
+    first, end = patch * h, (patch + 1) * h
+    cells = {(r, c) for r in range(first, end) for c in range(width)}
+    if patch > 0:
+        cells |= {(r, c) for r in range(first - whole, first) for c in range(width)}
+        cells |= {(first - whole - 1, c) for c in range(width - rest, width)} if rest else set()
+    if patch < n - 1:
+        cells |= {(r, c) for r in range(end, end + whole) for c in range(width)}
+        cells |= {(end + whole, c) for c in range(rest)} if rest else set()
+    return {r * width + c for r, c in cells}
+
+
+@pytest.mark.parametrize("n, rows, width, context", [(4, 12, 5, 0.2), (4, 12, 5, 0.3), (4, 12, 5, 0.5),
+                                                     (4, 12, 5, 1.0), (2, 6, 7, 0.3), (8, 8, 6, 0.3)])
+def test_pcpp_attention_window_is_exactly_the_specified_tokens(n, rows, width, context):
+    """One self-attention layer whose queries are zero (so every key it sees weighs the same)
+    and whose values are the tokens themselves, one-hot: a patch's output is the mean of the
+    one-hot vectors of exactly the tokens it sees. The warm-up (sync) step sees every token;
+    the pcpp step its own, fresh (scaled by 2 here), and the neighbours' windows from the
+    warm-up step."""
+    tokens = rows * width
+    layer = Attention(num_heads=1, head_dim=tokens)
+    eye, zeros = jnp.eye(tokens), jnp.zeros((tokens, tokens))
+    params = {"to_q": {"kernel": zeros}, "to_k": {"kernel": zeros}, "to_v": {"kernel": eye},
+              "to_out_0": {"kernel": eye, "bias": jnp.zeros(tokens)}}
+    parallel = ParallelConfig(n, Mode.PCPP, context=context)
+
+    def steps(x):
+        warm, stale = apply_patched(layer, parallel.patch(Mode.SYNC, record=True), params, None, x)
+        return warm, apply_patched(layer, parallel.patch(), params, stale, 2 * x)[0]
+
+    rows_spec = P(None, PATCH)
+    fn = jax.jit(jax.shard_map(steps, mesh=make_mesh(parallel), in_specs=rows_spec, out_specs=(rows_spec, rows_spec)))
+    warm, out = (np.asarray(a)[0] for a in fn(eye[None]))
+    np.testing.assert_allclose(warm, np.full((tokens, tokens), 1 / tokens), rtol=1e-6)
+    h = rows // n
+    for query in range(tokens):
+        patch = query // (h * width)
+        seen = visible_tokens(patch, rows, width, n, context)
+        own = set(range(patch * h * width, (patch + 1) * h * width))
+        expected = np.zeros(tokens)
+        expected[sorted(seen)] = [2.0 if t in own else 1.0 for t in sorted(seen)]
+        np.testing.assert_allclose(out[query], expected / len(seen), rtol=1e-6, atol=1e-7, err_msg=f"query {query}")
+
+
+def test_pcpp_with_the_whole_neighbour_on_two_patches_equals_displaced(unet, params, inputs):
+    """N = 2, p = 1: each patch's one neighbour is the rest of the image, so pcpp sees what
+    displaced sees (in another order of float32 sums: the masked, empty window above the top
+    patch adds zeros). The step after warm-up gets new latents, so stale and fresh context differ."""
+    later = dict(inputs, sample=np.random.default_rng(7).standard_normal(inputs["sample"].shape, np.float32))
+    pcpp = ParallelConfig(2, Mode.PCPP, context=1.0)
+    _, stale = run(unet, Patch(Mode.SYNC, record=True), 2, params, inputs)
+    displaced, _ = run(unet, Patch(Mode.DISPLACED), 2, params, later, stale)
+    _, stale = run(unet, pcpp.patch(Mode.SYNC, record=True), 2, params, inputs)
+    partial, _ = run(unet, pcpp.patch(), 2, params, later, stale)
+    assert relative(partial, displaced) <= 1e-5
+    assert relative(displaced, run(unet, Patch(Mode.SYNC), 2, params, later)) > 1e-3  # the stale context counts
+
+
+def test_pcpp_without_context_is_naive_attention_with_displaced_convolutions(unet, params, inputs, monkeypatch):
+    """p = 0: self-attention sees the patch's own tokens only, while convolutions and group norm
+    stay displaced. The reference is a displaced step (after the same synchronous warm-up) whose
+    attention replaces the stale keys and values of every patch by the patch's own fresh ones."""
+    later = dict(inputs, sample=np.random.default_rng(7).standard_normal(inputs["sample"].shape, np.float32))
+    pcpp = ParallelConfig(4, Mode.PCPP, context=0.0)
+    _, stale = run(unet, pcpp.patch(Mode.SYNC, record=True), 4, params, inputs)
+    partial, _ = run(unet, pcpp.patch(), 4, params, later, stale)
+    _, stale = run(unet, Patch(Mode.SYNC, record=True), 4, params, inputs)
+    full, _ = run(unet, Patch(Mode.DISPLACED), 4, params, later, stale)
+    monkeypatch.setattr(px, "own_rows_fresh", lambda gathered, local: local)
+    local_attention, _ = run(unet, Patch(Mode.DISPLACED), 4, params, later, stale)
+    assert relative(partial, local_attention) <= 1e-6
+    assert relative(partial, full) > 1e-4
+
+
+@pytest.mark.parametrize("n, context", [(4, 0.3), (8, 0.5)])
+def test_pcpp_bytes_match_the_formula(unet, params, inputs, n, context):
+    """Counted from the compiled HLO against displaced: each self-attention receives, instead of
+    (N - 1) x T tokens' keys and values by all-gather, two windows of window(p, T) tokens by
+    collective-permute (T: the patch's tokens at that layer); the halos and statistics are the
+    same."""
+    pcpp = ParallelConfig(n, Mode.PCPP, context=context)
+    _, stale = run(unet, Patch(Mode.SYNC, record=True), n, params, inputs)
+    displaced = compiled_bytes(unet, Patch(Mode.DISPLACED), n, params, inputs, stale)
+    _, window_stale = run(unet, pcpp.patch(Mode.SYNC, record=True), n, params, inputs)
+    partial = compiled_bytes(unet, pcpp.patch(), n, params, inputs, window_stale)
+
+    gathered = [leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(stale)[0]
+                if "'kv'" in jax.tree_util.keystr(path)]  # [n B, S, 2C] per self-attention
+    assert len(gathered) == 11
+    windows = sum(2 * window_size(context, s // n) * c2 * B * 4 for _, s, c2 in gathered)
+    all_tokens = sum((n - 1) * (s // n) * c2 * B * 4 for _, s, c2 in gathered)
+    assert partial["collective-permute"] - displaced["collective-permute"] == windows > 0
+    assert displaced["all-gather"] - partial["all-gather"] == all_tokens

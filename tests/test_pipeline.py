@@ -154,9 +154,20 @@ def test_sync_images_equal_single(pipe, tall_noise, tall_single, devices, cfg_pa
     assert np.abs(images - tall_single).max() < 1e-4
 
 
-def test_displaced_with_warmup_covering_every_step_equals_single(pipe, tall_noise, tall_single):
-    parallel = ParallelConfig(4, Mode.DISPLACED, warmup_steps=4, gn=GroupNormMode.SYNC)
+@pytest.mark.parametrize("mode", [Mode.DISPLACED, Mode.PCPP])
+def test_warmup_covering_every_step_equals_single(pipe, tall_noise, tall_single, mode):
+    parallel = ParallelConfig(4, mode, warmup_steps=4, gn=GroupNormMode.SYNC)
     assert np.abs(pipe(**PARALLEL_REQUEST, latents=tall_noise, parallel=parallel) - tall_single).max() < 1e-4
+
+
+def test_pcpp_images_lie_between_displaced_and_naive(pipe, tall_noise, tall_single):
+    """Each of the 4 patches sees less of the image than in displaced mode and more than in
+    naive mode, and the image moves away from single accordingly."""
+    def error(mode, **kwargs):
+        images = pipe(**PARALLEL_REQUEST, latents=tall_noise, parallel=ParallelConfig(4, mode, 1, **kwargs))
+        return np.abs(images - tall_single).mean()
+
+    assert error(Mode.DISPLACED) < error(Mode.PCPP, context=0.3) < error(Mode.NAIVE)
 
 
 @pytest.mark.parametrize("gn", list(GroupNormMode))

@@ -8,9 +8,9 @@ This is the only module that knows about patches (DESIGN.md). Inside `shard_map`
 `Patch` whose mode is not single, each layer that looks beyond its own rows gets that context
 from the other patches (`jaxfuse.parallel.patch`): a 3x3 convolution the neighbours' edge rows in
 place of its zero padding, group norm the whole image's statistics, self-attention every patch's
-keys and values. `exchanged` decides per mode whether the context is this step's or the previous
-step's (kept in the `stale` collection). Everything else (linear layers, 1x1 convolutions,
-cross-attention, nearest upsampling) is row-local.
+keys and values (pcpp: the two neighbours' nearest ones). `exchanged` decides per mode whether the
+context is this step's or the previous step's (kept in the `stale` collection). Everything else
+(linear layers, 1x1 convolutions, cross-attention, nearest upsampling) is row-local.
 
 Activations are NHWC. `dtype` is the compute dtype; norm statistics, attention logits and softmax
 are always float32.
@@ -74,9 +74,10 @@ def normalize_groups(x: jax.Array, mean: jax.Array, var: jax.Array, eps: float, 
     return centred * gain[:, None, None, :] + bias.astype(jnp.float32)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, is_causal: bool = False) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, is_causal: bool = False,
+              key_mask: jax.Array | None = None) -> jax.Array:
     """[B, T, N*D] queries over [B, S, N*D] keys and values -> [B, T, N*D]; `is_causal`: query
-    t sees keys 0..t only (text encoders).
+    t sees keys 0..t only (text encoders); `key_mask` [S] bool: the keys every query sees.
 
     On CPU two einsums around a float32 softmax: measured 1.3-1.9x faster there than
     `jax.nn.dot_product_attention`, with the same result (benchmarks/RESULTS.md). Elsewhere
@@ -85,29 +86,34 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, is_causa
     s = k.shape[1]
     d = inner // num_heads
     q, k, v = q.reshape(b, t, num_heads, d), k.reshape(b, s, num_heads, d), v.reshape(b, s, num_heads, d)
+    mask = None if key_mask is None else key_mask[None, None, None, :]  # broadcast to [B, N, T, S]
     if jax.default_backend() != "cpu":
-        return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal).reshape(b, t, inner)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal).reshape(b, t, inner)
     logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
     if is_causal:
-        logits = jnp.where(jnp.tril(jnp.ones((t, s), bool)), logits, jnp.finfo(jnp.float32).min)
+        mask = jnp.tril(jnp.ones((t, s), bool)) if mask is None else mask & jnp.tril(jnp.ones((t, s), bool))
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnts,bsnd->btnd", weights, v).reshape(b, t, inner)
 
 
-def exchanged(module: nn.Module, name: str, patch: Patch, exchange: Callable[[], Any], fresh: bool = False) -> Any:
+def exchanged(module: nn.Module, name: str, patch: Patch, exchange: Callable[[], Any], fresh: bool = False,
+              keep: Callable[[Any], Any] | None = None) -> Any:
     """The context `module` uses this step: `exchange()`'s result in sync steps (or when
-    `fresh`), the value kept from the previous step in displaced ones. Whenever the step writes
-    stale context, this step's exchange is kept for the next; in a displaced step nothing this
-    step computes waits on it, so it overlaps the step's compute."""
+    `fresh`), the value kept from the previous step in displaced and pcpp ones. Whenever the
+    step writes stale context, this step's exchange (or the part `keep` takes of it) is kept for
+    the next; in a displaced step nothing this step computes waits on it, so it overlaps the
+    step's compute."""
     result = exchange()
     used = result
-    if patch.mode == Mode.DISPLACED and not fresh:
+    if patch.displaced and not fresh:
         if not module.has_variable(px.STALE, name):
-            raise ValueError(f"{module.name}: a displaced step needs the previous step's '{name}' "
+            raise ValueError(f"{module.name}: a {patch.mode.value} step needs the previous step's '{name}' "
                              "context; run at least one synchronous warm-up step first.")
         used = module.get_variable(px.STALE, name)
     if patch.writes_stale and module.is_mutable_collection(px.STALE):
-        module.put_variable(px.STALE, name, result)
+        module.put_variable(px.STALE, name, result if keep is None else keep(result))
     return used
 
 
@@ -188,14 +194,14 @@ class GroupNorm(nn.Module):
 
     def image_moments(self, mean: jax.Array, var: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The patch's statistics [B, G] -> the ones this step normalises with."""
-        gn, mode = self.patch.gn, self.patch.mode
-        if mode == Mode.NAIVE or (mode == Mode.DISPLACED and gn == px.GroupNormMode.SEPARATE):
+        gn, displaced = self.patch.gn, self.patch.displaced
+        if self.patch.mode == Mode.NAIVE or (displaced and gn == px.GroupNormMode.SEPARATE):
             return mean, var
-        fresh = mode == Mode.DISPLACED and gn == px.GroupNormMode.SYNC
+        fresh = displaced and gn == px.GroupNormMode.SYNC
         moments = exchanged(self, "moments", self.patch, lambda: px.gather_moments(mean, var), fresh)
-        if mode == Mode.DISPLACED and gn == px.GroupNormMode.CORRECTED:
+        if displaced and gn == px.GroupNormMode.CORRECTED:
             moments = px.with_own_moments(moments, mean, var)
-        elif mode == Mode.DISPLACED and gn == px.GroupNormMode.CORRECTED_DISTRIFUSION:
+        elif displaced and gn == px.GroupNormMode.CORRECTED_DISTRIFUSION:
             return px.distrifusion_moments(moments, mean, var)
         return px.combine_moments(moments)
 
@@ -204,7 +210,8 @@ class Attention(nn.Module):
     """diffusers `Attention`: multi-head attention over the tokens of `x`, or over `context`
     (cross-attention) when it is given. [B, T, C] -> [B, T, C]. `qkv_bias`: the VAE's
     projections have biases, the UNet's do not. On a split image, self-attention's queries are
-    the patch's own tokens and its keys and values those of every patch (naive: its own)."""
+    the patch's own tokens and its keys and values those of every patch (naive: its own; pcpp:
+    its own and the windows of its two neighbours)."""
 
     num_heads: int
     head_dim: int
@@ -219,14 +226,29 @@ class Attention(nn.Module):
         q = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
         k = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(source)
         v = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(source)
+        key_mask = None
         if context is None and self.patch.split and self.patch.mode != Mode.NAIVE:
-            local = jnp.concatenate([k, v], axis=-1)  # one exchange for both
-            kv = exchanged(self, "kv", self.patch, lambda: px.gather_rows(local))
-            if self.patch.mode == Mode.DISPLACED:
-                kv = px.own_rows_fresh(kv, local)
+            kv, key_mask = self.patch_keys_values(jnp.concatenate([k, v], axis=-1))  # one exchange for both
             k, v = jnp.split(kv, 2, axis=-1)
-        out = attention(q, k, v, self.num_heads)
+        out = attention(q, k, v, self.num_heads, key_mask=key_mask)
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
+
+    def patch_keys_values(self, local: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """The patch's keys and values [B, T, 2 inner] -> the ones its queries see [B, S, 2 inner]
+        and which of them count ([S] bool; None: all)."""
+        patch = self.patch
+        if patch.context is None:  # sync, displaced: every patch's
+            kv = exchanged(self, "kv", patch, lambda: px.gather_rows(local))
+            return (px.own_rows_fresh(kv, local) if patch.displaced else kv), None
+        tokens = local.shape[1]
+        count = px.window_tokens(patch.context, tokens)
+        if patch.mode == Mode.PCPP:  # the neighbours' windows from the previous step, own tokens fresh
+            above, below = exchanged(self, "kv_window", patch, lambda: px.neighbour_rows(local, count, count))
+            return jnp.concatenate([above, local, below], axis=1), px.window_mask(tokens, count)
+        # A pcpp run's synchronous warm-up: every patch's keys now; the windows, cut from them
+        # without another exchange, kept for the first pcpp step.
+        return exchanged(self, "kv_window", patch, lambda: px.gather_rows(local),
+                         keep=lambda kv: px.window_of(kv, tokens, count)), None
 
 
 class ResnetBlock(nn.Module):

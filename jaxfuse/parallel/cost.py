@@ -104,7 +104,7 @@ def nbytes(tree: Any) -> int:
 
 def build_step(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int, dtype: Any = jnp.float32,
                batch: int = 2) -> tuple[Callable, list, dict[str, int]]:
-    """The jitted step of `parallel.mode` (displaced: a step after warm-up) for a guidance batch
+    """The jitted step of `parallel.mode` (displaced, pcpp: a step after warm-up) for a guidance batch
     of `batch` at height x width, with its abstract arguments: (step, args, sizes) where sizes
     holds the per-device bytes of the parameters and of the stale context."""
     unet = UNet2DConditionModel(cfg, dtype)
@@ -120,7 +120,7 @@ def build_step(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: in
         sample = jax.ShapeDtypeStruct((batch // 2,) + sample.shape[1:], dtype)
     args = [params, sample, conditioning]
     patch = parallel.patch()
-    if patch.mode == Mode.DISPLACED:  # what the warm-up steps leave for it
+    if patch.displaced:  # what the warm-up steps leave for it
         record = sharded_step(unet, parallel.patch(Mode.SYNC, record=True), mesh, conditioning, cfg_parallel)
         stale = jax.eval_shape(record, *args)[1]
         sizes["stale"] = nbytes(stale) // parallel.devices

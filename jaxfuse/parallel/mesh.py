@@ -35,10 +35,12 @@ class ParallelError(ValueError):
 class ParallelConfig:
     """How one image is spread over devices.
 
-    `mode`: single, sync, displaced or naive (see `jaxfuse.parallel.patch.Mode`);
-    `warmup_steps`: synchronous steps before the displaced ones (DistriFusion uses 4);
+    `mode`: single, sync, displaced, naive or pcpp (see `jaxfuse.parallel.patch.Mode`);
+    `warmup_steps`: synchronous steps before the displaced (or pcpp) ones (DistriFusion uses 4);
     `cfg_parallel`: the two guidance halves on two device groups; `gn`: group-norm statistics
-    in displaced steps.
+    in displaced and pcpp steps; `context`: in pcpp mode, the fraction p of the patch above and
+    of the patch below that self-attention sees (0.3, as in the PCPP authors' code; p = 1 is the
+    two neighbours in full, not every patch: `displaced` is that).
     """
 
     devices: int = 1
@@ -46,6 +48,7 @@ class ParallelConfig:
     warmup_steps: int = 4
     cfg_parallel: bool = False
     gn: GroupNormMode = GroupNormMode.CORRECTED
+    context: float = 0.3
 
     def __post_init__(self):
         object.__setattr__(self, "mode", Mode(self.mode))
@@ -59,9 +62,12 @@ class ParallelConfig:
             raise ParallelError(f"cfg_parallel splits the devices into two groups; {self.devices} is odd.")
         if self.warmup_steps < 0:
             raise ParallelError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
-        if self.mode == Mode.DISPLACED and self.warmup_steps < 1:
-            raise ParallelError("displaced mode needs at least one synchronous warm-up step to fill "
+        if self.mode in (Mode.DISPLACED, Mode.PCPP) and self.warmup_steps < 1:
+            raise ParallelError(f"{self.mode.value} mode needs at least one synchronous warm-up step to fill "
                                 "its stale context; use --warmup-steps 1 or more.")
+        if not 0 <= self.context <= 1:
+            raise ParallelError(f"context (--context) is the fraction of each neighbour patch that pcpp attends "
+                                f"to; it must be in [0, 1], got {self.context}.")
 
     @property
     def patches(self) -> int:
@@ -74,7 +80,7 @@ class ParallelConfig:
 
     def patch(self, mode: Mode | None = None, record: bool = False) -> Patch:
         """The layers' view of one step in `mode` (default: this config's mode)."""
-        return Patch(mode or self.mode, self.gn, record)
+        return Patch(mode or self.mode, self.gn, record, self.context if self.mode == Mode.PCPP else None)
 
 
 def make_mesh(cfg: ParallelConfig, devices: list | None = None) -> Mesh:

@@ -5,11 +5,18 @@ every activation. Three kinds of layer look beyond their own rows (DESIGN.md):
 
     3x3 convolution   rows of the neighbouring patches    `neighbour_rows`  (ppermute)
     self-attention    keys and values of every patch      `gather_rows`     (all_gather)
+                      (pcpp: the neighbours' nearest      `neighbour_rows`  (ppermute)
+                      tokens only)
     group norm        statistics of the whole image       `gather_moments`  (all_gather)
 
 These functions run inside `shard_map` and are called only from `models/layers.py`, which decides
-per mode whether a layer uses this step's exchange (`sync`), the previous step's (`displaced`, kept
-in the Flax collection `STALE`) or none (`naive`).
+per mode whether a layer uses this step's exchange (`sync`), the previous step's (`displaced` and
+`pcpp`, kept in the Flax collection `STALE`) or none (`naive`).
+
+PCPP's window: a patch of T tokens (h rows of W) sees, of the patch above and of the patch below,
+the `window_tokens(p, T)` = p x T tokens nearest to it, rounded to the nearest token (halves up):
+whole rows first, then the rest of a row in raster order (the row's end above, its start below).
+So the window is p x h rows exactly whenever p x h is whole, and to the token otherwise.
 
 Legend: B batch, h local rows, W columns, C channels, G groups, N patches, S all tokens.
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +41,7 @@ class Mode(str, enum.Enum):
     SYNC = "sync"  # fresh context, used at once: equals single
     DISPLACED = "displaced"  # the previous step's context, own rows fresh (DistriFusion)
     NAIVE = "naive"  # no context at all: zero halos, local attention and statistics
+    PCPP = "pcpp"  # displaced, but self-attention sees only the two neighbours' nearest tokens (PCPP)
 
 
 class GroupNormMode(str, enum.Enum):
@@ -50,32 +59,41 @@ class Patch:
     """What a layer knows about patches in one denoising step.
 
     `record`: also keep this step's exchange in `STALE`, for displaced steps to come (the
-    synchronous warm-up steps of a displaced run do this; displaced steps always do).
+    synchronous warm-up steps of a displaced or pcpp run do this; displaced steps always do).
+    `context`: in a pcpp run (its warm-up steps too), the fraction p of each neighbour patch that
+    self-attention sees; None otherwise.
     """
 
     mode: Mode = Mode.SINGLE
     gn: GroupNormMode = GroupNormMode.CORRECTED
     record: bool = False
+    context: float | None = None
 
     @property
     def split(self) -> bool:
         return self.mode != Mode.SINGLE
 
     @property
+    def displaced(self) -> bool:
+        """The step uses the previous step's context (displaced and pcpp)."""
+        return self.mode in (Mode.DISPLACED, Mode.PCPP)
+
+    @property
     def writes_stale(self) -> bool:
-        return self.mode == Mode.DISPLACED or (self.record and self.mode == Mode.SYNC)
+        return self.displaced or (self.record and self.mode == Mode.SYNC)
 
     def fresh(self) -> Patch:
         """The same step with a fresh exchange that is not kept: the first convolution reads its
         neighbours' latent rows (a few KB) as they are now, in every mode but naive."""
-        mode = Mode.SYNC if self.mode == Mode.DISPLACED else self.mode
+        mode = Mode.SYNC if self.displaced else self.mode
         return dataclasses.replace(self, mode=mode, record=False)
 
 
 def neighbour_rows(x: jax.Array, above: int, below: int) -> tuple[jax.Array, jax.Array]:
     """[B, h, W, C] -> the last `above` rows of the patch above [B, above, W, C] and the first
     `below` rows of the patch below [B, below, W, C]; zeros past the image's top and bottom,
-    which is the unsplit convolution's zero padding."""
+    which is the unsplit convolution's zero padding. Tokens [B, T, C] in raster order work the
+    same way, a token for a row."""
     n = lax.axis_size(PATCH)
     down = [(p, p + 1) for p in range(n - 1)]  # each patch sends its last rows to the next one
     up = [(p + 1, p) for p in range(n - 1)]
@@ -88,6 +106,31 @@ def neighbour_rows(x: jax.Array, above: int, below: int) -> tuple[jax.Array, jax
 def gather_rows(tokens: jax.Array) -> jax.Array:
     """[B, h W, C] local tokens -> [B, S, C] every patch's tokens, in image order."""
     return lax.all_gather(tokens, PATCH, axis=1, tiled=True)
+
+
+def window_tokens(context: float, tokens: int) -> int:
+    """How many of a neighbour's `tokens` a pcpp self-attention sees: context x tokens rounded to
+    the nearest token, halves up (the product is rounded to 9 decimals first, so that 0.3 x 15
+    counts as the 4.5 it is and not as float's 4.4999...)."""
+    return math.floor(round(context * tokens, 9) + 0.5)
+
+
+def window_of(gathered: jax.Array, tokens: int, count: int) -> tuple[jax.Array, jax.Array]:
+    """[B, S, C] every patch's tokens in image order -> this patch's windows, the last `count`
+    tokens of the patch above and the first `count` of the patch below ([B, count, C] each), as
+    `neighbour_rows` exchanges them, but read from an all-gather already made. At the image's
+    top and bottom they hold other tokens, which `window_mask` masks."""
+    start = lax.axis_index(PATCH) * tokens
+    above = lax.dynamic_slice_in_dim(gathered, start - count, count, axis=1)
+    below = lax.dynamic_slice_in_dim(gathered, start + tokens, count, axis=1)
+    return above, below
+
+
+def window_mask(tokens: int, count: int) -> jax.Array:
+    """[count + tokens + count] bool: which of (window above, own tokens, window below) a pcpp
+    self-attention sees; the top patch has nothing above it, the bottom one nothing below."""
+    p, n = lax.axis_index(PATCH), lax.axis_size(PATCH)
+    return jnp.concatenate([jnp.full(count, p > 0), jnp.ones(tokens, bool), jnp.full(count, p < n - 1)])
 
 
 def own_rows_fresh(gathered: jax.Array, local: jax.Array) -> jax.Array:
