@@ -2,6 +2,7 @@
 
     python benchmarks/parallel_cost.py --json benchmarks/parallel_cost.json
     python benchmarks/parallel_cost.py --preset tiny --sizes 256 --devices 1 2 4   # seconds
+    python benchmarks/parallel_cost.py --sizes 1024 --devices 1 4 8 --modes displaced pcpp --json ...
 
 SDXL-base shapes with abstract bf16 parameters (no weights), guidance batch 2, compiled for an
 emulated CPU mesh of 8 devices; every figure is read from the compiled program
@@ -18,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("sync", "displaced", "naive")
+MODES = ("sync", "displaced", "pcpp", "naive")
+CONTEXTS = (0.1, 0.3, 0.5, 1.0)  # pcpp's p, one row each
 # DistriFusion's communication per step on 8 GPUs (REFERENCES.md), by image size.
 DISTRIFUSION_GB = {1024: 0.42, 3840: 5.38}
 
@@ -29,13 +31,16 @@ def rows_wanted(args) -> list[dict]:
         rows.append(dict(size=size, devices=1, mode="single", cfg_parallel=False))
         for n in (n for n in args.devices if n > 1):
             for mode in args.modes:
-                for cfg_parallel in (False, True):
-                    rows.append(dict(size=size, devices=n, mode=mode, cfg_parallel=cfg_parallel))
+                for context in (args.contexts if mode == "pcpp" else [None]):
+                    # pcpp without the cfg split: with it, 4 devices hold 2 patches, neither of
+                    # them interior, and the count (`hlo.collective_bytes`) is an interior patch's.
+                    for cfg_parallel in (False,) if mode == "pcpp" else (False, True):
+                        rows.append(dict(size=size, devices=n, mode=mode, context=context, cfg_parallel=cfg_parallel))
     return [dict(row, preset=args.preset, dtype=args.dtype) for row in rows]
 
 
 def key(row: dict) -> tuple:
-    return tuple(row[k] for k in ("preset", "dtype", "size", "devices", "mode", "cfg_parallel"))
+    return tuple(row.get(k) for k in ("preset", "dtype", "size", "devices", "mode", "context", "cfg_parallel"))
 
 
 def measure(row: dict) -> dict:
@@ -46,14 +51,16 @@ def measure(row: dict) -> dict:
     from jaxfuse.parallel.mesh import ParallelConfig
 
     cfg = {"sdxl-base": UNetConfig.sdxl_base, "tiny": UNetConfig.tiny}[row["preset"]]()
-    parallel = ParallelConfig(row["devices"], row["mode"], cfg_parallel=row["cfg_parallel"])
+    context = {} if row.get("context") is None else {"context": row["context"]}
+    parallel = ParallelConfig(row["devices"], row["mode"], cfg_parallel=row["cfg_parallel"], **context)
     start = time.perf_counter()
     cost = step_cost(cfg, parallel, row["size"], row["size"], jnp.dtype(row["dtype"]))
     return dict(row, **cost.as_dict(), compile_seconds=round(time.perf_counter() - start, 1))
 
 
 def table(rows: list[dict]) -> str:
-    """One markdown table per image size; FLOPs against the single-device program / N."""
+    """One markdown table per image size; FLOPs against the single-device program / N, bytes
+    received against displaced mode's on as many devices."""
     mb, gb = 1e6, 1e9
     out = []
     for size in sorted({r["size"] for r in rows}):
@@ -61,16 +68,20 @@ def table(rows: list[dict]) -> str:
         single = next((r for r in at if r["mode"] == "single"), None)
         out += [f"\n{at[0]['preset']} {size}x{size}, guidance batch 2, {at[0]['dtype']}, per device and step:\n",
                 "| N | mode | cfg split | GFLOP | / (single / N) | all-gather MB | permute MB | all-reduce MB "
-                "| received MB | params GB | stale GB | temporaries GB | peak GB |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| received MB | / displaced | params GB | stale GB | temporaries GB | peak GB |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        displaced = {(r["devices"], r["cfg_parallel"]): r for r in at if r["mode"] == "displaced"}
         for r in sorted(at, key=lambda r: (r["devices"], MODES.index(r["mode"]) if r["mode"] in MODES else -1,
-                                           r["cfg_parallel"])):
+                                           r.get("context") or 0, r["cfg_parallel"])):
             ideal = f"{r['flops'] / (single['flops'] / r['devices']):.3f}" if single else "-"
+            base = displaced.get((r["devices"], r["cfg_parallel"]))
+            vs_displaced = f"{r['received_bytes'] / base['received_bytes']:.2f}" if base else "-"
+            mode = r["mode"] if r.get("context") is None else f"{r['mode']} p={r['context']:g}"
             got = r["received"]
             out.append(
-                f"| {r['devices']} | {r['mode']} | {'yes' if r['cfg_parallel'] else 'no'} | {r['flops'] / 1e9:.1f} "
+                f"| {r['devices']} | {mode} | {'yes' if r['cfg_parallel'] else 'no'} | {r['flops'] / 1e9:.1f} "
                 f"| {ideal} | {got.get('all-gather', 0) / mb:.1f} | {got.get('collective-permute', 0) / mb:.2f} "
-                f"| {got.get('all-reduce', 0) / mb:.2f} | {r['received_bytes'] / mb:.1f} "
+                f"| {got.get('all-reduce', 0) / mb:.2f} | {r['received_bytes'] / mb:.1f} | {vs_displaced} "
                 f"| {r['params_bytes'] / gb:.2f} | {r['stale_bytes'] / gb:.3f} | {r['temp_bytes'] / gb:.2f} "
                 f"| {r['peak_bytes'] / gb:.2f} |")
         if size in DISTRIFUSION_GB and at[0]["preset"] == "sdxl-base":
@@ -85,6 +96,7 @@ def main() -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 3840], help="image sides in pixels")
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--contexts", type=float, nargs="+", default=list(CONTEXTS), help="pcpp's p values")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--json", type=Path, help="keep the rows in this file (finished rows are skipped)")
     args = p.parse_args()

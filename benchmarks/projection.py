@@ -12,6 +12,9 @@ which is calibrated once on DistriFusion's measured single-A100 latency at 1024Â
     sync step = compute + communication           displaced step = max(compute, communication)
     latency = warm-up x sync step + (steps - warm-up) x displaced step     (UNet steps only)
 
+pcpp steps are projected as displaced ones, with their own FLOPs and bytes; its warm-up steps are
+sync steps (the sync row of as many devices).
+
 It leaves out what a real run adds (kernel launches, small-kernel inefficiency at small patches,
 the text encoders and the VAE), so it is an upper bound on the speed-up; DistriFusion's measured
 curve is drawn beside it.
@@ -38,7 +41,7 @@ DISTRIFUSION_S = {
     3840: {1: 140.0, 2: 76.6, 4: 41.3, 8: 22.9},
 }
 STEPS, WARMUP = 50, 4
-MODES = ("single", "sync", "displaced", "naive")
+MODES = ("single", "sync", "displaced", "pcpp", "naive")
 
 
 def calibrated_fraction(rows: list[dict]) -> float:
@@ -57,21 +60,29 @@ def project(rows: list[dict], fraction: float, cfg_parallel: bool) -> list[dict]
     for name, (peak, bandwidth) in ACCELERATORS.items():
         rate = peak * fraction
         for size in sorted({r["size"] for r in rows}):
-            at = {(r["devices"], r["mode"]): r for r in rows if r["size"] == size
+            at = {(r["devices"], r["mode"], r.get("context")): r for r in rows if r["size"] == size
                   and r["cfg_parallel"] == (cfg_parallel and r["devices"] > 1)}
-            if (1, "single") not in at:
+            if (1, "single", None) not in at:
                 continue
-            single = STEPS * at[1, "single"]["flops"] / rate
+            single = STEPS * at[1, "single", None]["flops"] / rate
+
+            def sync_step(r):
+                return r["flops"] / rate + r["received_bytes"] / bandwidth
+
             out.append(dict(accelerator=name, size=size, devices=1, mode="single", compute_ms=single / STEPS * 1e3,
                             comm_ms=0.0, latency_s=single, speedup=1.0))
-            for (n, mode), r in sorted(at.items(), key=lambda item: (item[0][0], MODES.index(item[0][1]))):
-                if n == 1:
+            for (n, mode, context), r in sorted(at.items(), key=lambda item: (item[0][0], MODES.index(item[0][1]),
+                                                                               item[0][2] or 0)):
+                if n == 1 or (mode == "pcpp" and (n, "sync", None) not in at):
                     continue
                 compute, comm = r["flops"] / rate, r["received_bytes"] / bandwidth
-                sync_step, overlapped = compute + comm, max(compute, comm)
-                latency = {"sync": STEPS * sync_step, "naive": STEPS * overlapped,
-                           "displaced": WARMUP * sync_step + (STEPS - WARMUP) * overlapped}[mode]
-                out.append(dict(accelerator=name, size=size, devices=n, mode=mode, compute_ms=compute * 1e3,
+                overlapped = max(compute, comm)
+                warm = sync_step(at[n, "sync", None] if mode == "pcpp" else r)
+                latency = {"sync": STEPS * sync_step(r), "naive": STEPS * overlapped,
+                           "displaced": WARMUP * warm + (STEPS - WARMUP) * overlapped,
+                           "pcpp": WARMUP * warm + (STEPS - WARMUP) * overlapped}[mode]
+                label = mode if context is None else f"pcpp p={context:g}"
+                out.append(dict(accelerator=name, size=size, devices=n, mode=label, compute_ms=compute * 1e3,
                                 comm_ms=comm * 1e3, latency_s=latency, speedup=single / latency))
     return out
 

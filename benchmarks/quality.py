@@ -10,8 +10,9 @@ its images against the single-device images (same prompt, same noise) and the pr
 `jaxfuse.demo.detect`: the share of the caption's objects found with the right colour, shape and
 cell, and with the right colour and cell whatever the shape. The rendered scenes passed through
 the model's VAE give the accuracy no generated image can beat. Settings: displaced with each
-warm-up, naive, and sync (a check: it should equal single) at each device count; at the largest
-count also every group-norm mode of displaced steps. Runs on an emulated CPU mesh of 8 devices.
+warm-up, pcpp with each context fraction (at the longest warm-up), naive, and sync (a check: it
+should equal single) at each device count; at the largest count also every group-norm mode of
+displaced steps. Runs on an emulated CPU mesh of 8 devices.
 With `--json`, finished rows are kept and skipped on a rerun.
 """
 
@@ -29,22 +30,23 @@ NOISE_SEED = 0
 PSNR_CAP = 100.0  # dB, for images identical to the last bit
 
 
-def settings(devices: list[int], warmups: list[int]) -> list[dict]:
+def settings(devices: list[int], warmups: list[int], contexts: list[float]) -> list[dict]:
     from jaxfuse.parallel.patch import GroupNormMode
 
-    rows = []
+    rows, warm = [], max(warmups)
     for n in devices:
         rows += [dict(mode="displaced", devices=n, warmup=w, gn="corrected") for w in warmups]
+        rows += [dict(mode="pcpp", devices=n, warmup=warm, gn="corrected", context=p) for p in contexts]
         rows += [dict(mode="naive", devices=n, warmup=0, gn="corrected"),
                  dict(mode="sync", devices=n, warmup=0, gn="corrected")]
-    last, warm = max(devices), max(warmups)
-    rows += [dict(mode="displaced", devices=last, warmup=warm, gn=gn.value)
+    rows += [dict(mode="displaced", devices=max(devices), warmup=warm, gn=gn.value)
              for gn in GroupNormMode if gn.value != "corrected"]
     return rows
 
 
 def key(row: dict) -> str:
-    return f"{row['mode']} N={row['devices']} warmup={row['warmup']} gn={row['gn']}"
+    context = f" context={row['context']:g}" if row.get("context") is not None else ""
+    return f"{row['mode']} N={row['devices']} warmup={row['warmup']} gn={row['gn']}{context}"
 
 
 def psnr(images, reference):
@@ -85,12 +87,13 @@ def table(references: dict[str, dict], rows: list[dict], prompts: int, steps: in
              "|---|---|---|---|---|---|"]
     for name, scores in references.items():
         lines.append(f"| 1 | {name} | - | - | - | {scores['accuracy']:.1f} / {scores['colour_place']:.1f} |")
-    order = {"sync": 0, "displaced": 1, "naive": 2}
+    order = {"sync": 0, "displaced": 1, "pcpp": 2, "naive": 3}
     for r in sorted(rows, key=lambda r: (r["devices"], order[r["mode"]], r["gn"] != "corrected", r["warmup"],
-                                         r["gn"])):
-        warmup = str(r["warmup"]) if r["mode"] == "displaced" else "-"
-        gn = r["gn"] if r["mode"] == "displaced" else "-"
-        lines.append(f"| {r['devices']} | {r['mode']} | {warmup} | {gn} | {r['psnr']:.1f} ({r['psnr_min']:.1f}) "
+                                         r["gn"], r.get("context") or 0)):
+        stale = r["mode"] in ("displaced", "pcpp")
+        warmup, gn = (str(r["warmup"]), r["gn"]) if stale else ("-", "-")
+        mode = r["mode"] if r.get("context") is None else f"pcpp p={r['context']:g}"
+        lines.append(f"| {r['devices']} | {mode} | {warmup} | {gn} | {r['psnr']:.1f} ({r['psnr_min']:.1f}) "
                      f"| {r['accuracy']:.1f} / {r['colour_place']:.1f} |")
     return "\n".join(lines)
 
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--devices", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--warmups", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--contexts", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0], help="pcpp's p values")
     p.add_argument("--json", type=Path, help="keep finished rows here; a rerun skips them")
     args = p.parse_args(argv)
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
@@ -127,10 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     done = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
     done = [r for r in done if all(r.get(k) == v for k, v in identity.items())]
     known = {key(r) for r in done}
-    for row in settings(args.devices, args.warmups):
+    for row in settings(args.devices, args.warmups, args.contexts):
         if key(row) in known:
             continue
-        parallel = ParallelConfig(row["devices"], row["mode"], row["warmup"], gn=row["gn"])
+        context = {} if row.get("context") is None else {"context": row["context"]}
+        parallel = ParallelConfig(row["devices"], row["mode"], row["warmup"], gn=row["gn"], **context)
         images, seconds = generate(parallel)
         values = psnr(images, single)
         row = dict(row, **identity, **accuracy(captions, images), psnr=float(values.mean()),

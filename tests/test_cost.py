@@ -116,9 +116,12 @@ def script(*args, tmp_path):
 def test_cost_and_projection_scripts_on_the_tiny_config(tmp_path):
     costs = tmp_path / "costs.json"
     out = script(BENCHMARKS / "parallel_cost.py", "--preset", "tiny", "--sizes", str(SIZE), "--devices", "1", "4",
-                 "--modes", "displaced", "--json", costs, tmp_path=tmp_path)
+                 "--modes", "displaced", "pcpp", "--contexts", "0.3", "--json", costs, tmp_path=tmp_path)
     rows = json.loads(costs.read_text())
-    assert len(rows) == 3 and "| 4 | displaced | yes |" in out
+    assert len(rows) == 4 and "| 4 | displaced | yes |" in out
+    pcpp = next(r for r in rows if r["mode"] == "pcpp")
+    displaced = next(r for r in rows if r["mode"] == "displaced" and not r["cfg_parallel"])
+    assert "| 4 | pcpp p=0.3 | no |" in out and pcpp["received_bytes"] < displaced["received_bytes"]
     out = script(BENCHMARKS / "projection.py", "--costs", costs, "--fraction-of-peak", "0.4",
                  "--plot", tmp_path / "projection.png", tmp_path=tmp_path)
     assert "| A100 NVLink3 | 256² | 4 | displaced |" in out
