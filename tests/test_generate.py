@@ -82,16 +82,9 @@ def test_unknown_scheduler_is_refused_by_the_command_line():
 
 
 def test_parallel_run_writes_its_settings(folder, tmp_path):
+    """pcpp over the default 4 emulated devices; the settings record its context (the default
+    mode on several devices, displaced, is checked on the demo model)."""
     out = tmp_path / "patches.png"
-    assert run(folder, tmp_path, "--output", str(out), "--devices", "4", "--warmup-steps", "1",
-               "--height", "128") == 0
-    settings = json.loads(out.with_suffix(".json").read_text())["settings"]
-    assert settings["mode"] == "displaced" and settings["devices"] == 4  # displaced: the default on 4
-    assert settings["context"] is None
-
-
-def test_pcpp_run_records_its_context(folder, tmp_path):
-    out = tmp_path / "pcpp.png"
     assert run(folder, tmp_path, "--output", str(out), "--mode", "pcpp", "--context", "0.5", "--warmup-steps", "1",
                "--height", "128") == 0
     settings = json.loads(out.with_suffix(".json").read_text())["settings"]
