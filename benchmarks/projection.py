@@ -77,10 +77,13 @@ def project(rows: list[dict], fraction: float, cfg_parallel: bool) -> list[dict]
                     continue
                 compute, comm = r["flops"] / rate, r["received_bytes"] / bandwidth
                 overlapped = max(compute, comm)
-                warm = sync_step(at[n, "sync", None] if mode == "pcpp" else r)
-                latency = {"sync": STEPS * sync_step(r), "naive": STEPS * overlapped,
-                           "displaced": WARMUP * warm + (STEPS - WARMUP) * overlapped,
-                           "pcpp": WARMUP * warm + (STEPS - WARMUP) * overlapped}[mode]
+                if mode == "sync":
+                    latency = STEPS * sync_step(r)
+                elif mode == "naive":
+                    latency = STEPS * overlapped
+                else:  # displaced, pcpp: synchronous warm-up steps, then overlapped ones
+                    warm = sync_step(at[n, "sync", None] if mode == "pcpp" else r)
+                    latency = WARMUP * warm + (STEPS - WARMUP) * overlapped
                 label = mode if context is None else f"pcpp p={context:g}"
                 out.append(dict(accelerator=name, size=size, devices=n, mode=label, compute_ms=compute * 1e3,
                                 comm_ms=comm * 1e3, latency_s=latency, speedup=single / latency))

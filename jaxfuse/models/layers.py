@@ -91,7 +91,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, is_causa
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal).reshape(b, t, inner)
     logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
     if is_causal:
-        mask = jnp.tril(jnp.ones((t, s), bool)) if mask is None else mask & jnp.tril(jnp.ones((t, s), bool))
+        causal = jnp.tril(jnp.ones((t, s), bool))
+        mask = causal if mask is None else mask & causal
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
