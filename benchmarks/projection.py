@@ -59,16 +59,16 @@ def project(rows: list[dict], fraction: float, cfg_parallel: bool) -> list[dict]
     out = []
     for name, (peak, bandwidth) in ACCELERATORS.items():
         rate = peak * fraction
+
+        def sync_step(r):
+            return r["flops"] / rate + r["received_bytes"] / bandwidth
+
         for size in sorted({r["size"] for r in rows}):
             at = {(r["devices"], r["mode"], r.get("context")): r for r in rows if r["size"] == size
                   and r["cfg_parallel"] == (cfg_parallel and r["devices"] > 1)}
             if (1, "single", None) not in at:
                 continue
             single = STEPS * at[1, "single", None]["flops"] / rate
-
-            def sync_step(r):
-                return r["flops"] / rate + r["received_bytes"] / bandwidth
-
             out.append(dict(accelerator=name, size=size, devices=1, mode="single", compute_ms=single / STEPS * 1e3,
                             comm_ms=0.0, latency_s=single, speedup=1.0))
             for (n, mode, context), r in sorted(at.items(), key=lambda item: (item[0][0], MODES.index(item[0][1]),

@@ -62,7 +62,7 @@ class ParallelConfig:
             raise ParallelError(f"cfg_parallel splits the devices into two groups; {self.devices} is odd.")
         if self.warmup_steps < 0:
             raise ParallelError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
-        if self.mode in (Mode.DISPLACED, Mode.PCPP) and self.warmup_steps < 1:
+        if self.patch().displaced and self.warmup_steps < 1:
             raise ParallelError(f"{self.mode.value} mode needs at least one synchronous warm-up step to fill "
                                 "its stale context; use --warmup-steps 1 or more.")
         if not 0 <= self.context <= 1:
