@@ -5,14 +5,17 @@
 
 Four stages, each checkpointed in `--workdir` so an interrupted run resumes where it stopped:
 
-1. `vae`: the AutoencoderKL on fresh scenes (L1 + L2 reconstruction weighted up on the shapes'
-   saturated pixels, a small KL).
+1. `vae`: the AutoencoderKL on crops of fresh scenes (L1 + L2 reconstruction weighted up on the
+   shapes' saturated pixels, a small KL). It is convolutional, so crops teach it what whole images
+   would, at a quarter of the cost.
 2. `decoder`: the decoder alone, on the frozen encoder's latents: sharper shapes, same latent space.
 3. `latents`: a fixed data set of scenes encoded once (the latent mean), its captions tokenized by
    both tokenizers; the VAE's `scaling_factor` is set so the latents have unit variance.
 4. `unet`: the two text encoders and the UNet together, on the epsilon loss with min-SNR weighting,
    10% of captions dropped to zero conditioning (SDXL's `force_zeros_for_empty_prompt`, which
-   classifier-free guidance then uses), and an exponential moving average of the weights.
+   classifier-free guidance then uses), and an exponential moving average of the weights. The
+   learning rate is constant after its warm-up, so a run stopped at step n equals a run
+   configured for n steps, and a longer run continues a shorter one.
 
 `--export` writes the EMA weights as a diffusers folder in float16 (`architecture.save_pipeline`).
 Everything is deterministic from `--seed`.
@@ -44,12 +47,13 @@ from jaxfuse.models.unet import UNet2DConditionModel
 from jaxfuse.models.vae import AutoencoderKL
 
 TIME_IDS = (IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE)  # original size, crop, target size
+VAE_CROP = IMAGE_SIZE // 2
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    vae_steps: int = 3000
+    vae_steps: int = 2000
     vae_batch: int = 8
     vae_lr: float = 1e-3
     decoder_steps: int = 600
@@ -57,20 +61,25 @@ class TrainConfig:
     kl_weight: float = 1e-6
     object_weight: float = 10.0
     dataset_size: int = 24576
-    unet_steps: int = 2400
+    unet_steps: int = 20000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     warmup_steps: int = 200
-    ema_decay: float = 0.999
+    ema_decay: float = 0.9995
     uncond_fraction: float = 0.1
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 200
     log_every: int = 50
 
 
-def adamw(lr: float, steps: int, warmup: int) -> optax.GradientTransformation:
-    warmup = min(warmup, steps // 2)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr / 10)
+def adamw(lr: float, warmup: int, decay_steps: int | None = None) -> optax.GradientTransformation:
+    """AdamW with clipped gradients; the learning rate warms up linearly, then decays to a tenth
+    by a cosine over `decay_steps` in all, or stays constant when `decay_steps` is None."""
+    if decay_steps is None:
+        schedule = optax.linear_schedule(0.0, lr, warmup)
+    else:
+        warmup = min(warmup, decay_steps // 2)
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay_steps, end_value=lr / 10)
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
 
 
@@ -127,6 +136,13 @@ def scene_batch(seed: int, count: int) -> tuple[np.ndarray, list[str]]:
     return np.transpose(images, (0, 3, 1, 2)).astype(np.float32) / 127.5 - 1, captions
 
 
+def scene_crops(seed: int, count: int) -> np.ndarray:
+    """A VAE_CROP-pixel square from a random place of each of `count` scenes, NCHW as `scene_batch`."""
+    images, _ = scene_batch(seed, count)
+    corners = np.random.default_rng(seed).integers(0, IMAGE_SIZE - VAE_CROP + 1, size=(count, 2))
+    return np.stack([image[:, y:y + VAE_CROP, x:x + VAE_CROP] for image, (y, x) in zip(images, corners)])
+
+
 # --- stages 1 and 2: the VAE, then its decoder alone ------------------------------------------
 
 def reconstruction_loss(images: jax.Array, recon: jax.Array, cfg: TrainConfig) -> jax.Array:
@@ -156,8 +172,8 @@ def optimizer_step(loss_fn: Callable, tx: optax.GradientTransformation, ema_deca
 
 def train_vae(arch: DemoArchitecture, cfg: TrainConfig, workdir: Path, log) -> dict:
     vae = AutoencoderKL(arch.vae)
-    params = vae.init(jax.random.key(cfg.seed), jnp.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE)))["params"]
-    tx = adamw(cfg.vae_lr, cfg.vae_steps, cfg.warmup_steps)
+    params = vae.init(jax.random.key(cfg.seed), jnp.zeros((1, 3, VAE_CROP, VAE_CROP)))["params"]
+    tx = adamw(cfg.vae_lr, cfg.warmup_steps, cfg.vae_steps)
     state = {"step": 0, "seconds": 0.0, "params": params, "opt": tx.init(params)}
     log(f"vae: {sum(x.size for x in jax.tree.leaves(params)):,} parameters")
 
@@ -169,8 +185,7 @@ def train_vae(arch: DemoArchitecture, cfg: TrainConfig, workdir: Path, log) -> d
         return reconstruction_loss(images, recon, cfg) + cfg.kl_weight * kl
 
     def batches(i):
-        images, _ = scene_batch(cfg.seed * 1_000_003 + i, cfg.vae_batch)
-        return jnp.asarray(images), jax.random.key(i)
+        return jnp.asarray(scene_crops(cfg.seed * 1_000_003 + i, cfg.vae_batch)), jax.random.key(i)
 
     return run_loop("vae", optimizer_step(loss_fn, tx), state, batches, cfg.vae_steps,
                     Checkpoint(workdir / "vae.msgpack"), cfg, log)
@@ -186,7 +201,7 @@ def train_decoder(arch: DemoArchitecture, vae_params, cfg: TrainConfig, workdir:
     vae = AutoencoderKL(arch.vae)
     frozen = {k: v for k, v in vae_params.items() if k not in DECODER_PARTS}
     params = {k: vae_params[k] for k in DECODER_PARTS}
-    tx = adamw(cfg.decoder_lr, cfg.decoder_steps, cfg.warmup_steps)
+    tx = adamw(cfg.decoder_lr, cfg.warmup_steps, cfg.decoder_steps)
     state = {"step": 0, "seconds": 0.0, "params": params, "opt": tx.init(params)}
 
     def loss_fn(params, images):
@@ -196,8 +211,7 @@ def train_decoder(arch: DemoArchitecture, vae_params, cfg: TrainConfig, workdir:
         return reconstruction_loss(images, recon, cfg)
 
     def batches(i):
-        images, _ = scene_batch(cfg.seed * 1_000_003 + 20_000_000 + i, cfg.vae_batch)
-        return (jnp.asarray(images),)
+        return (jnp.asarray(scene_crops(cfg.seed * 1_000_003 + 20_000_000 + i, cfg.vae_batch)),)
 
     state = run_loop("decoder", optimizer_step(loss_fn, tx), state, batches, cfg.decoder_steps,
                      Checkpoint(workdir / "decoder.msgpack"), cfg, log)
@@ -216,19 +230,19 @@ def tokenizers(workdir: Path) -> list[CLIPTokenizer]:
 
 def encode_dataset(arch: DemoArchitecture, vae_params, cfg: TrainConfig, workdir: Path, log) -> dict:
     """{latents [N, 4, h, w] float32 (unscaled means), ids_1, ids_2 [N, 77] int32, scaling_factor,
-    seconds}; N is `dataset_size` rounded down to whole chunks of 256."""
+    seconds}; N is `dataset_size` rounded down to whole chunks of 64."""
     path = workdir / "dataset.npz"
     if path.is_file():
         return dict(np.load(path))
     vae = AutoencoderKL(arch.vae)
     encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode)[0])
-    chunk, latents, captions = 256, [], []
+    chunk, latents, captions = 64, [], []
     start = time.perf_counter()
     for i in range(cfg.dataset_size // chunk):
         images, text = scene_batch(cfg.seed * 1_000_003 + 10_000_000 + i, chunk)
         latents.append(np.asarray(encode(vae_params, jnp.asarray(images))))
         captions += text
-        if (i + 1) % 16 == 0:
+        if (i + 1) % 64 == 0:
             log(f"latents: {len(captions)}/{cfg.dataset_size} ({time.perf_counter() - start:.0f} s)")
     latents = np.concatenate(latents)
     ids = [tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
@@ -261,7 +275,7 @@ def train_unet(arch: DemoArchitecture, data: dict, cfg: TrainConfig, workdir: Pa
                                time_ids=jnp.asarray([TIME_IDS], jnp.float32))["params"]
     log("unet + text encoders: " + ", ".join(f"{k} {sum(x.size for x in jax.tree.leaves(v)):,}"
                                               for k, v in params.items()) + " parameters")
-    tx = adamw(cfg.unet_lr, cfg.unet_steps, cfg.warmup_steps)
+    tx = adamw(cfg.unet_lr, cfg.warmup_steps)
     state = {"step": 0, "seconds": 0.0, "params": params, "ema": params, "opt": tx.init(params)}
     alphas_bar = jnp.asarray(schedulers.train_alphas_cumprod(schedulers.SchedulerConfig.from_diffusers(
         architecture.SDXL_SCHEDULER)))
