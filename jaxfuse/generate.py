@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=Path, default=DEMO_MODEL,
                    help="a diffusers SDXL pipeline folder, or one converted by jaxfuse (default: the built-in "
-                        "demo model, 128x128 scenes of coloured shapes)")
+                        "demo model, 256x256 scenes of coloured shapes)")
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")

@@ -48,7 +48,7 @@ def test_shipped_model_equals_diffusers(pipe):
     from diffusers import StableDiffusionXLPipeline
 
     reference = StableDiffusionXLPipeline.from_pretrained(DEMO_MODEL, torch_dtype=torch.float32)
-    noise = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    noise = np.random.default_rng(0).standard_normal((1, 4, IMAGE_SIZE // 8, IMAGE_SIZE // 8)).astype(np.float32)
     kwargs = dict(prompt=DEMO_PROMPT, num_inference_steps=6, guidance_scale=5.0)
     ours = pipe(**kwargs, latents=noise)
     ref = reference(**kwargs, latents=torch.from_numpy(noise), output_type="np").images
