@@ -9,7 +9,7 @@
 2. Attention on CPU: `jax.nn.dot_product_attention` against the einsum path jaxfuse takes on CPU
    (`jaxfuse.models.layers.attention`), at the self-attention shapes of that UNet and of SDXL.
 3. The whole pipeline (encode, 20 Euler steps with guidance, decode) on the tiny random SDXL of
-   tests/tiny_sdxl.py at 128x96: `jaxfuse.load_pipeline` against `StableDiffusionXLPipeline`.
+   jaxfuse/oracle.py at 128x96: `jaxfuse.load_pipeline` against `StableDiffusionXLPipeline`.
 
 Both run once to warm up (jaxfuse compiles), then in turns; the figure is the median of the
 per-turn ratio jaxfuse / diffusers, which a busy machine disturbs less than either time.
@@ -26,19 +26,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from diffusers import StableDiffusionXLPipeline  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
-from reference import random_unet  # noqa: E402
-from tiny_sdxl import build  # noqa: E402
 
 import jaxfuse  # noqa: E402
 from jaxfuse.models.layers import attention  # noqa: E402
+from jaxfuse.oracle import build_tiny_sdxl, random_unet  # noqa: E402
 
 # SDXL's layout at about 1/20 of its width and depth: 128M parameters.
 UNET_128M = dict(
@@ -121,7 +118,7 @@ def attention_speed(shapes: list[tuple[int, int]], repeats: int) -> list[dict]:
 
 
 def pipeline_speed(tmp: Path, steps: int, repeats: int) -> dict:
-    build(tmp / "tiny-sdxl")
+    build_tiny_sdxl(tmp / "tiny-sdxl")
     reference = StableDiffusionXLPipeline.from_pretrained(tmp / "tiny-sdxl")
     reference.set_progress_bar_config(disable=True)
     pipe = jaxfuse.load_pipeline(tmp / "tiny-sdxl", cache_dir=tmp / "cache", log=lambda _: None)

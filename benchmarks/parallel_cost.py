@@ -6,7 +6,7 @@
 
 SDXL-base shapes with abstract bf16 parameters (no weights), guidance batch 2, compiled for an
 emulated CPU mesh of 8 devices; every figure is read from the compiled program
-(`jaxfuse.parallel.cost`). Each row compiles one program (about 40 s for SDXL on 2 cores); with
+(`jaxfuse.analysis.cost`). Each row compiles one program (about 40 s for SDXL on 2 cores); with
 `--json` finished rows are kept in the file and skipped when the run is started again.
 """
 
@@ -46,9 +46,8 @@ def key(row: dict) -> tuple:
 def measure(row: dict) -> dict:
     import jax.numpy as jnp
 
-    from jaxfuse.config import UNetConfig
-    from jaxfuse.parallel.cost import step_cost
-    from jaxfuse.parallel.mesh import ParallelConfig
+    from jaxfuse.analysis.cost import step_cost
+    from jaxfuse.config import ParallelConfig, UNetConfig
 
     cfg = {"sdxl-base": UNetConfig.sdxl_base, "tiny": UNetConfig.tiny}[row["preset"]]()
     context = {} if row.get("context") is None else {"context": row["context"]}

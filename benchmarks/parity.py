@@ -2,9 +2,9 @@
 
     python benchmarks/parity.py        (needs the [test] extra: torch and diffusers are the oracle)
 
-1. The UNet against diffusers' UNet2DConditionModel, same random weights (tests/reference.py).
+1. The UNet against diffusers' UNet2DConditionModel, same random weights (jaxfuse/oracle.py).
 2. The whole pipeline against diffusers' StableDiffusionXLPipeline, per sampler, on the tiny
-   random SDXL of tests/tiny_sdxl.py, same initial noise.
+   random SDXL of jaxfuse/oracle.py, same initial noise.
 3. Patch parallelism in sync mode against one device, per number of patches, on the emulated
    CPU mesh: the UNet output and the decoded image.
 """
@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -29,11 +28,10 @@ from diffusers import (  # noqa: E402
     EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
 )
-from reference import CASES, random_unet, reference_output, unet_inputs  # noqa: E402
-from tiny_sdxl import build  # noqa: E402
 
 import jaxfuse  # noqa: E402
-from jaxfuse.parallel.mesh import ParallelConfig  # noqa: E402
+from jaxfuse.config import ParallelConfig  # noqa: E402
+from jaxfuse.oracle import CASES, build_tiny_sdxl, random_unet, reference_output, unet_inputs  # noqa: E402
 
 
 def relative(a, b) -> str:
@@ -57,7 +55,7 @@ def unet_table(tmp: Path) -> None:
 
 
 def pipeline_tables(tmp: Path) -> None:
-    build(tmp / "tiny-sdxl")
+    build_tiny_sdxl(tmp / "tiny-sdxl")
     reference = StableDiffusionXLPipeline.from_pretrained(tmp / "tiny-sdxl")
     pipe = jaxfuse.load_pipeline(tmp / "tiny-sdxl", cache_dir=tmp / "cache", log=lambda _: None)
     noise = np.random.default_rng(0).standard_normal((1, 4, 16, 12)).astype(np.float32)

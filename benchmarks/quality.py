@@ -31,7 +31,7 @@ PSNR_CAP = 100.0  # dB, for images identical to the last bit
 
 
 def settings(devices: list[int], warmups: list[int], contexts: list[float]) -> list[dict]:
-    from jaxfuse.parallel.patch import GroupNormMode
+    from jaxfuse.config import GroupNormMode
 
     rows, warm = [], max(warmups)
     for n in devices:
@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
 
+    from jaxfuse.config import ParallelConfig
     from jaxfuse.demo import DEMO_MODEL
     from jaxfuse.demo.scenes import make_batch
-    from jaxfuse.parallel.mesh import ParallelConfig
     from jaxfuse.pipeline import load_pipeline
 
     pipe = load_pipeline(args.model or DEMO_MODEL, log=lambda line: print(line, file=sys.stderr))

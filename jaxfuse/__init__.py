@@ -1,7 +1,35 @@
-"""jaxfuse: DistriFusion-style patch-parallel inference for Stable Diffusion XL in JAX/Flax."""
+"""jaxfuse: DistriFusion-style patch-parallel inference for Stable Diffusion XL in JAX/Flax.
 
-from jaxfuse.config import UNetConfig
-from jaxfuse.models.unet import load_unet
-from jaxfuse.pipeline import SDXLPipeline, load_pipeline
+The public API, imported on first use (so `import jaxfuse` stays light):
 
-__all__ = ["SDXLPipeline", "UNetConfig", "load_pipeline", "load_unet"]
+    load_pipeline, SDXLPipeline      jaxfuse.pipeline
+    load_unet                        jaxfuse.models.unet
+    ParallelConfig, Mode, GroupNormMode, UNetConfig, VAEConfig, TextEncoderConfig   jaxfuse.config
+    SchedulerKind                    jaxfuse.schedulers
+"""
+
+import importlib
+
+_PUBLIC = {
+    "load_pipeline": "jaxfuse.pipeline",
+    "SDXLPipeline": "jaxfuse.pipeline",
+    "load_unet": "jaxfuse.models.unet",
+    "ParallelConfig": "jaxfuse.config",
+    "Mode": "jaxfuse.config",
+    "GroupNormMode": "jaxfuse.config",
+    "UNetConfig": "jaxfuse.config",
+    "VAEConfig": "jaxfuse.config",
+    "TextEncoderConfig": "jaxfuse.config",
+    "SchedulerKind": "jaxfuse.schedulers",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'jaxfuse' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
+
+
+def __dir__():
+    return __all__

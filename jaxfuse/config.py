@@ -1,12 +1,14 @@
-"""Model configurations as frozen dataclasses, read from diffusers `config.json` files.
+"""Configurations as frozen dataclasses: the models' (read from diffusers `config.json` files) and
+the parallel settings (`ParallelConfig`, with its choices `Mode` and `GroupNormMode`).
 
-A config is validated when it is built, so an unsupported checkpoint fails here, with the field
-named, before any weight is read or any function is traced.
+A config is validated when it is built, so an unsupported checkpoint or setting fails here, with
+the field named, before any weight is read or any function is traced.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -503,3 +505,81 @@ class TextEncoderConfig:
             projection_dim=1280,
             with_projection=True,
         )
+
+
+class ParallelError(ValueError):
+    """Parallel settings that cannot run; the message names the fix."""
+
+
+class Mode(str, enum.Enum):
+    """How the patches of a split image see each other (DESIGN.md, `jaxfuse.parallel.patch`)."""
+
+    SINGLE = "single"  # no mesh: plain SDXL
+    SYNC = "sync"  # fresh context, used at once: equals single
+    DISPLACED = "displaced"  # the previous step's context, own rows fresh (DistriFusion)
+    NAIVE = "naive"  # no context at all: zero halos, local attention and statistics
+    PCPP = "pcpp"  # displaced, but self-attention sees only the two neighbours' nearest tokens (PCPP)
+
+    @property
+    def reads_stale(self) -> bool:
+        """Steps of this mode use the previous step's context, so synchronous warm-up steps
+        must fill it first (displaced and pcpp)."""
+        return self in (Mode.DISPLACED, Mode.PCPP)
+
+
+class GroupNormMode(str, enum.Enum):
+    """Group-norm statistics in `displaced` steps (DistriFusion's ablation, REFERENCES.md)."""
+
+    CORRECTED = "corrected"  # stale statistics with the own patch's replaced by fresh ones
+    CORRECTED_DISTRIFUSION = "corrected-distrifusion"  # E[x], E[x^2] + (fresh - stale) local, not / N
+    STALE = "stale"  # the previous step's whole-image statistics
+    SYNC = "sync"  # fresh whole-image statistics every step (a blocking, tiny exchange)
+    SEPARATE = "separate"  # the own patch's statistics only
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How one image is spread over devices.
+
+    `mode`: single, sync, displaced, naive or pcpp (`Mode`); `warmup_steps`: synchronous steps
+    before the displaced (or pcpp) ones (DistriFusion's `warmup_steps=K` runs K + 1 of them);
+    `cfg_parallel`: the two guidance halves on two device groups; `gn`: group-norm statistics in
+    displaced and pcpp steps; `context`: in pcpp mode, the fraction p of the patch above and of
+    the patch below that self-attention sees (0.3, as in the PCPP authors' code; p = 1 is the two
+    neighbours in full, not every patch: `displaced` is that).
+    """
+
+    devices: int = 1
+    mode: Mode = Mode.SINGLE
+    warmup_steps: int = 4
+    cfg_parallel: bool = False
+    gn: GroupNormMode = GroupNormMode.CORRECTED
+    context: float = 0.3
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", Mode(self.mode))
+        object.__setattr__(self, "gn", GroupNormMode(self.gn))
+        if self.devices < 1:
+            raise ParallelError(f"devices must be at least 1, got {self.devices}.")
+        if self.mode == Mode.SINGLE and (self.devices != 1 or self.cfg_parallel):
+            raise ParallelError(f"mode single runs on one device; for {self.devices} devices choose "
+                                "--mode sync, displaced or naive.")
+        if self.cfg_parallel and self.devices % 2:
+            raise ParallelError(f"cfg_parallel splits the devices into two groups; {self.devices} is odd.")
+        if self.warmup_steps < 0:
+            raise ParallelError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if self.mode.reads_stale and self.warmup_steps < 1:
+            raise ParallelError(f"{self.mode.value} mode needs at least one synchronous warm-up step to fill "
+                                "its stale context; use --warmup-steps 1 or more.")
+        if not 0 <= self.context <= 1:
+            raise ParallelError(f"context (--context) is the fraction of each neighbour patch that pcpp attends "
+                                f"to; it must be in [0, 1], got {self.context}.")
+
+    @property
+    def patches(self) -> int:
+        """N: how many patches the image is split into."""
+        return self.devices // 2 if self.cfg_parallel else self.devices
+
+    @property
+    def split(self) -> bool:
+        return self.mode != Mode.SINGLE

@@ -33,21 +33,18 @@ import numpy as np
 from PIL import Image
 
 from jaxfuse import schedulers
+from jaxfuse.config import GroupNormMode, Mode, ParallelConfig, ParallelError
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.parallel.mesh import (
-    CPU_DEVICES_FLAG,
-    ParallelConfig,
-    ParallelError,
+    DEFAULT_CPU_DEVICES,
     ProcessLayout,
+    default_device_count,
+    emulate_cpu_devices,
     initialize_processes,
     is_main_process,
 )
-from jaxfuse.parallel.patch import GroupNormMode, Mode
-from jaxfuse.pipeline import PipelineError, PipelineSpec, load_pipeline
-
-# Emulated CPU devices when --devices is not given: enough to show patch parallelism, few enough
-# to keep a 2-core machine responsive.
-DEFAULT_CPU_DEVICES = 4
+from jaxfuse.pipeline import load_pipeline
+from jaxfuse.spec import PipelineError, PipelineSpec
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,7 +106,7 @@ def check_args(args: argparse.Namespace
                ) -> tuple[PipelineSpec, np.ndarray | None, ParallelConfig | None, ProcessLayout]:
     """Everything that can be checked without loading weights; raises `PipelineError` or
     `ParallelError`. The parallel layout is None when `--devices` is not given: it then depends on
-    the devices present (`default_parallel`)."""
+    the devices present (`PipelineSpec.largest_layout`)."""
     if args.context is not None and args.mode != "pcpp":
         raise ParallelError("--context sets how much of its neighbours a patch sees in pcpp mode; add --mode pcpp.")
     parallel = None if args.devices is None else parallel_config(args, args.devices)
@@ -135,34 +132,6 @@ def check_args(args: argparse.Namespace
     return spec, latents, parallel, processes
 
 
-def default_parallel(args: argparse.Namespace, spec: PipelineSpec, height: int, width: int) -> ParallelConfig:
-    """The layout without `--devices`: every device present (DEFAULT_CPU_DEVICES on a CPU), or
-    the most among which the image's rows divide; one device when `--mode single`."""
-    present = len(jax.devices())
-    cpu_devices = DEFAULT_CPU_DEVICES * jax.process_count()
-    wanted = 1 if args.mode == "single" else min(present, cpu_devices if jax.default_backend() == "cpu" else present)
-    for devices in range(wanted, 0, -1):
-        if args.cfg_parallel and devices % 2:
-            continue
-        parallel = parallel_config(args, devices)  # a setting it refuses is wrong at any count
-        try:
-            spec.check_request(height, width, args.steps, 1, None, parallel.patches)
-            return parallel
-        except PipelineError:
-            continue
-    raise PipelineError(f"no device count up to {wanted} fits a {width}x{height} image.")
-
-
-def emulate_cpu_devices(count: int) -> bool:
-    """Asks XLA for `count` CPU devices unless XLA_FLAGS already says how many; it must run
-    before JAX starts its backend, and it changes nothing on GPU or TPU. True if it set it."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if count <= 1 or CPU_DEVICES_FLAG in flags:
-        return False
-    os.environ["XLA_FLAGS"] = f"{flags} {CPU_DEVICES_FLAG}={count}".strip()
-    return True
-
-
 class ProgressBar:
     """A one-line text progress bar on stderr; the rate counts from the end of the first step,
     so it excludes start-up."""
@@ -180,21 +149,14 @@ class ProgressBar:
               end="\n" if step == total else "", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        spec, latents, parallel, processes = check_args(args)
-    except (PipelineError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def generate(args: argparse.Namespace) -> None:
+    """The command: checks, starts JAX (emulated CPU devices, the processes), loads, generates and
+    writes. Raises `PipelineError`, `ParallelError` (ValueErrors) or OSError for what the user can fix."""
+    spec, latents, parallel, processes = check_args(args)
     # Each process emulates its share of the CPU devices; both must happen before JAX starts.
     cpu_devices = args.devices // (processes.num_processes or 1) if args.devices else DEFAULT_CPU_DEVICES
     emulated = emulate_cpu_devices(cpu_devices)
-    try:
-        initialize_processes(processes)
-    except ParallelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    initialize_processes(processes)
     main_process = is_main_process()
 
     def report(line: str) -> None:  # progress and results: from process 0 only
@@ -205,15 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         report(f"no accelerator: emulating {cpu_devices} CPU devices per process "
                f"(XLA_FLAGS={os.environ['XLA_FLAGS']})")
     height, width = args.height or spec.default_size, args.width or spec.default_size
-    try:
-        parallel = parallel or default_parallel(args, spec, height, width)
-    except (PipelineError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if parallel is None:
+        wanted = 1 if args.mode == "single" else default_device_count()
+        parallel = spec.largest_layout(height, width, args.steps, wanted, lambda n: parallel_config(args, n),
+                                       args.cfg_parallel)
     if len(jax.devices()) < parallel.devices:
-        print(f"error: --devices {parallel.devices} but only {len(jax.devices())} "
-              f"{jax.default_backend()} devices are present.", file=sys.stderr)
-        return 2
+        raise ParallelError(f"--devices {parallel.devices} but only {len(jax.devices())} "
+                            f"{jax.default_backend()} devices are present.")
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
 
     pipe = load_pipeline(spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir, log=report)
@@ -222,18 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     report(f"generating {width}x{height}, {args.steps} {args.scheduler} steps on {jax.default_backend()} "
            f"({layout}{hosts}, {dtype}); compiling first...")
-    try:
-        result = pipe.generate(
-            args.prompt, args.negative_prompt, height=height, width=width, num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=args.seed,
-            latents=latents, scheduler=args.scheduler, parallel=parallel,
-            progress=ProgressBar("denoising") if main_process else None,
-        )
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = pipe.generate(
+        args.prompt, args.negative_prompt, height=height, width=width, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=args.seed,
+        latents=latents, scheduler=args.scheduler, parallel=parallel,
+        progress=ProgressBar("denoising") if main_process else None,
+    )
     if not main_process:
-        return 0
+        return
     image = result.images[0]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.round(image * 255).astype(np.uint8)).save(args.output)
@@ -247,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         {"settings": settings, "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}, indent=2))
     print(" ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()), file=sys.stderr)
     print(f"wrote {args.output}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        generate(args)
+    except (ValueError, OSError) as e:  # PipelineError, ParallelError, ConfigError, a file that cannot be read
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

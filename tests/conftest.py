@@ -21,3 +21,40 @@ atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _xla_cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax.extend.core import ClosedJaxpr, Jaxpr  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    """The tiny random SDXL pipeline (`jaxfuse.oracle.build_tiny_sdxl`) saved once per session."""
+    from jaxfuse.oracle import build_tiny_sdxl
+
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    build_tiny_sdxl(path)
+    return path
+
+
+def relative_error(ours, reference) -> float:
+    """max |ours - reference| / max |reference|."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def assert_trees_equal(a, b) -> None:
+    """Two pytrees with the same structure and bit-identical leaves."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def sub_jaxprs(eqn):
+    """The jaxprs nested in one equation (a scan's body, a shard_map's, a pjit's)."""
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, Jaxpr):
+                yield item

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_trees_equal, relative_error
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from checkpoints_conversion.convert_diffusers import match_checkpoint
+from jaxfuse.checkpoint import match_checkpoint
 from jaxfuse.config import ConfigError, TextEncoderConfig
 from jaxfuse.models.clip import BUFFERS, abstract_params, eos_positions, load_text_encoder
 
@@ -79,8 +80,6 @@ def case(request, tmp_path_factory):
     return model, folder, ids, out.hidden_states[-2].numpy(), pooled.numpy()
 
 
-def relative_error(out, ref):
-    return np.abs(np.asarray(out, np.float32) - ref).max() / np.abs(ref).max()
 
 
 def encode(folder, ids, **kwargs):
@@ -88,10 +87,6 @@ def encode(folder, ids, **kwargs):
     return jax.jit(encoder.apply)({"params": params}, ids)
 
 
-def assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_fp32_equals_transformers(case):

@@ -1,9 +1,9 @@
 """UNetConfig.from_diffusers: the SDXL settings it reads and the clear errors for the rest."""
 
 import pytest
-from reference import BASE_LIKE, SDXL_BASE_CONFIG
 
 from jaxfuse.config import ConfigError, UNetConfig
+from jaxfuse.oracle import BASE_LIKE, SDXL_BASE_CONFIG
 
 
 def test_per_block_values_accept_an_int_or_a_list():

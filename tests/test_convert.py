@@ -8,14 +8,16 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import assert_trees_equal
 from diffusers import UNet2DConditionModel as DiffusersUNet
-from reference import BASE_LIKE, SDXL_BASE_CONFIG, SDXL_REFINER_CONFIG, random_unet
 from safetensors.numpy import load_file, save_file
 
 import jaxfuse
-from checkpoints_conversion.convert_diffusers import ConversionError, export_checkpoint, main, match_checkpoint
+from checkpoints_conversion.convert_diffusers import main
+from jaxfuse.checkpoint import ConversionError, export_checkpoint, match_checkpoint
 from jaxfuse.config import UNetConfig
 from jaxfuse.models.unet import abstract_params
+from jaxfuse.oracle import BASE_LIKE, SDXL_BASE_CONFIG, SDXL_REFINER_CONFIG, random_unet
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -37,10 +39,6 @@ def params(folder):
     return jaxfuse.load_unet(folder)[1]
 
 
-def assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def edited_copy(folder, tmp_path, edit):

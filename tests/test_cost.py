@@ -10,12 +10,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-from test_parallel import sub_jaxprs
+from conftest import sub_jaxprs
 
-from jaxfuse.config import UNetConfig
-from jaxfuse.parallel.cost import build_step, compile_step, step_cost
-from jaxfuse.parallel.hlo import collective_bytes
-from jaxfuse.parallel.mesh import ParallelConfig
+from jaxfuse.analysis.cost import build_step, compile_step, step_cost
+from jaxfuse.analysis.hlo import collective_bytes
+from jaxfuse.config import ParallelConfig, UNetConfig
 
 TINY = UNetConfig.tiny()
 SIZE = 256  # pixels: a 32x32 latent, 4 rows per patch at the lowest level with 8 patches

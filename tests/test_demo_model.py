@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+from jaxfuse.config import ParallelConfig
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.demo.architecture import IMAGE_SIZE, demo_architecture
 from jaxfuse.demo.detect import prompt_accuracy
 from jaxfuse.demo.train import TrainConfig, train
 from jaxfuse.generate import main
-from jaxfuse.parallel.mesh import ParallelConfig
-from jaxfuse.pipeline import PipelineSpec, load_pipeline
+from jaxfuse.pipeline import load_pipeline
+from jaxfuse.spec import PipelineSpec
 
 MB = 2**20
 

@@ -8,16 +8,14 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_sdxl import build
 
-from jaxfuse.generate import emulate_cpu_devices, main
+from jaxfuse.generate import main
+from jaxfuse.parallel.mesh import emulate_cpu_devices
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-sdxl")
-    build(path)
-    return path
+def folder(tiny_sdxl_folder):
+    return tiny_sdxl_folder
 
 
 def run(folder, tmp_path, *extra):

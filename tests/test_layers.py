@@ -11,7 +11,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from safetensors.torch import save_file
 
-from checkpoints_conversion.convert_diffusers import SafetensorsCheckpoint, convert_checkpoint
+from jaxfuse.checkpoint import SafetensorsCheckpoint, convert_checkpoint
 from jaxfuse.models import layers
 
 

@@ -11,8 +11,9 @@ import time
 import numpy as np
 import pytest
 
+from jaxfuse.config import ParallelConfig, ParallelError
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
-from jaxfuse.parallel.mesh import ParallelConfig, ParallelError, ProcessLayout
+from jaxfuse.parallel.mesh import ProcessLayout
 from jaxfuse.pipeline import load_pipeline
 
 STEPS = 3

@@ -1,6 +1,7 @@
-"""Patch parallelism on the emulated 8-device CPU mesh: sync equals single, displaced and pcpp
-read only the previous step's exchange, pcpp's attention window is the rows it should be, and the
-bytes exchanged are the ones DESIGN.md counts."""
+"""Patch parallelism on the emulated 8-device CPU mesh, through the sampling loops' own step
+(`jaxfuse.sampling.step.predict_noise`): sync equals single, displaced and pcpp read only the
+previous step's exchange, a displaced loop compiles two UNet bodies, pcpp's attention window is the
+rows it should be, and the bytes exchanged are the ones DESIGN.md counts."""
 
 import math
 from fractions import Fraction
@@ -9,17 +10,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from conftest import relative_error, sub_jaxprs
+from jax.extend.core import Literal
 from jax.sharding import PartitionSpec as P
 
-from jaxfuse.config import UNetConfig
+from jaxfuse import schedulers
+from jaxfuse.analysis.cost import sharded_step, step_fn
+from jaxfuse.analysis.hlo import collective_bytes
+from jaxfuse.config import GroupNormMode, Mode, ParallelConfig, ParallelError, UNetConfig
 from jaxfuse.models.layers import Attention, apply_patched
 from jaxfuse.models.unet import UNet2DConditionModel
 from jaxfuse.parallel import patch as px
-from jaxfuse.parallel.cost import sharded_step
-from jaxfuse.parallel.hlo import collective_bytes
-from jaxfuse.parallel.mesh import ParallelConfig, ParallelError, make_mesh
-from jaxfuse.parallel.patch import PATCH, GroupNormMode, Mode, Patch
+from jaxfuse.parallel.mesh import make_mesh
+from jaxfuse.parallel.patch import PATCH, Patch
+from jaxfuse.sampling.image import image_loop
+from jaxfuse.sampling.step import Conditioning, Guidance, Sampling
 
 CFG = UNetConfig.tiny()  # 3 levels: a patch's latent rows must halve twice
 B, H, W = 2, 32, 24  # non-square; with 8 patches each holds 4 latent rows
@@ -31,13 +36,28 @@ def unet():
     return UNet2DConditionModel(CFG)
 
 
+def make_inputs(seed):
+    """(latents [B, 4, H, W], their conditioning, a schedule, guidance), for unguided steps whose
+    prediction is the UNet's output: DDIM's first of two steps is timestep 500 and leaves the
+    latents unscaled."""
+    rng = np.random.default_rng(seed)
+    cond = Conditioning(context=rng.standard_normal((B, 5, 32), np.float32),
+                        text_embeds=rng.standard_normal((B, 32), np.float32),
+                        time_ids=np.tile(np.float32([256, 192, 0, 0, 256, 192]), (B, 1)))
+    schedule = schedulers.make_schedule(schedulers.SchedulerKind.DDIM, schedulers.SchedulerConfig(clip_sample=False), 2)
+    latents = rng.standard_normal((B, 4, H, W), np.float32)
+    return latents, cond, schedule, Guidance(np.float32(5.0), np.float32(0.0))
+
+
 @pytest.fixture(scope="module")
 def inputs():
-    rng = np.random.default_rng(0)
-    return dict(sample=rng.standard_normal((B, 4, H, W), np.float32), timesteps=np.float32(500.0),
-                encoder_hidden_states=rng.standard_normal((B, 5, 32), np.float32),
-                text_embeds=rng.standard_normal((B, 32), np.float32),
-                time_ids=np.tile(np.float32([256, 192, 0, 0, 256, 192]), (B, 1)))
+    return make_inputs(0)
+
+
+@pytest.fixture(scope="module")
+def later(inputs):
+    """The same conditioning with other latents: a later step, whose stale context is not fresh."""
+    return (np.random.default_rng(7).standard_normal(inputs[0].shape, np.float32), *inputs[1:])
 
 
 @pytest.fixture(scope="module")
@@ -53,34 +73,33 @@ def params(unet, inputs):
             return noise / np.sqrt(np.prod(shape.shape[:-1]))
         return 1 + 0.05 * noise if name == "scale" else 0.05 * noise
 
-    abstract = jax.eval_shape(unet.init, jax.random.key(0), **inputs)["params"]
+    latents, cond, _, _ = inputs
+    abstract = jax.eval_shape(unet.init, jax.random.key(0), latents, np.float32(500),
+                              cond.context, text_embeds=cond.text_embeds, time_ids=cond.time_ids)["params"]
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
-def mesh_of(n):
-    return make_mesh(ParallelConfig(n, Mode.SYNC))
+def sampling_of(n):
+    return Sampling(use_guidance=False, use_rescale=False, parallel=ParallelConfig(n, Mode.SYNC))
 
 
-def sharded(unet, patch, n, inputs, stale=None):
-    """One UNet step on an n-patch mesh (`jaxfuse.parallel.cost.sharded_step`) and its arguments
-    after the parameters; a stale tree travels between calls stacked over PATCH."""
-    conditioning = {k: v for k, v in inputs.items() if k != "sample"}
-    fn = sharded_step(unet, patch, mesh_of(n), conditioning, with_stale=stale is not None)
-    return fn, (inputs["sample"], conditioning) + ((stale,) if stale is not None else ())
+def sharded(unet, patch, n, stale=None):
+    """One noise prediction on an n-patch mesh (`jaxfuse.analysis.cost.sharded_step`); a
+    stale tree travels between calls stacked over PATCH."""
+    sampling = sampling_of(n)
+    return sharded_step(unet, sampling, patch, make_mesh(sampling.parallel), with_stale=stale is not None)
 
 
 def run(unet, patch, n, params, inputs, stale=None):
-    fn, args = sharded(unet, patch, n, inputs, stale)
-    return jax.jit(fn)(params, *args)
+    return jax.jit(sharded(unet, patch, n, stale))(params, *inputs, *([] if stale is None else [stale]))
 
 
-def relative(a, b):
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+relative = relative_error
 
 
 @pytest.fixture(scope="module")
 def single(unet, params, inputs):
-    return jax.jit(unet.apply)({"params": params}, **inputs)
+    return jax.jit(step_fn(unet, sampling_of(1), Patch()))(params, *inputs)
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
@@ -101,15 +120,6 @@ def test_displaced_step_on_repeated_input_equals_sync(unet, params, inputs, gn):
 
 def test_naive_differs_from_single(unet, params, inputs, single):
     assert relative(run(unet, Patch(Mode.NAIVE), 4, params, inputs), single) > 1e-2
-
-
-def sub_jaxprs(eqn):
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(item, ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, Jaxpr):
-                yield item
 
 
 def all_collectives(jaxpr):
@@ -138,8 +148,7 @@ def collectives_reaching(jaxpr, outvars):
 
 def step_jaxpr(unet, patch, params, inputs, stale=None):
     """The per-device jaxpr of one step (the body of its shard_map)."""
-    fn, args = sharded(unet, patch, 4, inputs, stale)
-    jaxpr = jax.make_jaxpr(fn)(params, *args)
+    jaxpr = jax.make_jaxpr(sharded(unet, patch, 4, stale))(params, *inputs, *([] if stale is None else [stale]))
     (outer,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
     return outer.params["jaxpr"]
 
@@ -151,8 +160,8 @@ def test_displaced_noise_prediction_waits_on_no_exchange_of_its_step(unet, param
     convolution's fresh latent halo feeds its noise prediction (one row of 4 latent channels
     from each neighbour: 2 x B x 1 x W x 4 x 4 bytes = 1536 bytes here); the rest is only
     written to the stale state for the next step. In sync mode the same walk finds them all."""
-    _, stale = run(unet, parallel.patch(Mode.SYNC, record=True), 4, params, inputs)
-    displaced = step_jaxpr(unet, parallel.patch(), params, inputs, stale)
+    _, stale = run(unet, Patch.of(parallel, Mode.SYNC, record=True), 4, params, inputs)
+    displaced = step_jaxpr(unet, Patch.of(parallel), params, inputs, stale)
     reaching = collectives_reaching(displaced, displaced.outvars[:1])
     assert [e.primitive.name for e in reaching] == ["ppermute", "ppermute"]
     assert all(e.invars[0].aval.shape == (B, 1, W, CFG.in_channels) for e in reaching)
@@ -165,9 +174,27 @@ def test_displaced_noise_prediction_waits_on_no_exchange_of_its_step(unet, param
     assert reaching == {"ppermute", "all_gather"}
 
 
+def count_primitive(jaxpr, name):
+    return sum((eqn.primitive.name == name) + sum(count_primitive(sub, name) for sub in sub_jaxprs(eqn))
+               for eqn in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("mode", [Mode.DISPLACED, Mode.PCPP])
+def test_a_displaced_loop_compiles_two_unet_bodies(unet, params, inputs, mode):
+    """The whole image loop (warm-up scan, then displaced scan) holds the UNet twice: its stale
+    context starts as zeros shaped by an abstract trace, not by a step peeled out of the scan. A
+    UNet body is counted by its convolutions (the single step's count)."""
+    per_unet = count_primitive(jax.make_jaxpr(step_fn(unet, sampling_of(1), Patch()))(params, *inputs).jaxpr,
+                               "conv_general_dilated")
+    sampling = Sampling(False, False, ParallelConfig(4, mode, warmup_steps=1))
+    loop = image_loop(unet, sampling, make_mesh(sampling.parallel))
+    convolutions = count_primitive(jax.make_jaxpr(loop)(params, *inputs).jaxpr, "conv_general_dilated")
+    assert per_unet > 0 and convolutions == 2 * per_unet
+
+
 def compiled_bytes(unet, patch, n, params, inputs, stale=None):
-    fn, args = sharded(unet, patch, n, inputs, stale)
-    return collective_bytes(jax.jit(fn).lower(params, *args).compile().as_text())
+    args = (params, *inputs, *([] if stale is None else [stale]))
+    return collective_bytes(jax.jit(sharded(unet, patch, n, stale)).lower(*args).compile().as_text())
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -271,8 +298,8 @@ def test_pcpp_attention_window_is_exactly_the_specified_tokens(n, rows, width, c
     parallel = ParallelConfig(n, Mode.PCPP, context=context)
 
     def steps(x):
-        warm, stale = apply_patched(layer, parallel.patch(Mode.SYNC, record=True), params, None, x)
-        return warm, apply_patched(layer, parallel.patch(), params, stale, 2 * x)[0]
+        warm, stale = apply_patched(layer, Patch.of(parallel, Mode.SYNC, record=True), params, None, x)
+        return warm, apply_patched(layer, Patch.of(parallel), params, stale, 2 * x)[0]
 
     rows_spec = P(None, PATCH)
     fn = jax.jit(jax.shard_map(steps, mesh=make_mesh(parallel), in_specs=rows_spec, out_specs=(rows_spec, rows_spec)))
@@ -288,28 +315,27 @@ def test_pcpp_attention_window_is_exactly_the_specified_tokens(n, rows, width, c
         np.testing.assert_allclose(out[query], expected / len(seen), rtol=1e-6, atol=1e-7, err_msg=f"query {query}")
 
 
-def test_pcpp_with_the_whole_neighbour_on_two_patches_equals_displaced(unet, params, inputs):
+def test_pcpp_with_the_whole_neighbour_on_two_patches_equals_displaced(unet, params, inputs, later):
     """N = 2, p = 1: each patch's one neighbour is the rest of the image, so pcpp sees what
     displaced sees (in another order of float32 sums: the masked, empty window above the top
     patch adds zeros). The step after warm-up gets new latents, so stale and fresh context differ."""
-    later = dict(inputs, sample=np.random.default_rng(7).standard_normal(inputs["sample"].shape, np.float32))
     pcpp = ParallelConfig(2, Mode.PCPP, context=1.0)
     _, stale = run(unet, Patch(Mode.SYNC, record=True), 2, params, inputs)
     displaced, _ = run(unet, Patch(Mode.DISPLACED), 2, params, later, stale)
-    _, stale = run(unet, pcpp.patch(Mode.SYNC, record=True), 2, params, inputs)
-    partial, _ = run(unet, pcpp.patch(), 2, params, later, stale)
+    _, stale = run(unet, Patch.of(pcpp, Mode.SYNC, record=True), 2, params, inputs)
+    partial, _ = run(unet, Patch.of(pcpp), 2, params, later, stale)
     assert relative(partial, displaced) <= 1e-5
     assert relative(displaced, run(unet, Patch(Mode.SYNC), 2, params, later)) > 1e-3  # the stale context counts
 
 
-def test_pcpp_without_context_is_naive_attention_with_displaced_convolutions(unet, params, inputs, monkeypatch):
+def test_pcpp_without_context_is_naive_attention_with_displaced_convolutions(unet, params, inputs, later,
+                                                                            monkeypatch):
     """p = 0: self-attention sees the patch's own tokens only, while convolutions and group norm
     stay displaced. The reference is a displaced step (after the same synchronous warm-up) whose
     attention replaces the stale keys and values of every patch by the patch's own fresh ones."""
-    later = dict(inputs, sample=np.random.default_rng(7).standard_normal(inputs["sample"].shape, np.float32))
     pcpp = ParallelConfig(4, Mode.PCPP, context=0.0)
-    _, windows = run(unet, pcpp.patch(Mode.SYNC, record=True), 4, params, inputs)
-    partial, _ = run(unet, pcpp.patch(), 4, params, later, windows)
+    _, windows = run(unet, Patch.of(pcpp, Mode.SYNC, record=True), 4, params, inputs)
+    partial, _ = run(unet, Patch.of(pcpp), 4, params, later, windows)
     flat = jax.tree_util.tree_flatten_with_path(windows)[0]
     assert [leaf.shape[1] for path, leaf in flat if "'kv_window'" in jax.tree_util.keystr(path)] == [0] * 22
     _, stale = run(unet, Patch(Mode.SYNC, record=True), 4, params, inputs)
@@ -328,8 +354,8 @@ def test_pcpp_bytes_match_the_formula(unet, params, inputs):
     pcpp = ParallelConfig(n, Mode.PCPP, context=context)
     _, stale = run(unet, Patch(Mode.SYNC, record=True), n, params, inputs)
     displaced = compiled_bytes(unet, Patch(Mode.DISPLACED), n, params, inputs, stale)
-    _, window_stale = run(unet, pcpp.patch(Mode.SYNC, record=True), n, params, inputs)
-    partial = compiled_bytes(unet, pcpp.patch(), n, params, inputs, window_stale)
+    _, window_stale = run(unet, Patch.of(pcpp, Mode.SYNC, record=True), n, params, inputs)
+    partial = compiled_bytes(unet, Patch.of(pcpp), n, params, inputs, window_stale)
 
     gathered = [leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(stale)[0]
                 if "'kv'" in jax.tree_util.keystr(path)]  # [n B, S, 2C] per self-attention

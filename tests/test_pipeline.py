@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-from tiny_sdxl import build
 
 import jaxfuse
-from jaxfuse.parallel.mesh import ParallelConfig
-from jaxfuse.parallel.patch import GroupNormMode, Mode
-from jaxfuse.pipeline import PipelineError, load_pipeline
+from jaxfuse.config import GroupNormMode, Mode, ParallelConfig
+from jaxfuse.pipeline import load_pipeline
+from jaxfuse.spec import PipelineError
 
 HEIGHT, WIDTH = 64, 96  # non-square; latents 8x12
 STEPS = 8
@@ -21,10 +20,8 @@ DIFFUSERS_SCHEDULERS = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, 
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-sdxl")
-    build(path)
-    return path
+def folder(tiny_sdxl_folder):
+    return tiny_sdxl_folder
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import CASES, random_unet, reference_output, unet_inputs
+from conftest import relative_error
 
 import jaxfuse
 from jaxfuse.models.unet import UNet2DConditionModel
+from jaxfuse.oracle import CASES, random_unet, reference_output, unet_inputs
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -28,8 +29,6 @@ def apply(unet, params, inputs):
     )
 
 
-def relative_error(out, ref):
-    return np.abs(np.asarray(out, np.float32) - ref).max() / np.abs(ref).max()
 
 
 def test_fp32_equals_diffusers(case):

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import relative_error
 from diffusers import AutoencoderKL as DiffusersVAE
 
-from checkpoints_conversion.convert_diffusers import match_checkpoint
+from jaxfuse.checkpoint import match_checkpoint
 from jaxfuse.config import ConfigError, VAEConfig
 from jaxfuse.models.vae import AutoencoderKL, abstract_params, load_vae
 
@@ -46,8 +47,6 @@ SDXL_VAE_CONFIG = {
 }
 
 
-def relative_error(out, ref):
-    return np.abs(np.asarray(out, np.float32) - ref).max() / np.abs(ref).max()
 
 
 def run(vae, params, method, x):

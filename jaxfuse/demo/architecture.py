@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from checkpoints_conversion.convert_diffusers import CONFIG_NAME, WEIGHTS_NAME, export_checkpoint
+from jaxfuse.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_checkpoint
 from jaxfuse.config import TextEncoderConfig, UNetConfig, VAEConfig
 from jaxfuse.demo.scenes import VOCABULARY
 from jaxfuse.models.clip import WEIGHTS_NAME as TEXT_WEIGHTS_NAME

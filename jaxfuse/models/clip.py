@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from checkpoints_conversion.convert_diffusers import CONFIG_NAME, component_folder, load_params
+from jaxfuse.checkpoint import CONFIG_NAME, component_folder, load_params
 from jaxfuse.config import TextEncoderConfig
 from jaxfuse.models.layers import Dtype, attention
 

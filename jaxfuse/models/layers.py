@@ -9,7 +9,8 @@ This is the only module that knows about patches (DESIGN.md). Inside `shard_map`
 from the other patches (`jaxfuse.parallel.patch`): a 3x3 convolution the neighbours' edge rows in
 place of its zero padding, group norm the whole image's statistics, self-attention every patch's
 keys and values (pcpp: the two neighbours' nearest ones). `exchanged` decides per mode whether the
-context is this step's or the previous step's (kept in the `stale` collection). Everything else
+context is this step's or the previous step's (kept in the `stale` collection), as the table in
+`jaxfuse.parallel.patch` says. Everything else
 (linear layers, 1x1 convolutions, cross-attention, nearest upsampling) is row-local.
 
 Activations are NHWC. `dtype` is the compute dtype; norm statistics, attention logits and softmax
@@ -26,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxfuse.config import GroupNormMode, Mode
 from jaxfuse.parallel import patch as px
-from jaxfuse.parallel.patch import Mode, Patch
+from jaxfuse.parallel.patch import Patch
 
 Dtype = Any
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -101,19 +103,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, is_causa
 
 def exchanged(module: nn.Module, name: str, patch: Patch, exchange: Callable[[], Any], fresh: bool = False,
               keep: Callable[[Any], Any] | None = None) -> Any:
-    """The context `module` uses this step: `exchange()`'s result in sync steps (or when
-    `fresh`), the value kept from the previous step in displaced and pcpp ones. Whenever the
-    step writes stale context, this step's exchange (or the part `keep` takes of it) is kept for
-    the next; in a displaced step nothing this step computes waits on it, so it overlaps the
-    step's compute."""
+    """The context `module` uses this step under the stale entry `name`: `exchange()`'s result in
+    sync steps (or when `fresh`), the value kept from the previous step in displaced and pcpp
+    ones. A step that writes stale context keeps this step's exchange (or the part `keep` takes of
+    it) for the next; in a displaced step nothing this step computes waits on it, so it overlaps
+    the step's compute."""
     result = exchange()
     used = result
-    if patch.displaced and not fresh:
+    if patch.reads_stale and not fresh:
         if not module.has_variable(px.STALE, name):
             raise ValueError(f"{module.name}: a {patch.mode.value} step needs the previous step's '{name}' "
                              "context; run at least one synchronous warm-up step first.")
         used = module.get_variable(px.STALE, name)
-    if patch.writes_stale and module.is_mutable_collection(px.STALE):
+    if patch.writes_stale:
         module.put_variable(px.STALE, name, result if keep is None else keep(result))
     return used
 
@@ -169,7 +171,7 @@ class Conv2d(nn.Module):
             b, _, w, c = x.shape
             top, bottom = jnp.zeros((b, above, w, c), x.dtype), jnp.zeros((b, below, w, c), x.dtype)
         else:
-            top, bottom = exchanged(self, "halo", self.patch, lambda: px.neighbour_rows(x, above, below))
+            top, bottom = exchanged(self, px.HALO, self.patch, lambda: px.neighbour_rows(x, above, below))
         return jnp.concatenate([top, x, bottom], axis=1)
 
 
@@ -195,14 +197,14 @@ class GroupNorm(nn.Module):
 
     def image_moments(self, mean: jax.Array, var: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The patch's statistics [B, G] -> the ones this step normalises with."""
-        gn, displaced = self.patch.gn, self.patch.displaced
-        if self.patch.mode == Mode.NAIVE or (displaced and gn == px.GroupNormMode.SEPARATE):
+        gn, displaced = self.patch.gn, self.patch.reads_stale
+        if self.patch.mode == Mode.NAIVE or (displaced and gn == GroupNormMode.SEPARATE):
             return mean, var
-        fresh = displaced and gn == px.GroupNormMode.SYNC
-        moments = exchanged(self, "moments", self.patch, lambda: px.gather_moments(mean, var), fresh)
-        if displaced and gn == px.GroupNormMode.CORRECTED:
+        fresh = displaced and gn == GroupNormMode.SYNC
+        moments = exchanged(self, px.MOMENTS, self.patch, lambda: px.gather_moments(mean, var), fresh)
+        if displaced and gn == GroupNormMode.CORRECTED:
             moments = px.with_own_moments(moments, mean, var)
-        elif displaced and gn == px.GroupNormMode.CORRECTED_DISTRIFUSION:
+        elif displaced and gn == GroupNormMode.CORRECTED_DISTRIFUSION:
             return px.distrifusion_moments(moments, mean, var)
         return px.combine_moments(moments)
 
@@ -239,16 +241,16 @@ class Attention(nn.Module):
         and which of them count ([S] bool; None: all)."""
         patch = self.patch
         if patch.context is None:  # sync, displaced: every patch's
-            kv = exchanged(self, "kv", patch, lambda: px.gather_rows(local))
-            return (px.own_rows_fresh(kv, local) if patch.displaced else kv), None
+            kv = exchanged(self, px.KV, patch, lambda: px.gather_rows(local))
+            return (px.own_rows_fresh(kv, local) if patch.reads_stale else kv), None
         tokens = local.shape[1]
         count = px.window_tokens(patch.context, tokens)
         if patch.mode == Mode.PCPP:  # the neighbours' windows from the previous step, own tokens fresh
-            above, below = exchanged(self, "kv_window", patch, lambda: px.neighbour_rows(local, count, count))
+            above, below = exchanged(self, px.KV_WINDOW, patch, lambda: px.neighbour_rows(local, count, count))
             return jnp.concatenate([above, local, below], axis=1), px.window_mask(tokens, count)
         # A pcpp run's synchronous warm-up: every patch's keys now; the windows, cut from them
         # without another exchange, kept for the first pcpp step.
-        return exchanged(self, "kv_window", patch, lambda: px.gather_rows(local),
+        return exchanged(self, px.KV_WINDOW, patch, lambda: px.gather_rows(local),
                          keep=lambda kv: px.window_of(kv, tokens, count)), None
 
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from checkpoints_conversion.convert_diffusers import CONFIG_NAME, component_folder, load_params
+from jaxfuse.checkpoint import CONFIG_NAME, component_folder, load_params
 from jaxfuse.config import UNetConfig
 from jaxfuse.models.layers import Attention, Conv2d, Downsample, Dtype, GroupNorm, ResnetBlock, Upsample
 from jaxfuse.parallel.patch import Patch

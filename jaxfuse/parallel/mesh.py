@@ -1,4 +1,4 @@
-"""The parallel settings, the processes and the device mesh they run on.
+"""The devices: how many to use, the processes of a multi-host run, and the mesh over them.
 
 Without classifier-free-guidance parallelism the mesh is one axis, `PATCH`, of N devices; with it,
 (`CFG`=2, `PATCH`=N/2): the unconditional and conditional halves of the batch live on the two
@@ -12,6 +12,7 @@ shards its own devices hold and `gather` gives every process the whole result.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import socket
 import time
@@ -22,65 +23,32 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxfuse.parallel.patch import CFG, PATCH, GroupNormMode, Mode, Patch
+from jaxfuse.config import ParallelConfig, ParallelError
+from jaxfuse.parallel.patch import CFG, PATCH
 
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+# Emulated CPU devices per process when the user names no count: enough to show patch
+# parallelism, few enough to keep a 2-core machine responsive.
+DEFAULT_CPU_DEVICES = 4
 
 
-class ParallelError(ValueError):
-    """Parallel settings that cannot run; the message names the fix."""
+def emulate_cpu_devices(count: int) -> bool:
+    """Asks XLA for `count` CPU devices unless XLA_FLAGS already says how many; it must run
+    before JAX starts its backend, and it changes nothing on GPU or TPU. True if it set it."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count <= 1 or CPU_DEVICES_FLAG in flags:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_DEVICES_FLAG}={count}".strip()
+    return True
 
 
-@dataclasses.dataclass(frozen=True)
-class ParallelConfig:
-    """How one image is spread over devices.
-
-    `mode`: single, sync, displaced, naive or pcpp (see `jaxfuse.parallel.patch.Mode`);
-    `warmup_steps`: synchronous steps before the displaced (or pcpp) ones (DistriFusion uses 4);
-    `cfg_parallel`: the two guidance halves on two device groups; `gn`: group-norm statistics
-    in displaced and pcpp steps; `context`: in pcpp mode, the fraction p of the patch above and
-    of the patch below that self-attention sees (0.3, as in the PCPP authors' code; p = 1 is the
-    two neighbours in full, not every patch: `displaced` is that).
-    """
-
-    devices: int = 1
-    mode: Mode = Mode.SINGLE
-    warmup_steps: int = 4
-    cfg_parallel: bool = False
-    gn: GroupNormMode = GroupNormMode.CORRECTED
-    context: float = 0.3
-
-    def __post_init__(self):
-        object.__setattr__(self, "mode", Mode(self.mode))
-        object.__setattr__(self, "gn", GroupNormMode(self.gn))
-        if self.devices < 1:
-            raise ParallelError(f"devices must be at least 1, got {self.devices}.")
-        if self.mode == Mode.SINGLE and (self.devices != 1 or self.cfg_parallel):
-            raise ParallelError(f"mode single runs on one device; for {self.devices} devices choose "
-                                "--mode sync, displaced or naive.")
-        if self.cfg_parallel and self.devices % 2:
-            raise ParallelError(f"cfg_parallel splits the devices into two groups; {self.devices} is odd.")
-        if self.warmup_steps < 0:
-            raise ParallelError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
-        if self.patch().displaced and self.warmup_steps < 1:
-            raise ParallelError(f"{self.mode.value} mode needs at least one synchronous warm-up step to fill "
-                                "its stale context; use --warmup-steps 1 or more.")
-        if not 0 <= self.context <= 1:
-            raise ParallelError(f"context (--context) is the fraction of each neighbour patch that pcpp attends "
-                                f"to; it must be in [0, 1], got {self.context}.")
-
-    @property
-    def patches(self) -> int:
-        """N: how many patches the image is split into."""
-        return self.devices // 2 if self.cfg_parallel else self.devices
-
-    @property
-    def split(self) -> bool:
-        return self.mode != Mode.SINGLE
-
-    def patch(self, mode: Mode | None = None, record: bool = False) -> Patch:
-        """The layers' view of one step in `mode` (default: this config's mode)."""
-        return Patch(mode or self.mode, self.gn, record, self.context if self.mode == Mode.PCPP else None)
+def default_device_count() -> int:
+    """How many devices to spread an image over when the user names none: every device present;
+    on a CPU, the emulated `DEFAULT_CPU_DEVICES` of each process."""
+    present = len(jax.devices())
+    if jax.default_backend() == "cpu":
+        return min(present, DEFAULT_CPU_DEVICES * jax.process_count())
+    return present
 
 
 def make_mesh(cfg: ParallelConfig, devices: list | None = None) -> Mesh:
@@ -88,7 +56,8 @@ def make_mesh(cfg: ParallelConfig, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     if len(devices) < cfg.devices:
         hint = (f" On a CPU, set XLA_FLAGS={CPU_DEVICES_FLAG}={cfg.devices} before JAX starts "
-                "(python -m jaxfuse.generate does this for you)." if devices[0].platform == "cpu" else "")
+                "(python -m jaxfuse.generate does this for you; in Python, "
+                "jaxfuse.parallel.mesh.emulate_cpu_devices)." if devices[0].platform == "cpu" else "")
         raise ParallelError(f"{cfg.devices} devices asked for, {len(devices)} present.{hint}")
     grid = np.asarray(devices[:cfg.devices])
     if cfg.cfg_parallel:

@@ -1,4 +1,5 @@
-"""Patch parallelism: the modes, and the exchanges a layer makes with the other patches.
+"""Patch parallelism: what a layer knows of a step (`Patch`), the stale contract, and the pure
+exchanges a layer makes with the other patches.
 
 The latent is split by rows over the mesh axis `PATCH`: device p holds rows [p h, (p + 1) h) of
 every activation. Three kinds of layer look beyond their own rows (DESIGN.md):
@@ -9,9 +10,32 @@ every activation. Three kinds of layer look beyond their own rows (DESIGN.md):
                       tokens only)
     group norm        statistics of the whole image       `gather_moments`  (all_gather)
 
-These functions run inside `shard_map` and are called only from `models/layers.py`, which decides
-per mode whether a layer uses this step's exchange (`sync`), the previous step's (`displaced` and
-`pcpp`, kept in the Flax collection `STALE`) or none (`naive`).
+These functions run inside `shard_map` and are called only from `models/layers.py` (and, for the
+guidance batch, from the sampling loops through `join_guidance_halves` and `image_std`).
+
+The stale contract. A step that reads stale context finds the previous step's exchanges in the
+Flax collection `STALE`, one entry per layer under the exchange's name below; a step that writes
+it leaves this step's there. Per mode and layer, what the layer uses (and what it writes):
+
+    layer, exchange             sync     warm-up (sync,     displaced             pcpp                 naive
+                                         `record`)
+    conv_in, none kept          fresh    fresh              fresh                 fresh                zeros
+    other 3x3 conv, HALO        fresh    fresh; writes      stale; writes         stale; writes        zeros
+    self-attention, KV          fresh    fresh; writes      stale, own fresh;     -                    own only
+                                                            writes
+    self-attention, KV_WINDOW   -        fresh (pcpp run);  -                     stale windows, own   own only
+                                         writes windows                           fresh; writes
+    group norm, MOMENTS         fresh    fresh; writes      by `GroupNormMode`;   as displaced         own only
+                                                            writes
+
+`conv_in` reads its neighbours' latent rows fresh in every mode (a few KB; `Patch.fresh`), and
+`GroupNormMode.SYNC` makes a displaced step's statistics fresh. Every stale leaf leads with the
+batch, so the stale state can be sliced or rolled per image:
+
+    HALO       (rows above [B, a, W, C], rows below [B, b, W, C])
+    KV         [B, S, 2 C]                          keys and values side by side
+    KV_WINDOW  (above [B, w, 2 C], below [B, w, 2 C])
+    MOMENTS    [B, N, 2, G]                         every patch's (mean, variance)
 
 PCPP's window: a patch of T tokens (h rows of W) sees, of the patch above and of the patch below,
 the `window_tokens(p, T)` = p x T tokens nearest to it, rounded to the nearest token (halves up):
@@ -24,44 +48,32 @@ Legend: B batch, h local rows, W columns, C channels, G groups, N patches, S all
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxfuse.config import GroupNormMode, Mode, ParallelConfig
+
 PATCH = "patch"  # mesh axis over which the image rows are split
 CFG = "cfg"  # mesh axis over which the guidance batch halves are split
 STALE = "stale"  # Flax collection holding the previous step's exchanged context
-
-
-class Mode(str, enum.Enum):
-    SINGLE = "single"  # no mesh: plain SDXL
-    SYNC = "sync"  # fresh context, used at once: equals single
-    DISPLACED = "displaced"  # the previous step's context, own rows fresh (DistriFusion)
-    NAIVE = "naive"  # no context at all: zero halos, local attention and statistics
-    PCPP = "pcpp"  # displaced, but self-attention sees only the two neighbours' nearest tokens (PCPP)
-
-
-class GroupNormMode(str, enum.Enum):
-    """Group-norm statistics in `displaced` steps (DistriFusion's ablation, REFERENCES.md)."""
-
-    CORRECTED = "corrected"  # stale statistics with the own patch's replaced by fresh ones
-    CORRECTED_DISTRIFUSION = "corrected-distrifusion"  # E[x], E[x^2] + (fresh - stale) local, not / N
-    STALE = "stale"  # the previous step's whole-image statistics
-    SYNC = "sync"  # fresh whole-image statistics every step (a blocking, tiny exchange)
-    SEPARATE = "separate"  # the own patch's statistics only
+# The stale entries, one per layer that exchanges (the table above).
+HALO = "halo"
+KV = "kv"
+KV_WINDOW = "kv_window"
+MOMENTS = "moments"
 
 
 @dataclasses.dataclass(frozen=True)
 class Patch:
     """What a layer knows about patches in one denoising step.
 
-    `record`: also keep this step's exchange in `STALE`, for displaced steps to come (the
-    synchronous warm-up steps of a displaced or pcpp run do this; displaced steps always do).
-    `context`: in a pcpp run (its warm-up steps too), the fraction p of each neighbour patch that
-    self-attention sees; None otherwise.
+    `record`: a synchronous step that also writes its exchanges to `STALE`, for displaced steps to
+    come (the warm-up steps of a displaced or pcpp run). `context`: in a pcpp run (its warm-up
+    steps too), the fraction p of each neighbour patch that self-attention sees; None otherwise.
     """
 
     mode: Mode = Mode.SINGLE
@@ -69,23 +81,29 @@ class Patch:
     record: bool = False
     context: float | None = None
 
+    @classmethod
+    def of(cls, parallel: ParallelConfig, mode: Mode | None = None, record: bool = False) -> Patch:
+        """The layers' view of one step of `parallel` in `mode` (default: its own mode)."""
+        return cls(mode or parallel.mode, parallel.gn, record,
+                   parallel.context if parallel.mode == Mode.PCPP else None)
+
     @property
     def split(self) -> bool:
         return self.mode != Mode.SINGLE
 
     @property
-    def displaced(self) -> bool:
+    def reads_stale(self) -> bool:
         """The step uses the previous step's context (displaced and pcpp)."""
-        return self.mode in (Mode.DISPLACED, Mode.PCPP)
+        return self.mode.reads_stale
 
     @property
     def writes_stale(self) -> bool:
-        return self.displaced or (self.record and self.mode == Mode.SYNC)
+        return self.reads_stale or (self.record and self.mode == Mode.SYNC)
 
     def fresh(self) -> Patch:
         """The same step with a fresh exchange that is not kept: the first convolution reads its
         neighbours' latent rows (a few KB) as they are now, in every mode but naive."""
-        mode = Mode.SYNC if self.displaced else self.mode
+        mode = Mode.SYNC if self.reads_stale else self.mode
         return dataclasses.replace(self, mode=mode, record=False)
 
 
@@ -140,34 +158,60 @@ def own_rows_fresh(gathered: jax.Array, local: jax.Array) -> jax.Array:
 
 
 def gather_moments(mean: jax.Array, var: jax.Array) -> jax.Array:
-    """Local group statistics [B, G] twice -> every patch's [N, 2, B, G] (mean, variance)."""
-    return lax.all_gather(jnp.stack([mean, var]), PATCH)
+    """Local group statistics [B, G] twice -> every patch's [B, N, 2, G] (mean, variance)."""
+    return lax.all_gather(jnp.stack([mean, var], axis=1), PATCH, axis=1)
 
 
 def combine_moments(moments: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[N, 2, B, G] per-patch (mean, variance) of equal-size patches -> whole-image mean and
+    """[B, N, 2, G] per-patch (mean, variance) of equal-size patches -> whole-image mean and
     variance [B, G]. Chan's combination: the variance is the mean of the patch variances plus
     the variance of the patch means, with no E[x^2] - E[x]^2 cancellation."""
-    means, variances = moments[:, 0], moments[:, 1]
-    mean = means.mean(axis=0)
-    return mean, (variances + jnp.square(means - mean)).mean(axis=0)
+    means, variances = moments[:, :, 0], moments[:, :, 1]
+    mean = means.mean(axis=1)
+    return mean, (variances + jnp.square(means - mean[:, None])).mean(axis=1)
 
 
 def with_own_moments(moments: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
-    """[N, 2, B, G] with this patch's entry replaced by its fresh (mean, variance) [B, G]."""
-    return moments.at[lax.axis_index(PATCH)].set(jnp.stack([mean, var]))
+    """[B, N, 2, G] with this patch's entry replaced by its fresh (mean, variance) [B, G]."""
+    return moments.at[:, lax.axis_index(PATCH)].set(jnp.stack([mean, var], axis=1))
 
 
 def distrifusion_moments(stale: jax.Array, mean: jax.Array, var: jax.Array) -> tuple[jax.Array, jax.Array]:
     """DistriFusion's corrected asynchronous statistics, as its code computes them: the stale
     whole-image E[x] and E[x^2] plus the change of the own patch's, not divided by N; where the
-    variance comes out negative, the own patch's variance is used."""
-    own = stale[lax.axis_index(PATCH)]
-    means, squares = stale[:, 0], stale[:, 1] + jnp.square(stale[:, 0])
-    ex = means.mean(axis=0) + (mean - own[0])
-    ex2 = squares.mean(axis=0) + (var + jnp.square(mean) - own[1] - jnp.square(own[0]))
+    variance comes out negative, the own patch's variance is used. [B, N, 2, G] and [B, G]
+    twice -> [B, G] twice."""
+    own = stale[:, lax.axis_index(PATCH)]  # [B, 2, G]
+    means, squares = stale[:, :, 0], stale[:, :, 1] + jnp.square(stale[:, :, 0])
+    ex = means.mean(axis=1) + (mean - own[:, 0])
+    ex2 = squares.mean(axis=1) + (var + jnp.square(mean) - own[:, 1] - jnp.square(own[:, 0]))
     global_var = ex2 - jnp.square(ex)
     return ex, jnp.where(global_var < 0, var, global_var)
+
+
+def image_std(x: jax.Array, split: bool) -> jax.Array:
+    """[B, ...] -> [B] unbiased standard deviation of each sample; of the whole image when its
+    rows are split over the patches."""
+    axes = tuple(range(1, x.ndim))
+    mean, var = x.mean(axis=axes), x.var(axis=axes)
+    count = math.prod(x.shape[1:])
+    if split:
+        mean, var = combine_moments(gather_moments(mean[:, None], var[:, None]))
+        mean, var = mean[:, 0], var[:, 0]
+        count *= lax.axis_size(PATCH)
+    return jnp.sqrt(var * count / (count - 1))
+
+
+def zeros_like_shapes(shapes: Any) -> Any:
+    """A tree of zeros shaped like `shapes` (`jax.eval_shape`'s result) and, inside `shard_map`,
+    varying over the same mesh axes, so it can start a scan carry the step then writes."""
+
+    def zeros(shape: jax.ShapeDtypeStruct) -> jax.Array:
+        value = jnp.zeros(shape.shape, shape.dtype)
+        varying = tuple(sorted(shape.manual_axis_type.varying)) if shape.manual_axis_type else ()
+        return lax.pcast(value, varying, to="varying") if varying else value
+
+    return jax.tree.map(zeros, shapes)
 
 
 def join_guidance_halves(noise: jax.Array) -> jax.Array:

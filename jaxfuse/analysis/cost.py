@@ -1,0 +1,145 @@
+"""What one denoising step costs each device, read from the compiled program.
+
+    cost = step_cost(UNetConfig.sdxl_base(), ParallelConfig(8, "displaced"), 1024, 1024, jnp.bfloat16)
+
+The step is the sampling loops' own noise prediction (`jaxfuse.sampling.step.predict_noise`) for
+one image with classifier-free guidance (a UNet batch of 2) on a device's rows, with the exchange
+that joins the two guidance halves under `cfg_parallel`. Parameters and inputs are abstract
+(`jax.ShapeDtypeStruct`): nothing is allocated and no weights are read, so SDXL at 3840² compiles
+on a small machine. Per device:
+
+    flops       XLA's cost analysis of the compiled per-device program
+    received    bytes by collective kind (`hlo.collective_bytes`) of the program as written, in
+                its own dtypes. The CPU backend widens bf16 collectives to f32 when it compiles;
+                for f32 programs the compiled and written counts are equal (tested).
+    memory      the compiled program's arguments (parameters, latents, stale context),
+                outputs and temporaries, less what outputs share with donated arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxfuse import schedulers
+from jaxfuse.analysis.hlo import collective_bytes
+from jaxfuse.config import ParallelConfig, UNetConfig
+from jaxfuse.models.unet import UNet2DConditionModel, abstract_params
+from jaxfuse.parallel.mesh import ROWS, make_mesh
+from jaxfuse.parallel.patch import CFG, PATCH, Patch
+from jaxfuse.sampling.image import loop_specs
+from jaxfuse.sampling.step import Conditioning, Guidance, Sampling, predict_noise
+
+
+def step_fn(unet: UNet2DConditionModel, sampling: Sampling, patch: Patch) -> Callable:
+    """The first step of a schedule as a function: (params, latents [B, 4, h, w], cond, schedule,
+    guidance[, stale]) -> noise[, the stale context it writes]."""
+
+    def step(params, latents, cond, schedule, guidance, stale=None):
+        noise, written = predict_noise(unet, params, sampling, patch, schedule, 0, latents, cond, guidance, stale)
+        return (noise, written) if patch.writes_stale else noise
+
+    return step
+
+
+def sharded_step(unet: UNet2DConditionModel, sampling: Sampling, patch: Patch, mesh,
+                 with_stale: bool = False) -> Callable:
+    """`step_fn` over `mesh`, each device on its rows, inputs laid out as the image loop's. The
+    stale tree crosses the `shard_map` boundary stacked over every device along its first axis."""
+    stacked = P((CFG, PATCH)) if sampling.parallel.cfg_parallel else P(PATCH)
+    in_specs = loop_specs(sampling) + ((stacked,) if with_stale else ())
+    out_specs = (ROWS, stacked) if patch.writes_stale else ROWS
+    return jax.shard_map(step_fn(unet, sampling, patch), mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+    """One device's share of one step; bytes and FLOPs as integers."""
+
+    flops: int
+    received: dict[str, int]  # bytes by collective kind
+    params_bytes: int
+    stale_bytes: int  # the previous step's context the device keeps (displaced mode)
+    argument_bytes: int
+    temp_bytes: int
+    peak_bytes: int  # arguments + outputs + temporaries - aliased
+
+    @property
+    def received_bytes(self) -> int:
+        return sum(self.received.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "received_bytes": self.received_bytes}
+
+
+def abstract_inputs(cfg: UNetConfig, images: int, height: int, width: int, dtype: Any) -> tuple:
+    """The step's (latents, conditioning, schedule, guidance) for `images` guided images of
+    height x width: abstract latents and conditioning (77 text tokens and SDXL's six time ids for
+    each of the 2 x images rows of the guidance batch), a one-step Euler schedule."""
+    batch = 2 * images
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    latents = jax.ShapeDtypeStruct((images, cfg.in_channels, height // 8, width // 8), jnp.float32)
+    cond = Conditioning(context=jax.ShapeDtypeStruct((batch, 77, cfg.cross_attention_dim), dtype),
+                        text_embeds=jax.ShapeDtypeStruct((batch, pooled), dtype),
+                        time_ids=jax.ShapeDtypeStruct((batch, 6), jnp.float32))
+    schedule = schedulers.make_schedule(schedulers.SchedulerKind.EULER, schedulers.SchedulerConfig(), 1)
+    return latents, cond, schedule, Guidance(jnp.float32(5.0), jnp.float32(0.0))
+
+
+def nbytes(tree: Any) -> int:
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def build_step(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int, dtype: Any = jnp.float32,
+               images: int = 1) -> tuple[Callable, list, dict[str, int]]:
+    """The jitted step of `parallel.mode` (displaced, pcpp: a step after warm-up) for `images`
+    guided images at height x width, with its abstract arguments: (step, args, sizes) where sizes
+    holds the per-device bytes of the parameters and of the stale context."""
+    unet = UNet2DConditionModel(cfg, dtype)
+    params = abstract_params(cfg, dtype)
+    sampling = Sampling(use_guidance=True, use_rescale=False, parallel=parallel)
+    args = [params, *abstract_inputs(cfg, images, height, width, dtype)]
+    sizes = {"params": nbytes(params), "stale": 0}
+    if not parallel.split:
+        return jax.jit(step_fn(unet, sampling, Patch())), args, sizes
+
+    mesh = make_mesh(parallel)
+    phases = sampling.phases(parallel.warmup_steps + 1)
+    first, patch = phases[0][0], phases[-1][0]
+    if patch.reads_stale:  # what the warm-up steps leave for it
+        stale = jax.eval_shape(sharded_step(unet, sampling, first, mesh), *args)[1]
+        sizes["stale"] = nbytes(stale) // parallel.devices
+        args.append(stale)
+    with_stale = len(args) == 6
+    fn = sharded_step(unet, sampling, patch, mesh, with_stale)
+    return jax.jit(fn, donate_argnums=(5,) if with_stale else ()), args, sizes
+
+
+def compile_step(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int, dtype: Any = jnp.float32,
+                 images: int = 1) -> tuple[jax.stages.Lowered, jax.stages.Compiled, dict[str, int]]:
+    """`build_step`'s step lowered and compiled: (lowered, compiled, sizes)."""
+    step, args, sizes = build_step(cfg, parallel, height, width, dtype, images)
+    lowered = step.lower(*args)
+    return lowered, lowered.compile(), sizes
+
+
+def step_cost(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int, dtype: Any = jnp.float32,
+              images: int = 1) -> StepCost:
+    """One device's FLOPs, bytes received and memory in one step (see the module docstring)."""
+    lowered, compiled, sizes = compile_step(cfg, parallel, height, width, dtype, images)
+    memory = compiled.memory_analysis()
+    return StepCost(
+        flops=int(compiled.cost_analysis()["flops"]),
+        received=dict(collective_bytes(lowered.as_text(dialect="hlo"))),
+        params_bytes=sizes["params"],
+        stale_bytes=sizes["stale"],
+        argument_bytes=memory.argument_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        peak_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                    - memory.alias_size_in_bytes),
+    )
