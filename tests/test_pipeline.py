@@ -7,10 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_trees_equal
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 import jaxfuse
+from checkpoints_conversion.convert_diffusers import main as convert
 from jaxfuse.config import GroupNormMode, Mode, ParallelConfig
+from jaxfuse.models.vae import load_vae
 from jaxfuse.pipeline import load_pipeline
 from jaxfuse.spec import PipelineError
 
@@ -76,6 +79,19 @@ def test_second_load_reads_the_cache(folder, tmp_path):
     for a, b, c in zip(*(jax.tree.leaves(p.unet_params) for p in (first, second, third))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_converter_writes_what_the_pipeline_and_the_loaders_read(folder, pipe, tmp_path):
+    """The command-line converter turns the pipeline folder into a converted one (the cache's
+    format), which loads as it is, and one model folder into one the model's loader reads."""
+    assert convert([str(folder), str(tmp_path / "pipeline")]) == 0
+    messages = []
+    converted = load_pipeline(tmp_path / "pipeline", log=messages.append)
+    assert not any("convert" in m for m in messages)
+    assert_trees_equal(converted.unet_params, pipe.unet_params)
+    assert_trees_equal(converted.encoders[1].params, pipe.encoders[1].params)
+    assert convert([str(folder / "vae"), str(tmp_path / "vae")]) == 0
+    assert_trees_equal(load_vae(tmp_path / "vae")[1], pipe.vae_params)
 
 
 def test_bf16_keeps_the_vae_in_float32(folder, tmp_path, noise):
