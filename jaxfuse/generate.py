@@ -169,8 +169,7 @@ def generate(args: argparse.Namespace) -> None:
     height, width = args.height or spec.default_size, args.width or spec.default_size
     if parallel is None:
         wanted = 1 if args.mode == "single" else default_device_count()
-        parallel = spec.largest_layout(height, width, args.steps, wanted, lambda n: parallel_config(args, n),
-                                       args.cfg_parallel)
+        parallel = spec.largest_layout(height, wanted, lambda n: parallel_config(args, n), args.cfg_parallel)
     if len(jax.devices()) < parallel.devices:
         raise ParallelError(f"--devices {parallel.devices} but only {len(jax.devices())} "
                             f"{jax.default_backend()} devices are present.")

@@ -89,20 +89,18 @@ class PipelineSpec:
             raise PipelineError(f"latents have shape {tuple(latents_shape)}; {height}x{width} with batch "
                                 f"{batch} needs {expected} (diffusers layout, unscaled noise).")
 
-    def largest_layout(self, height: int, width: int, num_steps: int, wanted: int,
-                       layout: Callable[[int], ParallelConfig], cfg_parallel: bool = False) -> ParallelConfig:
-        """`layout(n)` for the most devices n <= `wanted` among which the image's rows divide
-        (even counts only with `cfg_parallel`): the device-count policy when none is named."""
+    def largest_layout(self, height: int, wanted: int, layout: Callable[[int], ParallelConfig],
+                       cfg_parallel: bool = False) -> ParallelConfig:
+        """`layout(n)` for the most devices n <= `wanted` whose patches the image's rows divide
+        into (even counts only with `cfg_parallel`): the device-count policy when none is named."""
         for devices in range(wanted, 0, -1):
             if cfg_parallel and devices % 2:
                 continue
             parallel = layout(devices)  # a setting it refuses is wrong at any count
-            try:
-                self.check_request(height, width, num_steps, 1, None, parallel.patches)
+            if height % (self.size_multiple * parallel.patches) == 0:
                 return parallel
-            except PipelineError:
-                continue
-        raise PipelineError(f"no device count up to {wanted} fits a {width}x{height} image.")
+        raise PipelineError(f"no device count up to {wanted} splits a height of {height} (--cfg-parallel needs "
+                            "an even count); name one with --devices.")
 
     def dtypes(self, dtype: jnp.dtype) -> dict[str, jnp.dtype]:
         """Each model's dtype. The VAE stays in float32 when its config says `force_upcast`
