@@ -94,16 +94,16 @@ def test_fp32_equals_transformers(case):
     hidden, pooled = encode(folder, ids)
     assert hidden.shape == ref_hidden.shape and pooled.shape == ref_pooled.shape
     assert hidden.dtype == pooled.dtype == jnp.float32
-    assert relative_error(hidden, ref_hidden) <= 1e-5
-    assert relative_error(pooled, ref_pooled) <= 1e-5
+    assert relative_error(hidden, ref_hidden) <= 5e-6  # measured 3.7e-7
+    assert relative_error(pooled, ref_pooled) <= 5e-6  # measured 4.3e-7
 
 
 def test_bf16_stays_close_to_transformers_fp32(case):
     _, folder, ids, ref_hidden, ref_pooled = case
     hidden, pooled = encode(folder, ids, dtype=jnp.bfloat16)
     assert hidden.dtype == pooled.dtype == jnp.bfloat16
-    assert relative_error(hidden, ref_hidden) <= 3e-2
-    assert relative_error(pooled, ref_pooled) <= 3e-2
+    assert relative_error(hidden, ref_hidden) <= 3e-2  # measured 9.5e-3
+    assert relative_error(pooled, ref_pooled) <= 3e-2  # measured 1.6e-2
 
 
 def test_fp16_variant_loads(case, tmp_path):

@@ -106,7 +106,7 @@ def single(unet, params, inputs):
 def test_sync_unet_equals_single(unet, params, inputs, single, n):
     out = run(unet, Patch(Mode.SYNC), n, params, inputs)
     assert out.shape == single.shape
-    assert relative(out, single) <= 1e-5
+    assert relative(out, single) <= 1e-5  # measured 1.0e-6
 
 
 @pytest.mark.parametrize("gn", [g for g in GroupNormMode if g != GroupNormMode.SEPARATE])
@@ -115,7 +115,8 @@ def test_displaced_step_on_repeated_input_equals_sync(unet, params, inputs, gn):
     second (displaced) step must give the first (sync) step's result."""
     sync, stale = run(unet, Patch(Mode.SYNC, gn, record=True), 4, params, inputs)
     displaced, _ = run(unet, Patch(Mode.DISPLACED, gn), 4, params, inputs, stale)
-    assert relative(displaced, sync) <= 1e-6
+    # DistriFusion's statistics go through E[x^2] - E[x]^2, which cancels: measured 9.3e-7 there, 0 for the others.
+    assert relative(displaced, sync) <= (1e-5 if gn == GroupNormMode.CORRECTED_DISTRIFUSION else 1e-6)
 
 
 def test_naive_differs_from_single(unet, params, inputs, single):
@@ -304,7 +305,7 @@ def test_pcpp_attention_window_is_exactly_the_specified_tokens(n, rows, width, c
     rows_spec = P(None, PATCH)
     fn = jax.jit(jax.shard_map(steps, mesh=make_mesh(parallel), in_specs=rows_spec, out_specs=(rows_spec, rows_spec)))
     warm, out = (np.asarray(a)[0] for a in fn(eye[None]))
-    np.testing.assert_allclose(warm, np.full((tokens, tokens), 1 / tokens), rtol=1e-6)
+    np.testing.assert_allclose(warm, np.full((tokens, tokens), 1 / tokens), rtol=5e-7)  # measured 5.2e-8
     h = rows // n
     for query in range(tokens):
         patch = query // (h * width)
@@ -312,7 +313,8 @@ def test_pcpp_attention_window_is_exactly_the_specified_tokens(n, rows, width, c
         own = set(range(patch * h * width, (patch + 1) * h * width))
         expected = np.zeros(tokens)
         expected[sorted(seen)] = [2.0 if t in own else 1.0 for t in sorted(seen)]
-        np.testing.assert_allclose(out[query], expected / len(seen), rtol=1e-6, atol=1e-7, err_msg=f"query {query}")
+        # measured 5.2e-8 relative, and exactly 0 where a token is not seen
+        np.testing.assert_allclose(out[query], expected / len(seen), rtol=5e-7, atol=0, err_msg=f"query {query}")
 
 
 def test_pcpp_with_the_whole_neighbour_on_two_patches_equals_displaced(unet, params, inputs, later):
@@ -324,7 +326,7 @@ def test_pcpp_with_the_whole_neighbour_on_two_patches_equals_displaced(unet, par
     displaced, _ = run(unet, Patch(Mode.DISPLACED), 2, params, later, stale)
     _, stale = run(unet, Patch.of(pcpp, Mode.SYNC, record=True), 2, params, inputs)
     partial, _ = run(unet, Patch.of(pcpp), 2, params, later, stale)
-    assert relative(partial, displaced) <= 1e-5
+    assert relative(partial, displaced) <= 1e-5  # measured 8.9e-7
     assert relative(displaced, run(unet, Patch(Mode.SYNC), 2, params, later)) > 1e-3  # the stale context counts
 
 
@@ -341,7 +343,7 @@ def test_pcpp_without_context_is_naive_attention_with_displaced_convolutions(une
     _, stale = run(unet, Patch(Mode.SYNC, record=True), 4, params, inputs)
     monkeypatch.setattr(px, "own_rows_fresh", lambda gathered, local: local)
     local_attention, _ = run(unet, Patch(Mode.DISPLACED), 4, params, later, stale)
-    assert relative(partial, local_attention) <= 1e-6
+    assert relative(partial, local_attention) <= 1e-6  # measured 0 (two programs: may round differently)
 
 
 def test_pcpp_bytes_match_the_formula(unet, params, inputs):

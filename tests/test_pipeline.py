@@ -55,7 +55,7 @@ def test_images_equal_diffusers(scheduler, pipe, reference, noise):
     ours = pipe(**kwargs, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, latents=noise, scheduler=scheduler)
     ref = reference_images(reference, scheduler, noise, **kwargs)
     assert ours.shape == ref.shape == (1, HEIGHT, WIDTH, 3)
-    assert np.abs(ours - ref).max() < 2e-3
+    assert np.abs(ours - ref).max() < 5e-5  # measured 3.6e-6
 
 
 def test_empty_negative_prompt_is_zeros_and_rescale_matches(pipe, reference, noise):
@@ -65,7 +65,7 @@ def test_empty_negative_prompt_is_zeros_and_rescale_matches(pipe, reference, noi
     batch = np.concatenate([noise, noise[:, :, ::-1]])
     ours = pipe(**kwargs, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, latents=batch)
     ref = reference_images(reference, "euler", batch, **kwargs)
-    assert np.abs(ours - ref).max() < 2e-3
+    assert np.abs(ours - ref).max() < 2e-5  # measured 2.4e-6
 
 
 def test_second_load_reads_the_cache(folder, tmp_path):
@@ -164,13 +164,14 @@ def test_sync_images_equal_single(pipe, tall_noise, tall_single, devices, cfg_pa
     guidance halves run on two groups of devices/2."""
     parallel = ParallelConfig(devices, Mode.SYNC, cfg_parallel=cfg_parallel)
     images = pipe(**PARALLEL_REQUEST, latents=tall_noise, parallel=parallel)
-    assert np.abs(images - tall_single).max() < 1e-4
+    assert np.abs(images - tall_single).max() < 5e-5  # measured 4.0e-6
 
 
 @pytest.mark.parametrize("mode", [Mode.DISPLACED, Mode.PCPP])
 def test_warmup_covering_every_step_equals_single(pipe, tall_noise, tall_single, mode):
     parallel = ParallelConfig(4, mode, warmup_steps=4, gn=GroupNormMode.SYNC)
-    assert np.abs(pipe(**PARALLEL_REQUEST, latents=tall_noise, parallel=parallel) - tall_single).max() < 1e-4
+    images = pipe(**PARALLEL_REQUEST, latents=tall_noise, parallel=parallel)
+    assert np.abs(images - tall_single).max() < 5e-5  # measured 3.2e-6
 
 
 def test_pcpp_images_lie_between_displaced_and_naive(pipe, tall_noise, tall_single):

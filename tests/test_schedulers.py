@@ -76,7 +76,7 @@ def scan_loop(schedule) -> jax.Array:
     return x
 
 
-def assert_matches(ours, reference, tol=1e-5):
+def assert_matches(ours, reference, tol):
     np.testing.assert_allclose(np.asarray(ours), reference, atol=tol * np.abs(reference).max(), rtol=0)
 
 
@@ -98,17 +98,18 @@ def test_matches_diffusers(kind, karras, spacing, prediction_type, num_steps):
     expected = reference_loop(reference, num_steps)
     # Euler's Karras timesteps are fractional, interpolated from sigmas that PyTorch's float32
     # betas can move by an ulp; every other timestep is exact.
-    rtol = 1e-6 if kind is SchedulerKind.EULER and karras else 0
+    rtol = 1e-6 if kind is SchedulerKind.EULER and karras else 0  # measured 2.0e-7 (Euler Karras), 0 (others)
     np.testing.assert_allclose(schedule.timesteps, reference.timesteps.numpy().astype(np.float32), rtol=rtol)
-    np.testing.assert_allclose(schedule.init_noise_sigma, float(reference.init_noise_sigma), rtol=1e-6)
-    assert_matches(our_loop(schedule), expected)
+    np.testing.assert_allclose(schedule.init_noise_sigma, float(reference.init_noise_sigma),
+                               rtol=1e-6)  # measured 1.7e-7
+    assert_matches(our_loop(schedule), expected, tol=1e-5)  # measured 1.3e-6
 
 
 @pytest.mark.parametrize("kind, karras", SAMPLERS, ids=SAMPLER_IDS)
 def test_scan_loop_equals_python_loop(kind, karras):
     cfg = schedulers.SchedulerConfig.from_diffusers(SDXL_BASE)
     schedule = schedulers.make_schedule(kind, cfg, 12, use_karras_sigmas=karras)
-    assert_matches(scan_loop(schedule), np.asarray(our_loop(schedule)), tol=1e-6)
+    assert_matches(scan_loop(schedule), np.asarray(our_loop(schedule)), tol=1e-6)  # measured 4.5e-7
 
 
 @pytest.mark.parametrize("kind", list(SchedulerKind))
@@ -119,7 +120,7 @@ def test_another_class_config_as_from_config_reads_it(kind):
     schedule, reference = ours_and_diffusers(kind, dict(source), 20)
     expected = reference_loop(reference, 20)
     np.testing.assert_array_equal(schedule.timesteps, reference.timesteps.numpy().astype(np.float32))
-    assert_matches(our_loop(schedule), expected)
+    assert_matches(our_loop(schedule), expected, tol=5e-6)  # measured 4.4e-7
 
 
 @pytest.mark.parametrize("setting", [{"lower_order_final": False}, {"euler_at_final": True},
@@ -128,7 +129,7 @@ def test_another_class_config_as_from_config_reads_it(kind):
 def test_dpm_settings_read_without_effect(setting):
     config = dict(SDXL_BASE, **setting)
     schedule, reference = ours_and_diffusers(SchedulerKind.DPMPP_2M, config, 10)
-    assert_matches(our_loop(schedule), reference_loop(reference, 10))
+    assert_matches(our_loop(schedule), reference_loop(reference, 10), tol=5e-6)  # measured 4.7e-7
 
 
 def test_karras_argument_overrides_the_config():

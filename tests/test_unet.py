@@ -36,7 +36,7 @@ def test_fp32_equals_diffusers(case):
     unet, params = jaxfuse.load_unet(folder)
     out = apply(unet, params, inputs)
     assert out.shape == ref.shape and out.dtype == jnp.float32
-    assert relative_error(out, ref) <= 1e-4
+    assert relative_error(out, ref) <= 1e-5  # measured 1.4e-6
 
 
 def test_bf16_stays_close_to_diffusers_fp32(case):
@@ -45,7 +45,7 @@ def test_bf16_stays_close_to_diffusers_fp32(case):
     assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
     out = apply(unet, params, inputs)
     assert out.dtype == jnp.bfloat16
-    assert relative_error(out, ref) <= 3e-2
+    assert relative_error(out, ref) <= 3e-2  # measured 2.3e-2
 
 
 def test_scalar_timestep_is_broadcast_over_the_batch(case):

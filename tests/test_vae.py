@@ -84,7 +84,7 @@ def test_decode_fp32_equals_diffusers(case):
     vae, params = load_vae(folder)
     out = run(vae, params, AutoencoderKL.decode, latents)
     assert out.shape == ref.shape and out.dtype == jnp.float32
-    assert relative_error(out, ref) <= 1e-4
+    assert relative_error(out, ref) <= 2e-5  # measured 2.3e-6
 
 
 def test_encode_fp32_equals_diffusers(case):
@@ -92,8 +92,8 @@ def test_encode_fp32_equals_diffusers(case):
     vae, params = load_vae(folder)
     mean, logvar = run(vae, params, AutoencoderKL.encode, image)
     assert mean.shape == logvar.shape == ref_mean.shape == (2, vae.cfg.latent_channels, 5, 7)
-    assert relative_error(mean, ref_mean) <= 1e-4
-    assert relative_error(logvar, ref_logvar) <= 1e-4
+    assert relative_error(mean, ref_mean) <= 2e-5  # measured 1.5e-6
+    assert relative_error(logvar, ref_logvar) <= 2e-5  # measured 1.5e-6
 
 
 def test_decode_bf16_stays_close_to_diffusers_fp32(case):
@@ -106,8 +106,8 @@ def test_decode_bf16_stays_close_to_diffusers_fp32(case):
     # away from its fp32 one at the worst pixel. Ours moves between 3.1e-2 and 4.1e-2 with
     # equivalent float32 reduction orders in group norm (single bf16 rounding flips, amplified by
     # the decoder), while the mean error stays at 2.3-2.4e-3 of the range: both are bounded.
-    assert relative_error(out, ref) <= 5e-2
-    assert np.abs(np.asarray(out, np.float32) - ref).mean() <= 3e-3 * np.abs(ref).max()
+    assert relative_error(out, ref) <= 5e-2  # measured 4.1e-2
+    assert np.abs(np.asarray(out, np.float32) - ref).mean() <= 3e-3 * np.abs(ref).max()  # measured 2.3e-3
 
 
 def test_logvar_is_clamped_like_diffusers():
