@@ -10,8 +10,8 @@ from the other patches (`jaxfuse.parallel.patch`): a 3x3 convolution the neighbo
 place of its zero padding, group norm the whole image's statistics, self-attention every patch's
 keys and values (pcpp: the two neighbours' nearest ones). `exchanged` decides per mode whether the
 context is this step's or the previous step's (kept in the `stale` collection), as the table in
-`jaxfuse.parallel.patch` says. Everything else
-(linear layers, 1x1 convolutions, cross-attention, nearest upsampling) is row-local.
+`jaxfuse.parallel.patch` says. Everything else (linear layers, 1x1 convolutions, cross-attention,
+nearest upsampling) is row-local.
 
 Activations are NHWC. `dtype` is the compute dtype; norm statistics, attention logits and softmax
 are always float32.

@@ -21,8 +21,8 @@ it leaves this step's there. Per mode and layer, what the layer uses (and what i
                                          `record`)
     conv_in, none kept          fresh    fresh              fresh                 fresh                zeros
     other 3x3 conv, HALO        fresh    fresh; writes      stale; writes         stale; writes        zeros
-    self-attention, KV          fresh    fresh; writes      stale, own fresh;     -                    own only
-                                                            writes
+    self-attention, KV          fresh    fresh (displaced   stale, own fresh;     -                    own only
+                                         run); writes       writes
     self-attention, KV_WINDOW   -        fresh (pcpp run);  -                     stale windows, own   own only
                                          writes windows                           fresh; writes
     group norm, MOMENTS         fresh    fresh; writes      by `GroupNormMode`;   as displaced         own only
