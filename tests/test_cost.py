@@ -59,7 +59,8 @@ def contraction_flops(jaxpr) -> int:
     return total
 
 
-@pytest.mark.parametrize("parallel", [ParallelConfig(1), ParallelConfig(4, "sync"), ParallelConfig(8, "displaced")],
+@pytest.mark.parametrize("parallel", [ParallelConfig(1), ParallelConfig(4, "sync"),
+                                      pytest.param(ParallelConfig(8, "displaced"), marks=pytest.mark.slow)],
                          ids=["single", "sync-4", "displaced-8"])
 def test_flops_read_from_the_compiled_program_cover_its_products(parallel):
     """XLA's count for one device is the products' FLOPs (counted here from the jaxpr, without
@@ -81,7 +82,8 @@ def test_per_device_flops_fall_with_the_patches():
 
 
 @pytest.mark.parametrize("parallel", [ParallelConfig(4, "sync"), ParallelConfig(4, "displaced"),
-                                      ParallelConfig(8, "displaced", cfg_parallel=True)],
+                                      pytest.param(ParallelConfig(8, "displaced", cfg_parallel=True),
+                                                   marks=pytest.mark.slow)],
                          ids=["sync", "displaced", "displaced-cfg"])
 def test_bytes_of_the_written_program_equal_the_compiled_ones_in_float32(parallel):
     """The benchmark counts the program as written (bf16 collectives stay bf16; the CPU

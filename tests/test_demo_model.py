@@ -38,6 +38,7 @@ def test_shipped_model_is_small_and_an_sdxl_pipeline_folder():
     assert spec.vae_factor == 8 and spec.vae.latent_channels == 4
 
 
+@pytest.mark.slow
 def test_shipped_model_generates_a_finite_image_quickly(pipe):
     result = pipe.generate(DEMO_PROMPT, num_inference_steps=4, parallel=ParallelConfig(4, "displaced", 1))
     image = result.images[0]

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "jaxfuse_sdxl.ipynb"
@@ -22,6 +23,7 @@ def test_notebook_is_saved_without_outputs_and_starts_with_its_parameters():
         assert f"\n{name} = " in code[0].source
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_cpu_and_shows_the_image_and_the_comparison(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     parameters = next(cell for cell in nb.cells if cell.cell_type == "code")

@@ -109,7 +109,9 @@ def test_sync_unet_equals_single(unet, params, inputs, single, n):
     assert relative(out, single) <= 1e-5  # measured 1.0e-6
 
 
-@pytest.mark.parametrize("gn", [g for g in GroupNormMode if g != GroupNormMode.SEPARATE])
+@pytest.mark.parametrize("gn", [GroupNormMode.CORRECTED, GroupNormMode.CORRECTED_DISTRIFUSION,
+                                *(pytest.param(g, marks=pytest.mark.slow) for g in (GroupNormMode.STALE,
+                                                                                    GroupNormMode.SYNC))])
 def test_displaced_step_on_repeated_input_equals_sync(unet, params, inputs, gn):
     """Fed the same latents and timestep twice, the stale context equals the fresh one, so the
     second (displaced) step must give the first (sync) step's result."""
@@ -198,7 +200,7 @@ def compiled_bytes(unet, patch, n, params, inputs, stale=None):
     return collective_bytes(jax.jit(sharded(unet, patch, n, stale)).lower(*args).compile().as_text())
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), 4])
 def test_bytes_per_step_match_the_design_formula(unet, params, inputs, n):
     """Counted from the compiled HLO: the same in sync and displaced, none in naive, and per
     DESIGN.md: 2 x rows x W x C per 3x3 convolution's halo, (N-1)/N of every patch's keys and
@@ -317,6 +319,7 @@ def test_pcpp_attention_window_is_exactly_the_specified_tokens(n, rows, width, c
         np.testing.assert_allclose(out[query], expected / len(seen), rtol=5e-7, atol=0, err_msg=f"query {query}")
 
 
+@pytest.mark.slow
 def test_pcpp_with_the_whole_neighbour_on_two_patches_equals_displaced(unet, params, inputs, later):
     """N = 2, p = 1: each patch's one neighbour is the rest of the image, so pcpp sees what
     displaced sees (in another order of float32 sums: the masked, empty window above the top
@@ -330,6 +333,7 @@ def test_pcpp_with_the_whole_neighbour_on_two_patches_equals_displaced(unet, par
     assert relative(displaced, run(unet, Patch(Mode.SYNC), 2, params, later)) > 1e-3  # the stale context counts
 
 
+@pytest.mark.slow
 def test_pcpp_without_context_is_naive_attention_with_displaced_convolutions(unet, params, inputs, later,
                                                                             monkeypatch):
     """p = 0: self-attention sees the patch's own tokens only, while convolutions and group norm

@@ -174,6 +174,7 @@ def test_warmup_covering_every_step_equals_single(pipe, tall_noise, tall_single,
     assert np.abs(images - tall_single).max() < 5e-5  # measured 3.2e-6
 
 
+@pytest.mark.slow
 def test_pcpp_images_lie_between_displaced_and_naive(pipe, tall_noise, tall_single):
     """Each of the 4 patches sees less of the image than in displaced mode and more than in
     naive mode, and the image moves away from single accordingly."""
@@ -184,6 +185,7 @@ def test_pcpp_images_lie_between_displaced_and_naive(pipe, tall_noise, tall_sing
     assert error(Mode.DISPLACED) < error(Mode.PCPP, context=0.3) < error(Mode.NAIVE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gn", list(GroupNormMode))
 def test_every_group_norm_choice_runs(pipe, tall_noise, tall_single, gn):
     images = pipe(**PARALLEL_REQUEST, latents=tall_noise, parallel=ParallelConfig(4, Mode.DISPLACED, 1, gn=gn))

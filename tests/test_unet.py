@@ -48,6 +48,7 @@ def test_bf16_stays_close_to_diffusers_fp32(case):
     assert relative_error(out, ref) <= 3e-2  # measured 2.3e-2
 
 
+@pytest.mark.slow
 def test_scalar_timestep_is_broadcast_over_the_batch(case):
     folder, inputs, _ = case
     unet, params = jaxfuse.load_unet(folder)
