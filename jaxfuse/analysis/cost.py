@@ -115,9 +115,8 @@ def build_step(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: in
         stale = jax.eval_shape(sharded_step(unet, sampling, first, mesh), *args)[1]
         sizes["stale"] = nbytes(stale) // parallel.devices
         args.append(stale)
-    with_stale = len(args) == 6
-    fn = sharded_step(unet, sampling, patch, mesh, with_stale)
-    return jax.jit(fn, donate_argnums=(5,) if with_stale else ()), args, sizes
+    fn = sharded_step(unet, sampling, patch, mesh, with_stale=patch.reads_stale)
+    return jax.jit(fn, donate_argnums=(len(args) - 1,) if patch.reads_stale else ()), args, sizes
 
 
 def compile_step(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int, dtype: Any = jnp.float32,
