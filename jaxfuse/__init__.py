@@ -2,7 +2,8 @@
 
 The public API, imported on first use (so `import jaxfuse` stays light):
 
-    load_pipeline, SDXLPipeline      jaxfuse.pipeline
+    load_pipeline, SDXLPipeline, use_compile_cache   jaxfuse.pipeline
+    read_settings                    jaxfuse.outputs (the settings a PNG was made with)
     load_unet                        jaxfuse.models.unet
     ParallelConfig, Mode, GroupNormMode, UNetConfig, VAEConfig, TextEncoderConfig   jaxfuse.config
     SchedulerKind                    jaxfuse.schedulers
@@ -13,6 +14,8 @@ import importlib
 _PUBLIC = {
     "load_pipeline": "jaxfuse.pipeline",
     "SDXLPipeline": "jaxfuse.pipeline",
+    "use_compile_cache": "jaxfuse.pipeline",
+    "read_settings": "jaxfuse.outputs",
     "load_unet": "jaxfuse.models.unet",
     "ParallelConfig": "jaxfuse.config",
     "Mode": "jaxfuse.config",

@@ -583,3 +583,8 @@ class ParallelConfig:
     @property
     def split(self) -> bool:
         return self.mode != Mode.SINGLE
+
+    def stale_steps(self, num_steps: int) -> int:
+        """How many of `num_steps` steps use the previous step's context: those after the
+        warm-up in displaced and pcpp mode; none when the warm-up covers every step."""
+        return max(0, num_steps - self.warmup_steps) if self.mode.reads_stale else 0

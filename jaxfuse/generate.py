@@ -1,13 +1,20 @@
-"""`python -m jaxfuse.generate`: one SDXL image from the command line.
+"""`python -m jaxfuse.generate`: SDXL images from the command line.
 
     python -m jaxfuse.generate                  # the built-in demo model, its default prompt
     python -m jaxfuse.generate --model path/to/stable-diffusion-xl-base-1.0 \\
         --prompt "a lighthouse at dusk" --height 1024 --width 1024 --output lighthouse.png
 
-Writes the PNG, a JSON file of the settings and timings beside it, and with `--output-array`
-the decoded image as float32 [H, W, 3] in [0, 1]. Every input is checked before the model is
-loaded; an existing output file is kept unless `--overwrite` is given. Without `--devices` the
-image is spread over every device present, on a CPU over an emulated mesh of 4.
+Writes the PNG (its settings in a text chunk: `jaxfuse.read_settings`), a JSON file of the
+settings and timings beside it, and with `--output-array` the decoded image as float32 [H, W, 3]
+in [0, 1]; `--num-images K` numbers them name-0.png, name-1.png, ... Every input and every output
+path is checked before the model is loaded; an existing output file is kept unless `--overwrite`
+is given. Without `--devices` the image is spread over every device present, on a CPU over an
+emulated mesh of 4. Compiled programs are kept in the cache folder, so a second run with the
+same shapes starts without compiling (`--no-compile-cache` or JAXFUSE_COMPILE_CACHE=0: off).
+
+Exit codes: 0 done; 2 an input that cannot work (the message names the fix); 1 the environment
+failed (a file that cannot be read or written, a damaged cache, processes that cannot join, a
+result that is not finite).
 
 On several hosts, start the same command on each with its place in the run:
 
@@ -21,7 +28,7 @@ recognises by itself (a TPU pod slice, SLURM) the three flags can be left out.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
 import time
@@ -30,11 +37,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from jax import monitoring
 
 from jaxfuse import schedulers
 from jaxfuse.config import GroupNormMode, Mode, ParallelConfig, ParallelError
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
+from jaxfuse.outputs import ImageFiles, check_outputs, image_files, write_image
 from jaxfuse.parallel.mesh import (
     DEFAULT_CPU_DEVICES,
     ProcessLayout,
@@ -43,46 +51,74 @@ from jaxfuse.parallel.mesh import (
     initialize_processes,
     is_main_process,
 )
-from jaxfuse.pipeline import load_pipeline
-from jaxfuse.spec import PipelineError, PipelineSpec
+from jaxfuse.pipeline import COMPILE_CACHE_ENV, load_pipeline, use_compile_cache
+from jaxfuse.spec import DEFAULT_STEPS, PipelineError, PipelineSpec, Request
+
+DEFAULT_WARMUP_STEPS = ParallelConfig.warmup_steps
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default once, and none where there is no value to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if shown and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxfuse.generate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", type=Path, default=DEMO_MODEL,
                    help="a diffusers SDXL pipeline folder, or one converted by jaxfuse (default: the built-in "
                         "demo model, 256x256 scenes of coloured shapes)")
-    p.add_argument("--prompt", default=DEMO_PROMPT)
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=5.0)
-    p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", choices=[k.value for k in schedulers.SchedulerKind], default="euler")
-    p.add_argument("--latents", type=Path, help="initial noise as .npy, diffusers layout (1, 4, H/8, W/8), unscaled")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="what to draw")
+    p.add_argument("--negative-prompt", help="what to steer away from (default: none; SDXL then uses zeros)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's size)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=5.0,
+                   help="classifier-free guidance: how strongly the image follows the prompt; 1 or less: off")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="0 to 1: rescales the guided prediction's spread towards the conditional one's")
+    p.add_argument("--seed", type=int, action="append",
+                   help="the initial noise's seed, 0 to 2^32-1; give it K times for K images (default: 0, and "
+                        "with --num-images K the seeds 0..K-1)")
+    p.add_argument("--num-images", type=int,
+                   help="images to make in one batch, with the seeds --seed, --seed + 1, ... (default: 1)")
+    p.add_argument("--scheduler", choices=[k.value for k in schedulers.SchedulerKind], default="euler",
+                   help="the sampler")
+    p.add_argument("--latents", type=Path,
+                   help="initial noise as .npy, diffusers layout (K, 4, H/8, W/8), unscaled (instead of the seed)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
-    p.add_argument("--output", type=Path, default=Path("jaxfuse.png"), help="PNG to write")
+    p.add_argument("--output", type=Path, default=Path("jaxfuse.png"),
+                   help="the PNG to write; the JSON of settings goes beside it")
     p.add_argument("--output-array", type=Path, help="also write the image as float32 HxWx3 in [0, 1] (.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--cache-dir", type=Path, help="where converted weights are kept (default: ~/.cache/jaxfuse)")
+    p.add_argument("--cache-dir", type=Path,
+                   help="where converted weights and compiled programs are kept (default: $JAXFUSE_CACHE or "
+                        "~/.cache/jaxfuse)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help=f"compile every program afresh instead of keeping them in the cache folder (or set "
+                        f"{COMPILE_CACHE_ENV}=0)")
     parallel = p.add_argument_group("patch parallelism")
-    parallel.add_argument("--devices", type=int, default=None,
+    parallel.add_argument("--devices", type=int,
                           help="devices to split the image over (default: every device present, or the most "
                                f"the image's rows divide among; on a CPU, {DEFAULT_CPU_DEVICES} emulated ones)")
-    parallel.add_argument("--mode", choices=[m.value for m in Mode], default=None,
+    parallel.add_argument("--mode", choices=[m.value for m in Mode],
                           help="single, or how patches see each other: sync (exact), displaced (DistriFusion: "
                                "previous step's context, communication overlapped), naive (none), pcpp "
                                "(displaced, but self-attention sees only part of the two neighbouring patches) "
                                "(default: single on one device, displaced on several)")
-    parallel.add_argument("--context", type=float, default=None,
+    parallel.add_argument("--context", type=float,
                           help="pcpp: the fraction of the patch above and of the patch below that self-attention "
                                "sees, 0 to 1 (default: 0.3); 1 is the two neighbours in full, not every patch")
-    parallel.add_argument("--warmup-steps", type=int, default=4,
-                          help="synchronous steps before displaced (or pcpp) ones")
+    parallel.add_argument("--warmup-steps", type=int,
+                          help=f"synchronous steps before displaced (or pcpp) ones (default: {DEFAULT_WARMUP_STEPS}, "
+                               "fewer than --steps; DistriFusion's warmup_steps=K is K+1 here)")
     parallel.add_argument("--cfg-parallel", action="store_true",
                           help="put the conditional and unconditional batch on two device groups")
     parallel.add_argument("--gn", choices=[g.value for g in GroupNormMode], default="corrected",
@@ -93,20 +129,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     hosts.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
     hosts.add_argument("--process-timeout", type=int, default=300,
                        help="seconds to wait for every process to join before failing")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def parallel_config(args: argparse.Namespace, devices: int) -> ParallelConfig:
+    """The layout the flags ask for on `devices` devices."""
     mode = args.mode or ("single" if devices == 1 else "displaced")
     context = {} if args.context is None else {"context": args.context}
-    return ParallelConfig(devices, mode, args.warmup_steps, args.cfg_parallel, args.gn, **context)
+    warmup = DEFAULT_WARMUP_STEPS if args.warmup_steps is None else args.warmup_steps
+    parallel = ParallelConfig(devices, mode, warmup, args.cfg_parallel, args.gn, **context)
+    if args.warmup_steps is not None and parallel.mode.reads_stale and args.warmup_steps >= args.steps:
+        raise ParallelError(f"--warmup-steps {args.warmup_steps} covers all {args.steps} steps, so no step would "
+                            f"run {parallel.mode.value}; give fewer warm-up steps than --steps, or --mode sync.")
+    return parallel
 
 
-def check_args(args: argparse.Namespace
-               ) -> tuple[PipelineSpec, np.ndarray | None, ParallelConfig | None, ProcessLayout]:
-    """Everything that can be checked without loading weights; raises `PipelineError` or
-    `ParallelError`. The parallel layout is None when `--devices` is not given: it then depends on
-    the devices present (`PipelineSpec.largest_layout`)."""
+def seeds(args: argparse.Namespace) -> list[int]:
+    """One seed per image: --seed given K times, or --num-images K from the one seed."""
+    given = args.seed or [0]
+    if args.num_images is None:
+        return given
+    if args.num_images < 1:
+        raise PipelineError(f"--num-images must be at least 1, got {args.num_images}.")
+    if len(given) > 1 and len(given) != args.num_images:
+        raise PipelineError(f"--seed given {len(given)} times for --num-images {args.num_images}; give one seed, "
+                            "or one per image.")
+    return given if len(given) > 1 else [given[0] + i for i in range(args.num_images)]
+
+
+def read_latents(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise PipelineError(f"--latents {path}: no such file.")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise PipelineError(f"--latents {path} is not a .npy array file (as numpy.save writes one): {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A checked command: the model's spec, the request, the files, the processes; `parallel`
+    is None when the device count depends on the devices present (`PipelineSpec.largest_layout`)."""
+
+    spec: PipelineSpec
+    request: Request
+    files: list[ImageFiles]
+    parallel: ParallelConfig | None
+    processes: ProcessLayout
+
+
+def check_args(args: argparse.Namespace) -> Plan:
+    """Everything that can be checked without starting JAX or loading weights; raises
+    `PipelineError`, `ParallelError` or `OutputError` (ValueErrors) naming the fix."""
     if args.context is not None and args.mode != "pcpp":
         raise ParallelError("--context sets how much of its neighbours a patch sees in pcpp mode; add --mode pcpp.")
     parallel = None if args.devices is None else parallel_config(args, args.devices)
@@ -114,22 +192,16 @@ def check_args(args: argparse.Namespace
     if parallel is not None and processes.given and parallel.devices % processes.num_processes:
         raise ParallelError(f"--devices {parallel.devices} must divide evenly among --num-processes "
                             f"{processes.num_processes}: each process brings the same number of devices.")
-    if args.output.suffix.lower() != ".png":
-        raise PipelineError(f"--output {args.output} must end in .png.")
-    outputs = [args.output, args.output.with_suffix(".json")] + ([args.output_array] if args.output_array else [])
-    existing = [str(p) for p in outputs if p.exists()]
-    if existing and not args.overwrite:
-        raise PipelineError(f"{', '.join(existing)} already exist; choose another --output or pass --overwrite.")
+    image_seeds = seeds(args)
+    files = image_files(args.output, args.output_array, len(image_seeds))
+    check_outputs(files, args.overwrite)
     spec = PipelineSpec.read(args.model)
-    latents = None
-    if args.latents is not None:
-        if not args.latents.is_file():
-            raise PipelineError(f"--latents {args.latents}: no such file.")
-        latents = np.load(args.latents, allow_pickle=False)
-    height, width = args.height or spec.default_size, args.width or spec.default_size
-    spec.check_request(height, width, args.steps, 1, None if latents is None else latents.shape,
-                       parallel.patches if parallel else 1)
-    return spec, latents, parallel, processes
+    request = spec.request(
+        args.prompt, args.negative_prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=image_seeds,
+        latents=None if args.latents is None else read_latents(args.latents), scheduler=args.scheduler,
+        parallel=parallel or ParallelConfig())
+    return Plan(spec, request, files, parallel, processes)
 
 
 class ProgressBar:
@@ -149,15 +221,46 @@ class ProgressBar:
               end="\n" if step == total else "", file=sys.stderr, flush=True)
 
 
+class CompileCacheCounter:
+    """Counts JAX's persistent-cache hits and misses (each compile asks the cache once)."""
+
+    EVENTS = {"/jax/compilation_cache/cache_hits": "loaded", "/jax/compilation_cache/cache_misses": "compiled"}
+
+    def __init__(self):
+        self.counts = {"loaded": 0, "compiled": 0}
+        monitoring.register_event_listener(self._event)
+
+    def _event(self, name: str, **_) -> None:
+        if name in self.EVENTS:
+            self.counts[self.EVENTS[name]] += 1
+
+
+def describe_layout(parallel: ParallelConfig, steps: int) -> str:
+    """The layout as the banner says it, with how many steps really run displaced."""
+    if not parallel.split:
+        return "1 device"
+    text = f"{parallel.devices} devices, {parallel.mode.value}"
+    if parallel.mode.reads_stale:
+        stale = parallel.stale_steps(steps)
+        text += (f" after {steps - stale} synchronous warm-up steps" if stale else
+                 f", but every step is synchronous: the {parallel.warmup_steps} warm-up steps cover all {steps}")
+    return text + (", cfg-parallel" if parallel.cfg_parallel else "")
+
+
 def generate(args: argparse.Namespace) -> None:
     """The command: checks, starts JAX (emulated CPU devices, the processes), loads, generates and
-    writes. Raises `PipelineError`, `ParallelError` (ValueErrors) or OSError for what the user can fix."""
-    spec, latents, parallel, processes = check_args(args)
+    writes. Raises ValueErrors for what the user's input gets wrong, OSError or RuntimeError for
+    what the environment does."""
+    plan = check_args(args)
+    request, processes = plan.request, plan.processes
     # Each process emulates its share of the CPU devices; both must happen before JAX starts.
     cpu_devices = args.devices // (processes.num_processes or 1) if args.devices else DEFAULT_CPU_DEVICES
     emulated = emulate_cpu_devices(cpu_devices)
     initialize_processes(processes)
     main_process = is_main_process()
+    compile_cache = cache_counter = None
+    if not args.no_compile_cache and os.environ.get(COMPILE_CACHE_ENV, "1") != "0":
+        compile_cache, cache_counter = use_compile_cache(args.cache_dir), CompileCacheCounter()
 
     def report(line: str) -> None:  # progress and results: from process 0 only
         if main_process:
@@ -166,51 +269,53 @@ def generate(args: argparse.Namespace) -> None:
     if emulated and jax.default_backend() == "cpu":
         report(f"no accelerator: emulating {cpu_devices} CPU devices per process "
                f"(XLA_FLAGS={os.environ['XLA_FLAGS']})")
-    height, width = args.height or spec.default_size, args.width or spec.default_size
+    parallel = plan.parallel
     if parallel is None:
         wanted = 1 if args.mode == "single" else default_device_count()
-        parallel = spec.largest_layout(height, wanted, lambda n: parallel_config(args, n), args.cfg_parallel)
+        parallel = plan.spec.largest_layout(request.height, wanted, lambda n: parallel_config(args, n),
+                                            args.cfg_parallel)
     if len(jax.devices()) < parallel.devices:
         raise ParallelError(f"--devices {parallel.devices} but only {len(jax.devices())} "
                             f"{jax.default_backend()} devices are present.")
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
 
-    pipe = load_pipeline(spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir, log=report)
-    layout = "1 device" if not parallel.split else (
-        f"{parallel.devices} devices, {parallel.mode.value}" + (", cfg-parallel" if parallel.cfg_parallel else ""))
+    pipe = load_pipeline(plan.spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir, log=report)
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    report(f"generating {width}x{height}, {args.steps} {args.scheduler} steps on {jax.default_backend()} "
-           f"({layout}{hosts}, {dtype}); compiling first...")
-    result = pipe.generate(
-        args.prompt, args.negative_prompt, height=height, width=width, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=args.seed,
-        latents=latents, scheduler=args.scheduler, parallel=parallel,
-        progress=ProgressBar("denoising") if main_process else None,
-    )
+    images = f"{request.batch} images of " if request.batch > 1 else ""
+    report(f"generating {images}{request.width}x{request.height}, {request.steps} {request.scheduler.value} steps on "
+           f"{jax.default_backend()} ({describe_layout(parallel, request.steps)}{hosts}, {dtype}); "
+           + ("compiling first..." if compile_cache is None else f"compiling first (kept in {compile_cache})..."))
+    result = pipe.run(plan.spec.spread(request, parallel), ProgressBar("denoising") if main_process else None)
     if not main_process:
         return
-    image = result.images[0]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(image * 255).astype(np.uint8)).save(args.output)
-    if args.output_array:
-        np.save(args.output_array, image.astype(np.float32))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings.update(height=height, width=width, devices=parallel.devices, processes=jax.process_count(),
-                    dtype=dtype, backend=jax.default_backend(), mode=parallel.mode.value,
-                    context=parallel.context if parallel.mode == Mode.PCPP else None)
-    args.output.with_suffix(".json").write_text(json.dumps(
-        {"settings": settings, "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}, indent=2))
+    settings.update(height=request.height, width=request.width, devices=parallel.devices,
+                    processes=jax.process_count(), dtype=dtype, backend=jax.default_backend(),
+                    mode=parallel.mode.value, warmup_steps=parallel.warmup_steps,
+                    displaced_steps=parallel.stale_steps(request.steps),
+                    context=parallel.context if parallel.mode == Mode.PCPP else None,
+                    compile_cache=cache_counter and cache_counter.counts, images=request.batch)
+    for i, files in enumerate(plan.files):
+        image_settings = settings | {"seed": request.seeds[i % len(request.seeds)], "image": i,
+                                     "output": str(files.png), "output_array": files.array and str(files.array)}
+        write_image(files, result.images[i], image_settings, result.timings, args.overwrite)
     print(" ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()), file=sys.stderr)
-    print(f"wrote {args.output}", file=sys.stderr)
+    print(f"wrote {', '.join(str(f.png) for f in plan.files)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         generate(args)
-    except (ValueError, OSError) as e:  # PipelineError, ParallelError, ConfigError, a file that cannot be read
+    except ValueError as e:  # the input: PipelineError, ParallelError, OutputError, ConfigError, ConversionError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:  # the environment: files, the cache, processes, a non-finite result
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted.", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -34,7 +34,27 @@ from jaxfuse.parallel.mesh import ROWS, ProcessLayout, gather, initialize_proces
 from jaxfuse.parallel.patch import Patch
 from jaxfuse.sampling import image
 from jaxfuse.sampling.step import Conditioning, Guidance, Sampling
-from jaxfuse.spec import PipelineError, PipelineSpec
+from jaxfuse.spec import DEFAULT_STEPS, PipelineSpec, Request
+
+
+class NonFiniteError(RuntimeError):
+    """A generation whose result holds NaN or infinity; the message names the likely cause."""
+
+
+def check_finite(what: str, values: np.ndarray, likely_cause: str) -> None:
+    """Raises `NonFiniteError` unless every value is finite: never a black image."""
+    bad = np.size(values) - np.count_nonzero(np.isfinite(values))
+    if bad:
+        raise NonFiniteError(f"{what} hold {bad} NaN or infinite values of {np.size(values)}; the inputs were "
+                             f"checked, so the likely cause is {likely_cause}.")
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
+    """Unit Gaussian noise [B, ...]: from one seed for the whole batch, or one seed per image
+    (each image's noise then equals a batch of one from its seed)."""
+    if len(seeds) == 1:
+        return jax.random.normal(jax.random.key(seeds[0]), shape, jnp.float32)
+    return jnp.stack([jax.random.normal(jax.random.key(s), shape[1:], jnp.float32) for s in seeds])
 
 
 @dataclasses.dataclass
@@ -85,6 +105,7 @@ class SDXLPipeline:
         self._progress: Callable[[int, int], None] | None = None
         self._last_step = 0
         self._on_mesh: dict[Any, Any] = {}
+        self._params_checked = False
 
     def _run(self, name: Any, fn: Callable, *args):
         """`jax.jit(fn)(*args)`, compiled once per `name` and argument shapes and kept; the time
@@ -125,40 +146,66 @@ class SDXLPipeline:
         return jnp.concatenate(contexts, axis=-1), pooled
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float = 5.0, guidance_rescale: float = 0.0, seed: int = 0,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = DEFAULT_STEPS,
+                 guidance_scale: float = 5.0, guidance_rescale: float = 0.0, seed: int | Sequence[int] = 0,
                  latents: np.ndarray | None = None, scheduler: str = "euler",
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, parallel: ParallelConfig = ParallelConfig(),
                  progress: Callable[[int, int], None] | None = None) -> Generation:
         """Runs the pipeline; `parallel` spreads the image over devices (default: one device);
-        `progress(step, total)` is called after every denoising step."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        height, width = height or self.spec.default_size, width or self.spec.default_size
-        self.spec.check_request(height, width, num_inference_steps, len(prompts),
-                                None if latents is None else np.shape(latents), parallel.patches)
-        kind = schedulers.SchedulerKind(scheduler)
-        use_guidance = guidance_scale > 1.0
-        if parallel.cfg_parallel and not use_guidance:
-            raise PipelineError("cfg_parallel splits the guidance batch, but guidance_scale <= 1 has none; "
-                                "drop --cfg-parallel or raise --guidance-scale.")
-        sampling = Sampling(use_guidance, guidance_rescale > 0, parallel)
+        `progress(step, total)` is called after every denoising step.
+
+        `seed` is one int for the whole batch's noise, or one per image: image i then equals a
+        one-image run with `seed[i]`, and a single prompt is repeated for each. Every argument is
+        checked before anything runs (`PipelineSpec.request`); raises `PipelineError` for a bad
+        one and `NonFiniteError` when the result holds NaN or infinity.
+        """
+        request = self.spec.request(
+            prompt, negative_prompt, height=height, width=width, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed, latents=latents,
+            scheduler=scheduler, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size, parallel=parallel)
+        return self.run(request, progress)
+
+    def run(self, request: Request, progress: Callable[[int, int], None] | None = None) -> Generation:
+        """`generate` for a request checked already (`PipelineSpec.request`)."""
+        self.check_params_finite()
+        parallel = request.parallel
+        sampling = Sampling(request.use_guidance, request.guidance_rescale > 0, parallel)
         mesh = make_mesh(parallel) if parallel.split else None
         self._compile_seconds, self._progress, self._last_step = 0.0, progress, 0
         timings: dict[str, float] = {}
 
-        cond = self._timed(timings, "encode", lambda: self.conditioning(
-            prompts, negative_prompt, use_guidance, (height, width), original_size, crops_coords_top_left,
-            target_size))
-        schedule = schedulers.make_schedule(kind, self.spec.scheduler, num_inference_steps)
-        shape = self.spec.latent_shape(len(prompts), height, width)
-        noise = (jnp.asarray(latents, jnp.float32) if latents is not None
-                 else jax.random.normal(jax.random.key(seed), shape, jnp.float32))
-        guidance = Guidance(jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
+        cond = self._timed(timings, "encode", lambda: self.conditioning(request))
+        schedule = schedulers.make_schedule(request.scheduler, self.spec.scheduler, request.steps)
+        noise = (jnp.asarray(request.latents) if request.latents is not None
+                 else initial_noise(request.seeds, self.spec.latent_shape(request.batch, request.height,
+                                                                          request.width)))
+        guidance = Guidance(jnp.float32(request.guidance_scale), jnp.float32(request.guidance_rescale))
         x = self._timed(timings, "denoise", lambda: self.denoise(
             noise * schedule.init_noise_sigma, cond, schedule, guidance, sampling, mesh))
+        check_finite("the denoised latents", gather(x), "the UNet's weights or an overflow in half precision "
+                     "(try --dtype float32)")
         images = gather(self._timed(timings, "decode", lambda: self.decode(x, mesh)))
+        check_finite("the decoded image", images, "the VAE's weights or an overflow in half precision (SDXL's "
+                     "VAE needs float32: its config's force_upcast)")
         return Generation(images, {"compile": self._compile_seconds, **timings})
+
+    def check_params_finite(self) -> None:
+        """Raises `NonFiniteError` naming the first parameters that hold NaN or infinity (checked
+        once, on the devices)."""
+        if self._params_checked:
+            return
+        named = {"unet": self.unet_params, "vae": self.vae_params,
+                 **{f"text_encoder_{i}": e.params for i, e in enumerate(self.encoders)}}
+        flags = jax.jit(lambda tree: jax.tree.map(lambda x: jnp.isfinite(x).all(), tree))(named)
+        bad = ["/".join(str(getattr(k, "key", k)) for k in path)
+               for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0] if not ok]
+        if bad:
+            raise NonFiniteError(f"the model's weights hold NaN or infinity in {len(bad)} tensors ({', '.join(bad[:5])}"
+                                 f"{', ...' if len(bad) > 5 else ''}); the checkpoint is damaged: restore it from "
+                                 "its original copy.")
+        self._params_checked = True
 
     def _timed(self, timings: dict[str, float], phase: str, work: Callable[[], Any]) -> Any:
         """`work()`, finished; its seconds less the compiling it caused go to `timings[phase]`."""
@@ -181,25 +228,18 @@ class SDXLPipeline:
         """The images [B, H, W, 3] float32 in [0, 1]; see `generate` for the arguments."""
         return self.generate(prompt, negative_prompt, **kwargs).images
 
-    def conditioning(self, prompts, negative_prompt, use_guidance, size, original_size,
-                     crops_coords_top_left, target_size) -> Conditioning:
+    def conditioning(self, request: Request) -> Conditioning:
         """Text embeddings and SDXL micro-conditioning, unconditional half first when guiding."""
-        context, pooled = self.encode_prompts(prompts)
-        time_ids = jnp.asarray([*(original_size or size), *crops_coords_top_left, *(target_size or size)],
-                               jnp.float32)
-        time_ids = jnp.broadcast_to(time_ids, (len(prompts), time_ids.shape[0]))
-        if use_guidance:
-            if negative_prompt is None and self.spec.force_zeros_for_empty_prompt:
+        context, pooled = self.encode_prompts(request.prompts)
+        size = (request.height, request.width)
+        time_ids = jnp.asarray([*(request.original_size or size), *request.crops_coords_top_left,
+                                *(request.target_size or size)], jnp.float32)
+        time_ids = jnp.broadcast_to(time_ids, (request.batch, time_ids.shape[0]))
+        if request.use_guidance:
+            if request.negative_prompts is None and self.spec.force_zeros_for_empty_prompt:
                 neg_context, neg_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
             else:
-                if negative_prompt is None or isinstance(negative_prompt, str):
-                    negatives = [negative_prompt or ""] * len(prompts)
-                else:
-                    negatives = list(negative_prompt)
-                if len(negatives) != len(prompts):
-                    raise PipelineError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; "
-                                        "give one per prompt or a single string.")
-                neg_context, neg_pooled = self.encode_prompts(negatives)
+                neg_context, neg_pooled = self.encode_prompts(request.negative_prompts or [""] * request.batch)
             context = jnp.concatenate([neg_context, context])
             pooled = jnp.concatenate([neg_pooled, pooled])
             time_ids = jnp.concatenate([time_ids, time_ids])
@@ -230,6 +270,24 @@ class SDXLPipeline:
 
 
 
+# Set to 0 to keep `python -m jaxfuse.generate` from using the persistent compilation cache.
+COMPILE_CACHE_ENV = "JAXFUSE_COMPILE_CACHE"
+
+
+def use_compile_cache(cache_dir: str | Path | None = None) -> Path:
+    """Keeps every compiled program under `cache_dir`/xla (default: jaxfuse's cache folder,
+    `$JAXFUSE_CACHE` or ~/.cache/jaxfuse) so that a later process running the same program loads
+    it instead of compiling it again (JAX's persistent compilation cache). Call it before the
+    first compile; a cache folder set already (`JAX_COMPILATION_CACHE_DIR`) is kept. Returns the
+    folder in use."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir or checkpoint.default_cache_dir()) / "xla"))
+        # JAX's default keeps only programs that took a second to compile; the small ones (text
+        # encoders, noise, checks) add up to several seconds of a run too.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return Path(jax.config.jax_compilation_cache_dir)
+
+
 LOADERS = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder, "text_encoder_2": load_text_encoder}
 
 
@@ -244,7 +302,9 @@ def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str |
                   log: Callable[[str], None] = print, *, coordinator_address: str | None = None,
                   num_processes: int | None = None, process_id: int | None = None) -> SDXLPipeline:
     """An SDXL pipeline from a diffusers folder (converted once and cached under `cache_dir`,
-    default `$JAXFUSE_CACHE` or ~/.cache/jaxfuse) or from a converted folder.
+    default `$JAXFUSE_CACHE` or ~/.cache/jaxfuse) or from a converted folder. A cache entry is
+    checked against its manifest first; a damaged one raises `checkpoint.CacheError`, naming the
+    folder to delete.
 
     Across hosts, every process calls it with the same folder and its own place in the run
     (`jax.distributed.initialize`'s arguments; none in a cluster JAX recognises by itself), before
@@ -257,16 +317,20 @@ def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str |
     # process write and wait for the others.
     if not spec.converted and jax.process_count() == 1:
         cache = checkpoint.cache_folder(folder, dtype, cache_dir)
-        if (cache / "complete").is_file():
+        if cache.is_dir():  # only a finished entry is renamed to this name (`checkpoint.save_pipeline`)
             log(f"loading converted weights from the cache {cache}")
             source = cache
         else:
             log(f"converting {folder} to JAX once; the converted weights are cached in {cache}")
 
     start = time.perf_counter()
-    models = load_models(spec, source, dtype)
-    if cache is not None and source is folder:
-        checkpoint.save_pipeline(folder, cache, {c: params for c, (_, params) in models.items()})
+    if source is cache:
+        models = checkpoint.read_cache(cache, lambda entry: load_models(spec, entry, dtype))
+    else:
+        models = load_models(spec, source, dtype)
+        if cache is not None:
+            # When another process cached the same model meanwhile, its entry is kept: same values as ours.
+            checkpoint.save_pipeline(folder, cache, {c: params for c, (_, params) in models.items()})
     log(f"loaded the model in {time.perf_counter() - start:.1f} s")
 
     encoders = [TextEncoder(CLIPTokenizer.from_pretrained(folder / tokenizer, local_files_only=True), *models[model])

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+import math
+import numbers
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxfuse import schedulers
 from jaxfuse.checkpoint import CONFIG_NAME, MODEL_COMPONENTS, PARAMS_DIR, TOKENIZERS
@@ -17,6 +21,82 @@ from jaxfuse.config import ParallelConfig, UNetConfig, VAEConfig
 
 class PipelineError(ValueError):
     """A model folder or a request the pipeline cannot serve; the message names the fix."""
+
+
+# The steps of a run when none are named, in the command line and the API alike: Euler and
+# DPM++(2M), the usual SDXL samplers, are run at 25-30 steps in practice; diffusers' default is 50.
+DEFAULT_STEPS = 30
+# JAX's default keys hold 32 bits: a larger seed would silently repeat a smaller one's noise.
+MAX_SEED = 2**32 - 1
+# Files besides config.json each part of a pipeline folder needs (CLIP's tokenizer: its BPE tables).
+TOKENIZER_FILES = ("tokenizer_config.json", "vocab.json", "merges.txt")
+
+
+def checked_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """`value` as an int in [low, high]; a bool, a float or a string is refused, not rounded."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise PipelineError(f"{name} must be an int, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        bound = f"in {low}..{high}" if high is not None else f"at least {low}"
+        raise PipelineError(f"{name} must be {bound}, got {value}.")
+    return int(value)
+
+
+def checked_float(name: str, value: Any, low: float, high: float = math.inf, why: str = "") -> float:
+    """`value` as a finite float in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise PipelineError(f"{name} must be a number, got {value!r}.")
+    if not math.isfinite(value) or not low <= value <= high:
+        bound = f"in [{low}, {high}]" if math.isfinite(high) else f"at least {low}"
+        raise PipelineError(f"{name} must be a finite number {bound}, got {value}{why}.")
+    return float(value)
+
+
+def checked_prompts(name: str, value: Any) -> list[str]:
+    """A prompt or a non-empty list of prompts, as a list."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise PipelineError(f"{name} must be a string or a non-empty list of strings, got {value!r}.")
+
+
+def checked_pair(name: str, value: Any, low: int) -> tuple[int, int] | None:
+    """None, or (height, width)-like: two ints of at least `low`."""
+    if value is None:
+        return None
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+        raise PipelineError(f"{name} must be two ints (height, width), got {value!r}.")
+    return tuple(checked_int(f"{name}[{i}]", v, low) for i, v in enumerate(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation request, checked (`PipelineSpec.request`): every value has its type and
+    range, and the lists agree in length (`batch`)."""
+
+    prompts: list[str]
+    negative_prompts: list[str] | None
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    seeds: list[int]  # one for the whole batch's noise, or one per image
+    latents: np.ndarray | None
+    scheduler: schedulers.SchedulerKind
+    original_size: tuple[int, int] | None
+    crops_coords_top_left: tuple[int, int]
+    target_size: tuple[int, int] | None
+    parallel: ParallelConfig
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def use_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,13 +118,17 @@ class PipelineSpec:
             raise PipelineError(f"{folder} is not a folder; pass a diffusers SDXL pipeline folder.")
         wanted = ["model_index.json", "scheduler/scheduler_config.json",
                   *(f"{c}/{CONFIG_NAME}" for c in MODEL_COMPONENTS),
-                  *(f"{t}/tokenizer_config.json" for t in TOKENIZERS)]
+                  *(f"{t}/{name}" for t in TOKENIZERS for name in TOKENIZER_FILES)]
         missing = [name for name in wanted if not (folder / name).is_file()]
         if missing:
             raise PipelineError(f"{folder} is not an SDXL pipeline folder: missing {', '.join(missing)}.")
 
         def config(name):
-            return json.loads((folder / name).read_text())
+            try:
+                return json.loads((folder / name).read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise PipelineError(f"{folder / name} is not valid JSON ({e}); restore it from the model's "
+                                    "original copy.") from e
 
         return cls(
             folder=folder,
@@ -71,23 +155,90 @@ class PipelineSpec:
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (batch, self.unet.in_channels, height // self.vae_factor, width // self.vae_factor)
 
-    def check_request(self, height: int, width: int, num_steps: int, batch: int = 1,
-                      latents_shape: tuple[int, ...] | None = None, patches: int = 1) -> None:
-        """One clear error for a request that cannot run. Split over `patches` devices, the
-        latent height must divide into equal patches that the UNet can halve at every level."""
+    def request(self, prompt: Any, negative_prompt: Any = None, *, height: Any = None, width: Any = None,
+                num_inference_steps: Any = DEFAULT_STEPS, guidance_scale: Any = 5.0, guidance_rescale: Any = 0.0,
+                seed: Any = 0, latents: Any = None, scheduler: Any = "euler", original_size: Any = None,
+                crops_coords_top_left: Any = (0, 0), target_size: Any = None,
+                parallel: ParallelConfig = ParallelConfig()) -> Request:
+        """The arguments of `SDXLPipeline.generate` checked, or one `PipelineError` naming the
+        fix. `height`/`width` None: the model's size. `seed`: one int, or one per image (a single
+        prompt is then repeated for each)."""
+        prompts = checked_prompts("prompt", prompt)
+        seeds = [seed] if isinstance(seed, numbers.Integral) or not isinstance(seed, Sequence) else list(seed)
+        if not seeds:
+            raise PipelineError("seed must be an int or a non-empty list of ints, got [].")
+        seeds = [checked_int("seed", s, 0, MAX_SEED) for s in seeds]
+        if len(seeds) > 1 and len(prompts) == 1:
+            prompts = prompts * len(seeds)
+        if len(seeds) > 1 and len(seeds) != len(prompts):
+            raise PipelineError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt, "
+                                "or one seed for the batch.")
+        negatives = None if negative_prompt is None else checked_prompts("negative_prompt", negative_prompt)
+        if negatives is not None and len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if negatives is not None and len(negatives) != len(prompts):
+            raise PipelineError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per "
+                                "prompt or a single string.")
+        height = self.default_size if height is None else checked_int("height", height, 1)
+        width = self.default_size if width is None else checked_int("width", width, 1)
+        steps = checked_int("steps", num_inference_steps, 1, self.scheduler.num_train_timesteps)
+        kinds = [k.value for k in schedulers.SchedulerKind]
+        if scheduler not in kinds:
+            raise PipelineError(f"scheduler {scheduler!r} is not one of {', '.join(kinds)}.")
+        request = Request(
+            prompts=prompts, negative_prompts=negatives, height=height, width=width, steps=steps,
+            guidance_scale=checked_float("guidance scale", guidance_scale, 0.0,
+                                         why=" (1 or less turns guidance off)"),
+            guidance_rescale=checked_float("guidance rescale", guidance_rescale, 0.0, 1.0),
+            seeds=seeds, latents=None if latents is None else self.checked_latents(latents, len(prompts), height,
+                                                                                     width),
+            scheduler=schedulers.SchedulerKind(scheduler),
+            original_size=checked_pair("original_size", original_size, 1),
+            crops_coords_top_left=checked_pair("crops_coords_top_left", crops_coords_top_left, 0),
+            target_size=checked_pair("target_size", target_size, 1), parallel=ParallelConfig())
+        return self.spread(request, parallel)
+
+    def spread(self, request: Request, parallel: ParallelConfig) -> Request:
+        """`request` spread over the devices `parallel` names, checked for that layout."""
+        if not isinstance(parallel, ParallelConfig):
+            raise PipelineError(f"parallel must be a jaxfuse.ParallelConfig, got {parallel!r}.")
+        self.check_size(request.height, request.width, parallel.patches)
+        if parallel.cfg_parallel and not request.use_guidance:
+            raise PipelineError("cfg_parallel splits the guidance batch, but guidance_scale <= 1 has none; "
+                                "drop --cfg-parallel or raise --guidance-scale.")
+        return dataclasses.replace(request, parallel=parallel)
+
+    def check_size(self, height: int, width: int, patches: int = 1) -> None:
+        """One clear error for a (positive) image size the model cannot make. Split over
+        `patches` devices, the latent height must divide into equal patches that the UNet can
+        halve at every level."""
         for name, size, f in (("height", height, self.size_multiple * patches), ("width", width, self.size_multiple)):
-            if size <= 0 or size % f:
-                why = (f"VAE factor {self.vae_factor} x UNet factor {self.unet.downsample_factor}"
-                       + (f" x {patches} patches" if name == "height" and patches > 1 else ""))
-                nearest = " or ".join(str(v) for v in (size // f * f, (size // f + 1) * f) if v > 0)
-                raise PipelineError(f"{name} {size} must be a positive multiple of {f} ({why}); "
-                                    f"nearest valid: {nearest}.")
-        if num_steps < 1:
-            raise PipelineError(f"steps must be at least 1, got {num_steps}.")
+            if size % f == 0:
+                continue
+            why = (f"VAE factor {self.vae_factor} x UNet factor {self.unet.downsample_factor}"
+                   + (f" x {patches} patches" if name == "height" and patches > 1 else ""))
+            nearest = " or ".join(str(v) for v in (size // f * f, (size // f + 1) * f) if v > 0)
+            message = f"{name} {size} must be a positive multiple of {f} ({why}); nearest valid: {nearest}"
+            blocks = size // self.size_multiple
+            if name == "height" and patches > 1 and size % self.size_multiple == 0:
+                counts = [str(n) for n in range(1, min(patches, blocks) + 1) if blocks % n == 0]
+                message += (f"; or split {size} into {', '.join(counts)} patches (--devices; twice that with "
+                            "cfg-parallel)")
+            raise PipelineError(message + ".")
+
+    def checked_latents(self, latents: Any, batch: int, height: int, width: int) -> np.ndarray:
+        """Initial noise in diffusers' layout [B, C, H/8, W/8], unscaled, as float32."""
+        array = np.asarray(latents)
+        if not np.issubdtype(array.dtype, np.floating):
+            raise PipelineError(f"latents must hold floats, got dtype {array.dtype}.")
         expected = self.latent_shape(batch, height, width)
-        if latents_shape is not None and tuple(latents_shape) != expected:
-            raise PipelineError(f"latents have shape {tuple(latents_shape)}; {height}x{width} with batch "
-                                f"{batch} needs {expected} (diffusers layout, unscaled noise).")
+        if array.shape != expected:
+            raise PipelineError(f"latents have shape {array.shape}; {height}x{width} with batch {batch} needs "
+                                f"{expected} (diffusers layout, unscaled noise).")
+        if not np.isfinite(array).all():
+            raise PipelineError(f"latents hold {np.size(array) - np.isfinite(array).sum()} NaN or infinite "
+                                "values; initial noise must be finite.")
+        return array.astype(np.float32)
 
     def largest_layout(self, height: int, wanted: int, layout: Callable[[int], ParallelConfig],
                        cfg_parallel: bool = False) -> ParallelConfig:

@@ -1,6 +1,7 @@
 """diffusers checkpoint conversion: variants, shards, the converted format and its errors."""
 
 import copy
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from jaxfuse.checkpoint import ConversionError, export_checkpoint, match_checkpo
 from jaxfuse.config import UNetConfig
 from jaxfuse.models.unet import abstract_params
 from jaxfuse.oracle import BASE_LIKE, SDXL_BASE_CONFIG, SDXL_REFINER_CONFIG, random_unet
+from jaxfuse.pipeline import load_pipeline
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -94,6 +96,37 @@ def test_pickled_weights_are_refused(model, tmp_path):
     model.save_pretrained(tmp_path, safe_serialization=False)
     with pytest.raises(ConversionError, match="never unpickles.*safetensors"):
         jaxfuse.load_unet(tmp_path)
+
+
+@pytest.mark.parametrize("damage", [lambda data: data[: len(data) // 2], lambda data: b"\xff" * 8 + data[8:]],
+                         ids=["truncated", "garbage-header"])
+def test_unreadable_safetensors_names_the_file(folder, tmp_path, damage):
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    weights = tmp_path / WEIGHTS
+    weights.write_bytes(damage((folder / WEIGHTS).read_bytes()))
+    with pytest.raises(ConversionError, match="truncated or damaged; download it again") as e:
+        jaxfuse.load_unet(tmp_path)
+    assert str(weights) in str(e.value)
+
+
+@pytest.mark.parametrize("component, safetensors, pickled", [
+    ("unet", WEIGHTS, "diffusion_pytorch_model.bin"),
+    ("text_encoder", "model.safetensors", "pytorch_model.bin"),
+])
+def test_pipeline_with_pickled_weights_is_one_conversion_error(tiny_sdxl_folder, tmp_path, component, safetensors,
+                                                                pickled):
+    """A model folder holding only `*.bin` (diffusers' and transformers' pickled names): one
+    ConversionError naming the folder, raised by jaxfuse itself, and nothing cached."""
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(tiny_sdxl_folder, pipeline)
+    weights = pipeline / component / safetensors
+    torch.save({k: torch.from_numpy(v) for k, v in load_file(weights).items()}, weights.with_name(pickled))
+    weights.unlink()
+    with pytest.raises(ConversionError, match="holds only pickled weights") as e:
+        load_pipeline(pipeline, cache_dir=tmp_path / "cache", log=lambda _: None)
+    assert str(pipeline / component) in str(e.value)
+    assert e.value.__cause__ is None and e.value.__context__ is None
+    assert not (tmp_path / "cache").exists()
 
 
 def test_pipeline_folder_is_accepted(folder, params, tmp_path):

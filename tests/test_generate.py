@@ -1,16 +1,24 @@
 """`python -m jaxfuse.generate` end to end on the tiny model, and its errors."""
 
+import inspect
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
-from jaxfuse.generate import main
+from jaxfuse.generate import build_parser, main, parse_args
+from jaxfuse.generate import seeds as image_seeds
+from jaxfuse.outputs import read_settings
 from jaxfuse.parallel.mesh import emulate_cpu_devices
+from jaxfuse.pipeline import COMPILE_CACHE_ENV, SDXLPipeline
+from jaxfuse.spec import DEFAULT_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -18,17 +26,21 @@ def folder(tiny_sdxl_folder):
     return tiny_sdxl_folder
 
 
+def cli(folder, tmp_path, *extra):
+    return ["--model", str(folder), "--prompt", "a blue triangle", "--height", "48", "--width", "64",
+            "--steps", "3", "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
 def run(folder, tmp_path, *extra):
-    return main(["--model", str(folder), "--prompt", "a blue triangle", "--height", "48", "--width", "64",
-                 "--steps", "3", "--cache-dir", str(tmp_path / "cache"), *extra])
+    return main(cli(folder, tmp_path, *extra))
 
 
 def test_writes_png_json_and_array(folder, tmp_path):
     np.save(tmp_path / "noise.npy", np.random.default_rng(1).standard_normal((1, 4, 6, 8)).astype(np.float32))
-    out = tmp_path / "out" / "image.png"
-    assert run(folder, tmp_path, "--output", str(out), "--output-array", str(tmp_path / "image.npy"),
+    out = tmp_path / "out" / "image.png"  # folders that do not exist yet are made
+    assert run(folder, tmp_path, "--output", str(out), "--output-array", str(tmp_path / "arrays" / "image"),
                "--latents", str(tmp_path / "noise.npy"), "--scheduler", "ddim") == 0
-    array = np.load(tmp_path / "image.npy")
+    array = np.load(tmp_path / "arrays" / "image.npy")
     assert array.shape == (48, 64, 3) and array.dtype == np.float32 and 0 <= array.min() <= array.max() <= 1
     png = np.asarray(Image.open(out))
     assert png.shape == (48, 64, 3)
@@ -36,6 +48,44 @@ def test_writes_png_json_and_array(folder, tmp_path):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["settings"]["scheduler"] == "ddim" and meta["settings"]["steps"] == 3
     assert set(meta["timings_s"]) == {"encode", "compile", "denoise", "decode"}
+    # The PNG carries the same settings, for whoever the image is shared with.
+    assert read_settings(out) == meta["settings"]
+    assert Image.open(out).text["Description"] == "a blue triangle"
+
+
+def test_several_images_are_one_batch_with_numbered_files(folder, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert run(folder, tmp_path, "--output", str(out), "--num-images", "2", "--seed", "5", "--guidance-scale", "1") == 0
+    assert "generating 2 images of 64x48" in capsys.readouterr().err
+    for i, seed in enumerate((5, 6)):
+        settings = read_settings(tmp_path / f"x-{i}.png")
+        assert (settings["seed"], settings["image"], settings["images"]) == (seed, i, 2)
+        assert json.loads((tmp_path / f"x-{i}.json").read_text())["settings"] == settings
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, seeds", [([], [0]), (["--seed", "7"], [7]), (["--num-images", "3"], [0, 1, 2]),
+                                         (["--seed", "3", "--seed", "9"], [3, 9]),
+                                         (["--seed", "3", "--seed", "9", "--num-images", "2"], [3, 9])])
+def test_seeds_of_a_batch(argv, seeds):
+    assert image_seeds(parse_args(argv)) == seeds
+
+
+def test_help_shows_every_flag_and_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    parser_help = capsys.readouterr().out
+    assert all(action.help for action in build_parser()._actions)
+    blocks = re.split(r"\n  (?=--)", parser_help)[1:]
+    assert len(blocks) == len(vars(parse_args([])))  # every flag but -h, --help
+    for block in blocks:
+        assert block.count("default") <= 1, f"{block.split()[0]} shows its default twice"
+    assert "(default: 30)" in parser_help and "(default: 5.0)" in parser_help and "default: None" not in parser_help
+
+
+def test_the_command_line_and_the_api_default_to_the_same_steps():
+    api_default = inspect.signature(SDXLPipeline.generate).parameters["num_inference_steps"].default
+    assert parse_args([]).steps == api_default == DEFAULT_STEPS == 30
 
 
 def test_existing_output_is_kept(folder, tmp_path, capsys):
@@ -46,6 +96,17 @@ def test_existing_output_is_kept(folder, tmp_path, capsys):
     assert out.read_bytes() == b"precious"
 
 
+def failure(capsys, code, argv, *messages):
+    """Runs the command; asserts its exit code, that stderr names each message on one `error:`
+    line, and that no traceback is printed."""
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err, err
+    for message in messages:
+        assert message in err, err
+    return err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--height", "40"], "height 40 must be a positive multiple of 16"),
     (["--devices", "8", "--height", "96"], "height 96 must be a positive multiple of 128"),
@@ -54,12 +115,92 @@ def test_existing_output_is_kept(folder, tmp_path, capsys):
     (["--latents", "missing.npy"], "no such file"),
     (["--context", "0.5"], "add --mode pcpp"),
     (["--mode", "pcpp", "--context", "1.5"], "must be in [0, 1], got 1.5"),
+    # Inputs that once gave a silent wrong result.
+    (["--guidance-scale", "inf"], "guidance scale must be a finite number at least 0.0, got inf"),
+    (["--guidance-scale", "nan"], "guidance scale must be a finite number at least 0.0, got nan"),
+    (["--guidance-scale", "-5"], "guidance scale must be a finite number at least 0.0, got -5.0"),
+    (["--guidance-rescale", "nan"], "guidance rescale must be a finite number in [0.0, 1.0], got nan"),
+    (["--guidance-rescale", "5"], "guidance rescale must be a finite number in [0.0, 1.0], got 5.0"),
+    (["--height", "0"], "height must be at least 1, got 0"),
+    (["--height", "-256"], "height must be at least 1, got -256"),
+    (["--devices", "4", "--mode", "displaced", "--warmup-steps", "50"],
+     "--warmup-steps 50 covers all 3 steps, so no step would run displaced"),
+    # Inputs that once failed late, with a traceback.
+    (["--steps", "100000"], "steps must be in 1..1000, got 100000"),
+    (["--seed", "1180591620717411303424"], "seed must be in 0..4294967295, got 1180591620717411303424"),
+    (["--devices", "1000", "--height", "256"], "or split 256 into 1, 2, 4, 8, 16 patches"),
+    (["--num-images", "0"], "--num-images must be at least 1, got 0"),
+    (["--num-images", "3", "--seed", "1", "--seed", "2"], "--seed given 2 times for --num-images 3"),
 ])
 def test_bad_input_is_one_clear_error(folder, tmp_path, capsys, extra, message):
-    assert run(folder, tmp_path, "--output", str(tmp_path / "x.png"), *extra) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    failure(capsys, 2, cli(folder, tmp_path, "--output", str(tmp_path / "x.png"), *extra), message)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_latents_holding_nan_or_text_are_refused(folder, tmp_path, capsys):
+    noise = np.zeros((1, 4, 6, 8), np.float32)
+    noise[0, 1, 2, 3] = np.nan
+    np.save(tmp_path / "nan.npy", noise)
+    (tmp_path / "text.npy").write_text("0.1 0.2 0.3\n")
+    out = str(tmp_path / "x.png")
+    failure(capsys, 2, cli(folder, tmp_path, "--output", out, "--latents", str(tmp_path / "nan.npy")),
+            "latents hold 1 NaN or infinite values")
+    failure(capsys, 2, cli(folder, tmp_path, "--output", out, "--latents", str(tmp_path / "text.npy")),
+            f"--latents {tmp_path / 'text.npy'} is not a .npy array file")
+
+
+@pytest.mark.parametrize("case", ["array without suffix", "output is a folder", "unwritable folder",
+                                  "folder is a file"])
+def test_every_output_is_checked_before_anything_loads(folder, tmp_path, capsys, case):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "arr.npy").write_bytes(b"precious")
+    (tmp_path / "afile").write_bytes(b"precious")
+    argv, message = {
+        "array without suffix": (["--output", f"{tmp_path}/o/x.png", "--output-array", f"{tmp_path}/o/arr"],
+                                 f"{tmp_path}/o/arr.npy already exist"),
+        "output is a folder": (["--output", f"{tmp_path}/o/sub.png"], "is a folder; name a file inside it"),
+        # /sys takes no new file, not even from root (CI runs as root, which ignores permission bits).
+        "unwritable folder": (["--output", "/sys/x.png"], "cannot write into /sys"),
+        "folder is a file": (["--output", f"{tmp_path}/afile/x.png"], "afile is a file, not a folder"),
+    }[case]
+    (tmp_path / "o" / "sub.png").mkdir()
+    failure(capsys, 2, cli(folder, tmp_path, *argv), message)
+    assert (tmp_path / "o" / "arr.npy").read_bytes() == b"precious" and not (tmp_path / "o" / "x.png").exists()
+    assert (tmp_path / "afile").read_bytes() == b"precious"
+
+
+def broken_copy(folder, tmp_path, change):
+    """A copy of the pipeline `folder` that `change(copy)` damages."""
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    change(copy)
+    return copy
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: (m / "unet" / "config.json").write_text("{\n"), "unet/config.json is not valid JSON"),
+    (lambda m: (m / "tokenizer" / "vocab.json").unlink(), "missing tokenizer/vocab.json"),
+    (lambda m: (m / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x10\x00"),
+     "diffusion_pytorch_model.safetensors"),
+])
+def test_a_damaged_model_folder_is_named(folder, tmp_path, capsys, change, message):
+    model = broken_copy(folder, tmp_path, change)
+    out = tmp_path / "x.png"
+    failure(capsys, 2, ["--model", str(model), "--output", str(out), "--cache-dir", str(tmp_path / "cache")], message)
+    assert not out.exists()
+
+
+def test_weights_holding_nan_fail_before_denoising(folder, tmp_path, capsys):
+    def poison(model):
+        path = model / "unet" / "diffusion_pytorch_model.safetensors"
+        tensors = load_file(path)
+        tensors["conv_in.weight"][0, 0, 0, 0] = float("nan")
+        save_file(tensors, path)
+
+    model = broken_copy(folder, tmp_path, poison)
+    err = failure(capsys, 1, cli(model, tmp_path, "--output", str(tmp_path / "x.png")),
+                  "weights hold NaN or infinity in 1 tensors (unet/conv_in/kernel)")
+    assert "denoising [" not in err and not (tmp_path / "x.png").exists()
 
 
 def test_wrong_latents_shape(folder, tmp_path, capsys):
@@ -79,6 +220,7 @@ def test_unknown_scheduler_is_refused_by_the_command_line():
     assert result.returncode == 2 and "invalid choice: 'heun'" in result.stderr
 
 
+@pytest.mark.slow
 def test_parallel_run_writes_its_settings(folder, tmp_path):
     """pcpp over the default 4 emulated devices; the settings record its context (the default
     mode on several devices, displaced, is checked on the demo model)."""
@@ -95,3 +237,23 @@ def test_cpu_devices_are_emulated_only_when_not_already_set(monkeypatch):
     assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"
     assert not emulate_cpu_devices(8)  # the user's (or the first) setting stands
     assert not emulate_cpu_devices(1)
+
+
+@pytest.mark.slow
+def test_a_second_run_loads_every_program_from_the_compile_cache(folder, tmp_path):
+    """Two processes with the same command: the second compiles nothing (counted by JAX's
+    persistent-cache events, recorded in the settings); --no-compile-cache keeps no cache."""
+    env = {k: v for k, v in os.environ.items() if k != COMPILE_CACHE_ENV}
+
+    def counts(name, *extra):
+        command = [sys.executable, "-m", "jaxfuse.generate", *cli(folder, tmp_path, "--output", str(tmp_path / name)),
+                   *extra]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return read_settings(tmp_path / name)["compile_cache"]
+
+    # The first run converts the weights (programs of its own), without the compile cache.
+    assert counts("convert.png", "--no-compile-cache") is None and not (tmp_path / "cache" / "xla").exists()
+    first, second = counts("first.png"), counts("second.png")
+    assert first["compiled"] > 3  # measured 24 programs
+    assert second == {"compiled": 0, "loaded": first["compiled"] + first["loaded"]}

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 from jaxfuse.config import ParallelConfig, ParallelError
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
-from jaxfuse.parallel.mesh import ProcessLayout
+from jaxfuse.parallel.mesh import ProcessJoinError, ProcessLayout, initialize_processes
 from jaxfuse.pipeline import load_pipeline
 
 STEPS = 3
@@ -73,15 +74,75 @@ def test_displaced_runs_over_two_processes(tmp_path):
     assert (settings["processes"], settings["mode"]) == (2, "displaced")
 
 
+# What a Python traceback or a native crash (JAX's SIGABRT, a segfault) leaves on stderr.
+CRASH_MARKERS = ("Traceback", "Fatal Python error", "*** Begin stack trace", "Check failure", "Aborted",
+                 "Segmentation fault")
+
+
+def run_process_that_cannot_join(tmp_path, process: int, port: int) -> str:
+    """Runs one process of a two-process run that cannot join, with a 3 s timeout; checks that it
+    ends with exit status 1 (the environment), one `error: ` line, no crash and no file. Returns
+    that line."""
+    start = time.perf_counter()
+    result = subprocess.run(generate_command(tmp_path, process, port, "--process-timeout", "3"),
+                            env=process_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert time.perf_counter() - start < 60
+    assert not any(marker in result.stderr for marker in CRASH_MARKERS), result.stderr[-3000:]
+    assert not (tmp_path / f"process{process}.png").exists()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture
+def silent_port():
+    """A loopback port whose server accepts connections and never answers: not a JAX coordinator."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:  # the server was shut down
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1]
+    server.shutdown(socket.SHUT_RDWR)
+    server.close()
+    for connection in held:
+        connection.close()
+
+
 def test_a_process_that_cannot_reach_the_coordinator_fails_clearly(tmp_path):
     port = free_port()  # nothing listens there
-    start = time.perf_counter()
-    result = subprocess.run(generate_command(tmp_path, 1, port, "--process-timeout", "3"), env=process_env(),
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert f"could not join the others through the coordinator at 127.0.0.1:{port} within 3 s" in result.stderr
-    assert "Traceback" not in result.stderr and time.perf_counter() - start < 60
-    assert not (tmp_path / "process1.png").exists()
+    error = run_process_that_cannot_join(tmp_path, 1, port)
+    assert f"could not join the others through the coordinator at 127.0.0.1:{port} within 3 s" in error
+
+
+def test_process_0_whose_peers_never_come_fails_clearly(tmp_path):
+    port = free_port()
+    error = run_process_that_cannot_join(tmp_path, 0, port)
+    assert f"the other 1 process did not join process 0 at 127.0.0.1:{port} within 3 s" in error
+    assert "--num-processes 2" in error
+
+
+def test_a_process_whose_coordinator_address_is_another_server_fails_clearly(tmp_path, silent_port):
+    error = run_process_that_cannot_join(tmp_path, 1, silent_port)
+    assert f"coordinator at 127.0.0.1:{silent_port} within 3 s" in error and "something listens" in error
+
+
+def test_process_0_on_a_taken_port_fails_clearly(tmp_path, silent_port):
+    error = run_process_that_cannot_join(tmp_path, 0, silent_port)
+    assert f"port {silent_port} is taken on this host" in error
+
+
+def test_join_failures_are_process_join_errors():
+    # Without a coordinator the failure comes before JAX is touched, so it runs in this process.
+    with pytest.raises(ProcessJoinError, match="could not join the others"):
+        initialize_processes(ProcessLayout(f"127.0.0.1:{free_port()}", 2, 1, timeout_s=1))
 
 
 @pytest.mark.parametrize("layout, message", [

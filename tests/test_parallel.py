@@ -109,9 +109,9 @@ def test_sync_unet_equals_single(unet, params, inputs, single, n):
     assert relative(out, single) <= 1e-5  # measured 1.0e-6
 
 
-@pytest.mark.parametrize("gn", [GroupNormMode.CORRECTED, GroupNormMode.CORRECTED_DISTRIFUSION,
-                                *(pytest.param(g, marks=pytest.mark.slow) for g in (GroupNormMode.STALE,
-                                                                                    GroupNormMode.SYNC))])
+@pytest.mark.parametrize("gn", [GroupNormMode.CORRECTED,
+                                *(pytest.param(g, marks=pytest.mark.slow) for g in (
+                                    GroupNormMode.CORRECTED_DISTRIFUSION, GroupNormMode.STALE, GroupNormMode.SYNC))])
 def test_displaced_step_on_repeated_input_equals_sync(unet, params, inputs, gn):
     """Fed the same latents and timestep twice, the stale context equals the fresh one, so the
     second (displaced) step must give the first (sync) step's result."""

@@ -14,7 +14,7 @@ import jaxfuse
 from checkpoints_conversion.convert_diffusers import main as convert
 from jaxfuse.config import GroupNormMode, Mode, ParallelConfig
 from jaxfuse.models.vae import load_vae
-from jaxfuse.pipeline import load_pipeline
+from jaxfuse.pipeline import NonFiniteError, load_pipeline
 from jaxfuse.spec import PipelineError
 
 HEIGHT, WIDTH = 64, 96  # non-square; latents 8x12
@@ -94,6 +94,7 @@ def test_converter_writes_what_the_pipeline_and_the_loaders_read(folder, pipe, t
     assert_trees_equal(load_vae(tmp_path / "vae")[1], pipe.vae_params)
 
 
+@pytest.mark.slow
 def test_bf16_keeps_the_vae_in_float32(folder, tmp_path, noise):
     """SDXL's VAE config says `force_upcast`: in a bf16 pipeline it still runs in float32."""
     pipe = load_pipeline(folder, dtype=jnp.bfloat16, cache_dir=tmp_path, log=lambda _: None)
@@ -113,13 +114,44 @@ def test_seeded_noise_is_reproducible(pipe):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(height=70), "height 70 must be a positive multiple of 16 .* nearest valid: 64"),
-    (dict(num_inference_steps=0), "steps must be at least 1"),
+    (dict(num_inference_steps=0), r"steps must be in 1\.\.1000, got 0"),
     (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), r"needs \(1, 4, 8, 12\)"),
     (dict(scheduler="heun"), "heun"),
 ])
 def test_bad_requests_fail_before_compiling(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe("a red circle", **{"height": HEIGHT, "width": WIDTH, **kwargs})
+
+
+def test_one_seed_per_image_gives_each_image_its_one_image_run(pipe):
+    kwargs = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3)
+    batch = pipe("a red square", seed=[3, 4], **kwargs)
+    assert batch.shape == (2, HEIGHT, WIDTH, 3)
+    for image, seed in zip(batch, (3, 4)):
+        assert np.abs(image - pipe("a red square", seed=seed, **kwargs)[0]).max() < 3e-5  # measured 2.8e-6
+
+
+def with_unet_params(pipe, change):
+    """A pipeline like `pipe` whose UNet's first convolution kernel is `change(kernel)`."""
+    params = jax.tree.map(lambda x: x, pipe.unet_params)
+    params["conv_in"]["kernel"] = change(params["conv_in"]["kernel"])
+    return jaxfuse.SDXLPipeline(pipe.spec, pipe.unet, params, pipe.vae, pipe.vae_params, pipe.encoders, pipe.dtype)
+
+
+def test_weights_holding_nan_are_named_before_denoising(pipe):
+    broken = with_unet_params(pipe, lambda k: k.at[0, 0, 0, 0].set(jnp.nan))
+    progress = []
+    with pytest.raises(NonFiniteError, match=r"weights hold NaN or infinity in 1 tensors \(unet/conv_in/kernel\)"):
+        broken("a red circle", height=HEIGHT, width=WIDTH, num_inference_steps=2,
+               progress=lambda *a: progress.append(a))
+    assert progress == []  # raised before the first step
+
+
+def test_a_result_that_overflows_is_an_error_not_a_black_image(pipe):
+    """Finite weights so large that float32 overflows: the denoised latents hold inf/NaN."""
+    huge = with_unet_params(pipe, lambda k: k * 1e38)
+    with pytest.raises(NonFiniteError, match="the denoised latents hold .* NaN or infinite values.* UNet's weights"):
+        huge("a red circle", height=HEIGHT, width=WIDTH, num_inference_steps=2)
 
 
 def test_folder_missing_a_part_names_it(folder, tmp_path):

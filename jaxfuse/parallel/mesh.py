@@ -11,10 +11,13 @@ shards its own devices hold and `gather` gives every process the whole result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import socket
+import sys
+import threading
 import time
 from typing import Any
 
@@ -104,11 +107,30 @@ class ProcessLayout:
         return self.coordinator_address is not None
 
 
+class ProcessJoinError(RuntimeError):
+    """The processes of a multi-host run could not join: a coordinator that cannot be reached, a
+    port that is taken, a process that never started. A fault of the surroundings, not of the
+    layout (that is a `ParallelError`)."""
+
+
+# JAX ends the process (SIGABRT, a native stack trace) a few seconds past its own
+# `initialization_timeout` while joining; it is given this much longer than the watchdog of
+# `_exit_unless_done`, so that ours always ends the process first, with a message.
+JAX_TIMEOUT_MARGIN_S = 60
+
+
 def initialize_processes(layout: ProcessLayout) -> None:
     """Joins the processes of a multi-host run (`jax.distributed.initialize`); a no-op when they
     are joined already, or when none are named and JAX recognises no cluster. It must run before
-    anything starts JAX's backends. Raises ParallelError when the coordinator cannot be reached
-    within `layout.timeout_s`."""
+    anything starts JAX's backends.
+
+    With a layout given, the wait is bounded by `layout.timeout_s`. Raises ProcessJoinError when
+    the coordinator's port stays closed (or, in process 0, is taken) or JAX reports a failure. When
+    JAX is still waiting at the timeout (process 0 for peers that never came; another process
+    talking to something that is not the coordinator), JAX itself would soon end the process
+    with a native crash, out of reach of any Python handler; a watchdog thread ends it first:
+    it prints `error: ...` to stderr and exits with status 1 (`os._exit`, so no `finally` blocks
+    or atexit handlers run)."""
     if jax.distributed.is_initialized():
         return
     if not layout.given:
@@ -117,43 +139,100 @@ def initialize_processes(layout: ProcessLayout) -> None:
         except (ValueError, RuntimeError):  # no cluster around, or JAX already started: one process
             return
     else:
-        # JAX ends the whole process, past any Python handler, when its client cannot connect in
-        # time; so the other processes first wait for the coordinator's port themselves.
-        timeout = layout.timeout_s if layout.process_id == 0 else _wait_for_coordinator(layout)
-        try:
-            jax.distributed.initialize(layout.coordinator_address, layout.num_processes, layout.process_id,
-                                       initialization_timeout=timeout)
-        except Exception as e:  # the coordinator client reports a timeout as an XLA runtime error
-            if isinstance(e, RuntimeError) and "before any JAX calls" in str(e):
-                raise ParallelError("the process layout must be set before anything else uses JAX in this "
-                                    "process: pass it to load_pipeline first, or start a new process.") from e
-            raise ParallelError(_unreachable(layout, e)) from e
+        _join(layout)
     # Collectives between CPU processes need gloo (without other processes it cannot start, so it
     # is set only here); it changes nothing on GPU or TPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
-def _wait_for_coordinator(layout: ProcessLayout) -> int:
-    """Waits until the coordinator's port accepts connections; returns the seconds left of the
-    timeout (at least 1). Raises ParallelError when the timeout passes first."""
-    host, port = layout.coordinator_address.rsplit(":", 1)
+def _join(layout: ProcessLayout) -> None:
+    """`jax.distributed.initialize` for a given layout, within `layout.timeout_s` in all."""
     deadline = time.monotonic() + layout.timeout_s
+    if layout.process_id == 0:
+        _check_port_free(layout)
+        stalled = "the coordinator was still waiting for them"
+    else:
+        _wait_for_coordinator(layout, deadline)
+        stalled = ("something listens on that port, but the run did not start: another program, or a JAX "
+                   "coordinator still waiting for the other processes")
+    with _exit_unless_done(deadline, _unreachable(layout, stalled)):
+        try:
+            jax.distributed.initialize(layout.coordinator_address, layout.num_processes, layout.process_id,
+                                       initialization_timeout=layout.timeout_s + JAX_TIMEOUT_MARGIN_S)
+        except Exception as e:  # an XLA runtime error from the coordinator client, or JAX's own checks
+            if isinstance(e, RuntimeError) and "before any JAX calls" in str(e):
+                raise ParallelError("the process layout must be set before anything else uses JAX in this "
+                                    "process: pass it to load_pipeline first, or start a new process.") from e
+            raise ProcessJoinError(_unreachable(layout, _first_line(e))) from e
+
+
+@contextlib.contextmanager
+def _exit_unless_done(deadline: float, message: str):
+    """Ends the process, printing `error: {message}` and exiting with status 1, unless the block
+    is done by `deadline` (time.monotonic), and at least 1 s after it starts."""
+    done = threading.Event()
+
+    def watch():
+        if not done.wait(max(1.0, deadline - time.monotonic())):
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    threading.Thread(target=watch, name="jaxfuse-join-watchdog", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def _check_port_free(layout: ProcessLayout) -> None:
+    """Raises ProcessJoinError when the coordinator's port is taken on this host: JAX's
+    coordinator service, which binds it on every interface, would crash the process (SIGSEGV)."""
+    if "JAX_COORDINATOR_BIND_ADDRESS" in os.environ:  # JAX binds elsewhere: nothing to check here
+        return
+    port = int(layout.coordinator_address.rsplit(":", 1)[1])
+    dual = socket.has_dualstack_ipv6()
+    try:
+        with socket.create_server(("", port), family=socket.AF_INET6 if dual else socket.AF_INET,
+                                  dualstack_ipv6=dual):
+            return
+    except OSError as e:
+        raise ProcessJoinError(f"process 0 cannot serve as the coordinator at {layout.coordinator_address}: port "
+                               f"{port} is taken on this host ({os.strerror(e.errno)}); choose a free port and pass it "
+                               f"to every process as --coordinator-address.") from e
+
+
+def _wait_for_coordinator(layout: ProcessLayout, deadline: float) -> None:
+    """Waits until the coordinator's port accepts connections: JAX's own wait ends in a native
+    crash. Raises ProcessJoinError when `deadline` (time.monotonic) passes first."""
+    host, port = layout.coordinator_address.rsplit(":", 1)
     while True:
         try:
             with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
-                return max(1, round(deadline - time.monotonic()))
+                return
         except OSError as e:
             if time.monotonic() + 0.5 > deadline:
-                raise ParallelError(_unreachable(layout, e)) from e
+                raise ProcessJoinError(_unreachable(layout, _first_line(e))) from e
             time.sleep(0.5)
 
 
-def _unreachable(layout: ProcessLayout, error: Exception) -> str:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return (f"process {layout.process_id} of {layout.num_processes} could not join the others through the "
-            f"coordinator at {layout.coordinator_address} within {layout.timeout_s} s: check that every process "
-            f"was started with the same --coordinator-address and --num-processes, that process 0 runs on that "
-            f"host, and that its port is open. ({first_line})")
+def _unreachable(layout: ProcessLayout, cause: str) -> str:
+    """Why the processes could not join, and what to check, from process `layout.process_id`'s view."""
+    address, n = layout.coordinator_address, layout.num_processes
+    if layout.process_id == 0:
+        others = f"{n - 1} process" if n == 2 else f"{n - 1} processes"
+        return (f"the other {others} did not join process 0 at {address} within {layout.timeout_s} s: check that "
+                f"each was started with --coordinator-address {address} (an address of this host that it can "
+                f"reach), --num-processes {n} and its own --process-id in 1..{n - 1}, and that port "
+                f"{address.rsplit(':', 1)[1]} of this host is open to them. ({cause})")
+    return (f"process {layout.process_id} of {n} could not join the others through the coordinator at {address} "
+            f"within {layout.timeout_s} s: check that every process was started with the same "
+            f"--coordinator-address and --num-processes, that process 0 runs on that host, and that its port is "
+            f"open. ({cause})")
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def is_main_process() -> bool:

@@ -1,0 +1,61 @@
+"""Every argument of `SDXLPipeline.generate` is checked before anything runs
+(`PipelineSpec.request`): one `PipelineError` that names the argument and the fix."""
+
+import numpy as np
+import pytest
+
+from jaxfuse.config import ParallelConfig
+from jaxfuse.spec import PipelineError, PipelineSpec
+
+HEIGHT, WIDTH = 64, 96
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_sdxl_folder):
+    return PipelineSpec.read(tiny_sdxl_folder)
+
+
+@pytest.mark.parametrize("prompt, kwargs, message", [
+    (123, {}, "prompt must be a string or a non-empty list of strings, got 123"),
+    (None, {}, "prompt must be a string or a non-empty list of strings, got None"),
+    ([], {}, r"prompt must be a string or a non-empty list of strings, got \[\]"),
+    (["a", 1], {}, "prompt must be a string or a non-empty list"),
+    ("a", dict(num_inference_steps=2.5), "steps must be an int, got 2.5"),
+    ("a", dict(num_inference_steps=100000), r"steps must be in 1\.\.1000, got 100000"),
+    ("a", dict(guidance_scale="7"), "guidance scale must be a number, got '7'"),
+    ("a", dict(guidance_scale=float("inf")), r"guidance scale must be a finite number at least 0.0, got inf"),
+    ("a", dict(guidance_scale=float("nan")), "guidance scale must be a finite number at least 0.0, got nan"),
+    ("a", dict(guidance_scale=-5), r"guidance scale must be .* at least 0.0, got -5 \(1 or less turns guidance off\)"),
+    ("a", dict(guidance_rescale=float("nan")), r"guidance rescale must be a finite number in \[0.0, 1.0\], got nan"),
+    ("a", dict(guidance_rescale=5), r"guidance rescale must be a finite number in \[0.0, 1.0\], got 5"),
+    ("a", dict(height=256.0), "height must be an int, got 256.0"),
+    ("a", dict(height=0), "height must be at least 1, got 0"),
+    ("a", dict(height=-256), "height must be at least 1, got -256"),
+    ("a", dict(width=True), "width must be an int, got True"),
+    ("a", dict(seed=2**70), r"seed must be in 0\.\.4294967295, got 1180591620717411303424"),
+    ("a", dict(seed=-1), r"seed must be in 0\.\.4294967295, got -1"),
+    ("a", dict(seed="0"), "seed must be an int, got '0'"),
+    ("a", dict(seed=[]), r"seed must be an int or a non-empty list of ints, got \[\]"),
+    (["a", "b"], dict(seed=[0, 1, 2]), "3 seeds for 2 prompts"),
+    (["a", "b"], dict(negative_prompt=["x", "y", "z"]), "3 negative prompts for 2 prompts"),
+    ("a", dict(crops_coords_top_left=(0, 0, 0)), r"crops_coords_top_left must be two ints \(height, width\)"),
+    ("a", dict(original_size=(1024, 0)), r"original_size\[1\] must be at least 1, got 0"),
+    ("a", dict(scheduler="heun"), "scheduler 'heun' is not one of euler, ddim, dpmpp-2m"),
+    ("a", dict(latents=np.full((1, 4, 8, 12), np.nan, np.float32)), "latents hold 384 NaN or infinite values"),
+    ("a", dict(latents=np.zeros((1, 4, 8, 12), np.int32)), "latents must hold floats"),
+    ("a", dict(parallel="displaced"), "parallel must be a jaxfuse.ParallelConfig"),
+    ("a", dict(parallel=ParallelConfig(1000, "sync"), height=256),
+     r"height 256 must be a positive multiple of 16000 .*; nearest valid: 16000; or split 256 into 1, 2, 4, 8, 16 "
+     r"patches"),
+])
+def test_a_bad_argument_is_named(spec, prompt, kwargs, message):
+    with pytest.raises(PipelineError, match=message):
+        spec.request(prompt, **{"height": HEIGHT, "width": WIDTH, **kwargs})
+
+
+def test_a_good_request_is_normalised(spec):
+    request = spec.request("a", seed=[4, 5], negative_prompt="b", crops_coords_top_left=[0, 8], height=HEIGHT,
+                           width=WIDTH, num_inference_steps=np.int64(3), guidance_scale=7)
+    assert request.prompts == ["a", "a"] and request.negative_prompts == ["b", "b"] and request.seeds == [4, 5]
+    assert (request.crops_coords_top_left, request.steps, request.guidance_scale) == ((0, 8), 3, 7.0)
+    assert spec.request("a").height == spec.default_size
