@@ -1,12 +1,12 @@
-"""Text to image with SDXL: prompts -> text embeddings -> one compiled denoising loop -> VAE -> image.
+"""Text to image with SDXL: prompts -> text embeddings -> a compiled denoising loop -> VAE -> image.
 
     pipe = jaxfuse.load_pipeline("stable-diffusion-xl-base-1.0", dtype=jnp.bfloat16)
     images = pipe("a red circle at the top left", height=1024, width=1024, seed=0)
 
 The result equals diffusers' `StableDiffusionXLPipeline` on the same weights and initial latents.
 This module loads the models, encodes and conditions the prompts, hands the latents to a sampling
-loop (`jaxfuse.sampling.image`, one `jit` of `lax.scan`s) and decodes; the text encoders and the
-VAE are jitted on their own.
+loop (`jaxfuse.sampling.image`: one compiled program per phase of steps) and decodes; the text
+encoders and the VAE are jitted on their own.
 """
 
 from __future__ import annotations
@@ -103,18 +103,19 @@ class SDXLPipeline:
         self._executables: dict[Any, Any] = {}
         self._compile_seconds = 0.0
         self._progress: Callable[[int, int], None] | None = None
-        self._last_step = 0
         self._on_mesh: dict[Any, Any] = {}
         self._params_checked = False
 
-    def _run(self, name: Any, fn: Callable, *args):
+    def _run(self, name: Any, fn: Callable, *args, donate: int | None = None):
         """`jax.jit(fn)(*args)`, compiled once per `name` and argument shapes and kept; the time
-        spent compiling is counted apart from the phase's own time."""
+        spent compiling is counted apart from the phase's own time. `donate`: the index of an
+        argument whose buffers the result may reuse (a carry that is replaced)."""
         leaves, tree = jax.tree.flatten(args)
         signature = (name, tree, tuple((np.shape(x), jnp.result_type(x)) for x in leaves))
         if signature not in self._executables:
             start = time.perf_counter()
-            self._executables[signature] = jax.jit(fn).lower(*args).compile()
+            jitted = jax.jit(fn, donate_argnums=() if donate is None else (donate,))
+            self._executables[signature] = jitted.lower(*args).compile()
             self._compile_seconds += time.perf_counter() - start
         return self._executables[signature](*args)
 
@@ -125,14 +126,6 @@ class SDXLPipeline:
             self._on_mesh = {k: v for k, v in self._on_mesh.items() if k[0] != name}  # one mesh at a time
             self._on_mesh[key] = place(params, NamedSharding(mesh, P()))
         return self._on_mesh[key]
-
-    def _step_done(self, i, total: int) -> None:
-        """Host side of the denoising loop's per-step callback (which every device of a mesh
-        makes: each step is reported once)."""
-        step = int(i) + 1
-        if self._progress is not None and step > self._last_step:
-            self._last_step = step
-            self._progress(step, total)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """Prompts -> context [B, 77, sum of widths] (each encoder's penultimate layer, side by
@@ -173,7 +166,7 @@ class SDXLPipeline:
         parallel = request.parallel
         sampling = Sampling(request.use_guidance, request.guidance_rescale > 0, parallel)
         mesh = make_mesh(parallel) if parallel.split else None
-        self._compile_seconds, self._progress, self._last_step = 0.0, progress, 0
+        self._compile_seconds, self._progress = 0.0, progress
         timings: dict[str, float] = {}
 
         cond = self._timed(timings, "encode", lambda: self.conditioning(request))
@@ -216,13 +209,26 @@ class SDXLPipeline:
 
     def denoise(self, x, cond: Conditioning, schedule, guidance: Guidance, sampling: Sampling,
                 mesh: Mesh | None) -> jax.Array:
-        """Initial latents [B, 4, h, w] -> denoised latents; on `mesh`, split by rows."""
-        loop = image.image_loop(self.unet, sampling, mesh, self._step_done)
+        """Initial latents [B, 4, h, w] -> denoised latents; on `mesh`, split by rows. With a
+        progress callback the host runs one step at a time (the same compiled program as a
+        phase's whole range) and reports each when it is done."""
         params, args = self.unet_params, (x, cond, schedule, guidance)
         if mesh is not None:
             params = self._replicated("unet", params, mesh)
             args = [place(a, NamedSharding(mesh, spec)) for a, spec in zip(args, image.loop_specs(sampling)[1:])]
-        return self._run(("denoise", sampling), loop, params, *args)
+        _, cond, schedule, guidance = args
+        carry = self._run(("initial", sampling), image.initial_program(self.unet, sampling, mesh), params, *args)
+        total = schedule.timesteps.shape[0]
+        for patch, start, stop in sampling.phases(total):
+            steps = image.steps_program(self.unet, sampling, patch, mesh)
+            bounds = [(start, stop)] if self._progress is None else [(i, i + 1) for i in range(start, stop)]
+            for first, end in bounds:
+                carry = self._run(("steps", sampling, patch), steps, params, carry, cond, schedule, guidance,
+                                  np.int32(first), np.int32(end), donate=1)
+                if self._progress is not None:
+                    jax.block_until_ready(carry.latents)
+                    self._progress(end, total)
+        return carry.latents
 
     def __call__(self, prompt, negative_prompt=None, **kwargs) -> np.ndarray:
         """The images [B, H, W, 3] float32 in [0, 1]; see `generate` for the arguments."""

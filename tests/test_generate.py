@@ -255,5 +255,5 @@ def test_a_second_run_loads_every_program_from_the_compile_cache(folder, tmp_pat
     # The first run converts the weights (programs of its own), without the compile cache.
     assert counts("convert.png", "--no-compile-cache") is None and not (tmp_path / "cache" / "xla").exists()
     first, second = counts("first.png"), counts("second.png")
-    assert first["compiled"] > 3  # measured 24 programs
+    assert first["compiled"] > 3  # measured 26 programs
     assert second == {"compiled": 0, "loaded": first["compiled"] + first["loaded"]}

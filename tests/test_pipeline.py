@@ -170,6 +170,9 @@ def test_new_prompt_and_seed_reuse_the_compiled_program(pipe):
                            **kwargs)
     assert second.timings["compile"] == 0.0
     assert steps == [(1, 3), (2, 3), (3, 3)]
+    # With progress the host runs the loop one step at a time, through the same program.
+    without = pipe.generate("a blue star at the top", seed=2, guidance_scale=7.5, **kwargs)
+    np.testing.assert_array_equal(second.images, without.images)
     assert pipe.generate("a red square", height=HEIGHT, width=2 * WIDTH, num_inference_steps=3).timings["compile"] > 0
 
 

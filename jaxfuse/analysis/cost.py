@@ -24,15 +24,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from jaxfuse import schedulers
 from jaxfuse.analysis.hlo import collective_bytes
 from jaxfuse.config import ParallelConfig, UNetConfig
 from jaxfuse.models.unet import UNet2DConditionModel, abstract_params
 from jaxfuse.parallel.mesh import ROWS, make_mesh
-from jaxfuse.parallel.patch import CFG, PATCH, Patch
-from jaxfuse.sampling.image import loop_specs
+from jaxfuse.parallel.patch import Patch
+from jaxfuse.sampling.image import loop_specs, stale_spec
 from jaxfuse.sampling.step import Conditioning, Guidance, Sampling, predict_noise
 
 
@@ -51,7 +50,7 @@ def sharded_step(unet: UNet2DConditionModel, sampling: Sampling, patch: Patch, m
                  with_stale: bool = False) -> Callable:
     """`step_fn` over `mesh`, each device on its rows, inputs laid out as the image loop's. The
     stale tree crosses the `shard_map` boundary stacked over every device along its first axis."""
-    stacked = P((CFG, PATCH)) if sampling.parallel.cfg_parallel else P(PATCH)
+    stacked = stale_spec(sampling)
     in_specs = loop_specs(sampling) + ((stacked,) if with_stale else ())
     out_specs = (ROWS, stacked) if patch.writes_stale else ROWS
     return jax.shard_map(step_fn(unet, sampling, patch), mesh=mesh, in_specs=in_specs, out_specs=out_specs)

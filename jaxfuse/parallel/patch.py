@@ -202,16 +202,35 @@ def image_std(x: jax.Array, split: bool) -> jax.Array:
     return jnp.sqrt(var * count / (count - 1))
 
 
+def varying_axes(aval: Any) -> frozenset[str]:
+    """The mesh axes over which a value (its `jax.typeof` or `eval_shape` result) differs from
+    device to device inside `shard_map`."""
+    return frozenset(aval.manual_axis_type.varying) if aval.manual_axis_type else frozenset()
+
+
 def zeros_like_shapes(shapes: Any) -> Any:
     """A tree of zeros shaped like `shapes` (`jax.eval_shape`'s result) and, inside `shard_map`,
     varying over the same mesh axes, so it can start a scan carry the step then writes."""
 
     def zeros(shape: jax.ShapeDtypeStruct) -> jax.Array:
         value = jnp.zeros(shape.shape, shape.dtype)
-        varying = tuple(sorted(shape.manual_axis_type.varying)) if shape.manual_axis_type else ()
+        varying = tuple(sorted(varying_axes(shape)))
         return lax.pcast(value, varying, to="varying") if varying else value
 
     return jax.tree.map(zeros, shapes)
+
+
+def vary_like(tree: Any, like: Any) -> Any:
+    """`tree` cast to vary over every mesh axis the matching leaf of `like` varies over. A loop's
+    carry must keep its type: stale context that came in stacked over every device varies over
+    every mesh axis, even where a step writes the same value on all of an axis (a halo of the
+    latents, which both guidance halves share)."""
+
+    def cast(x: jax.Array, ref: jax.Array) -> jax.Array:
+        missing = tuple(sorted(varying_axes(jax.typeof(ref)) - varying_axes(jax.typeof(x))))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree, like)
 
 
 def join_guidance_halves(noise: jax.Array) -> jax.Array:

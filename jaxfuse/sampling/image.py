@@ -1,7 +1,13 @@
-"""The image loop: a batch of images denoised step by step, as one `lax.scan` per phase
-(`Sampling.phases`: a displaced or pcpp run's synchronous warm-up, then its displaced steps),
-with the latents, the sampler's state and the stale context in a named carry. On a mesh it runs
-inside `shard_map`, each device on its rows of the latents, from the first step to the last.
+"""The image loop: a batch of images denoised step by step, with the latents, the sampler's state
+and the stale context in a named carry. Each phase (`Sampling.phases`: a displaced or pcpp run's
+synchronous warm-up, then its displaced steps) is one loop over its steps; on a mesh it runs
+inside `shard_map`, each device on its rows of the latents.
+
+`denoise` is the whole loop as one function (one `lax.scan` per phase). The pipeline runs the same
+pieces as separate programs (`initial_program`, then `steps_program` per phase) whose step range
+is an argument: the host can then run one step at a time and report progress between them, with
+no host callback inside a program; a program with a host callback never enters JAX's persistent
+compilation cache.
 """
 
 from __future__ import annotations
@@ -12,14 +18,13 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxfuse import schedulers
 from jaxfuse.parallel.mesh import ROWS
-from jaxfuse.parallel.patch import CFG
+from jaxfuse.parallel.patch import CFG, PATCH, Patch, vary_like
 from jaxfuse.sampling.step import Conditioning, Guidance, Sampling, initial_stale, predict_noise
 
 
@@ -32,25 +37,33 @@ class ImageCarry:
     stale: Any  # the previous step's exchanges (`jaxfuse.parallel.patch`); None when no step keeps any
 
 
-def denoise(unet: Any, params: Any, latents: jax.Array, cond: Conditioning, schedule: schedulers.Schedule,
-            guidance: Guidance, sampling: Sampling, progress: Callable[..., None] | None = None) -> jax.Array:
-    """The whole sampling loop: latents [B, C, h, w] -> denoised latents. `progress(i, total=n)`
-    is called on the host after step i."""
-    num_steps = schedule.timesteps.shape[0]
+def initial_carry(unet: Any, params: Any, latents: jax.Array, cond: Conditioning, schedule: schedulers.Schedule,
+                  guidance: Guidance, sampling: Sampling) -> ImageCarry:
+    """The carry before step 0: the latents, a fresh sampler state, zero stale context."""
+    return ImageCarry(latents, schedulers.init_state(schedule, latents),
+                      initial_stale(unet, params, sampling, schedule, latents, cond, guidance))
 
-    def one_step(patch, carry: ImageCarry, i) -> ImageCarry:
+
+def run_steps(unet: Any, sampling: Sampling, patch: Patch, params: Any, carry: ImageCarry, cond: Conditioning,
+              schedule: schedulers.Schedule, guidance: Guidance, start: Any, stop: Any) -> ImageCarry:
+    """Steps start..stop-1, each layer seeing the other patches as `patch` says. With Python int
+    bounds the loop is a `lax.scan`; with traced ones one compiled program serves every range."""
+
+    def step(i, carry: ImageCarry) -> ImageCarry:
         noise, stale = predict_noise(unet, params, sampling, patch, schedule, i, carry.latents, cond, guidance,
                                      carry.stale)
         x, state = schedulers.step(schedule, carry.scheduler, i, noise, carry.latents)
-        if progress is not None:
-            jax.debug.callback(functools.partial(progress, total=num_steps), i)
-        return ImageCarry(x, state, stale)
+        return ImageCarry(x, state, vary_like(stale, carry.stale))
 
-    carry = ImageCarry(latents, schedulers.init_state(schedule, latents),
-                       initial_stale(unet, params, sampling, schedule, latents, cond, guidance))
-    for patch, start, stop in sampling.phases(num_steps):
-        step = functools.partial(one_step, patch)
-        carry, _ = lax.scan(lambda c, i: (step(c, i), None), carry, jnp.arange(start, stop))
+    return lax.fori_loop(start, stop, step, carry)
+
+
+def denoise(unet: Any, params: Any, latents: jax.Array, cond: Conditioning, schedule: schedulers.Schedule,
+            guidance: Guidance, sampling: Sampling) -> jax.Array:
+    """The whole sampling loop: latents [B, C, h, w] -> denoised latents."""
+    carry = initial_carry(unet, params, latents, cond, schedule, guidance, sampling)
+    for patch, start, stop in sampling.phases(schedule.timesteps.shape[0]):
+        carry = run_steps(unet, sampling, patch, params, carry, cond, schedule, guidance, start, stop)
     return carry.latents
 
 
@@ -60,11 +73,41 @@ def loop_specs(sampling: Sampling) -> tuple:
     return P(), ROWS, P(CFG) if sampling.parallel.cfg_parallel else P(), P(), P()
 
 
-def image_loop(unet: Any, sampling: Sampling, mesh: Mesh | None,
-               progress: Callable[..., None] | None = None) -> Callable:
+def stale_spec(sampling: Sampling) -> P:
+    """How the stale tree crosses a `shard_map` boundary: every device's own leaves stacked along
+    their first axis."""
+    return P((CFG, PATCH)) if sampling.parallel.cfg_parallel else P(PATCH)
+
+
+def carry_specs(sampling: Sampling) -> ImageCarry:
+    return ImageCarry(ROWS, schedulers.SchedulerState(ROWS), stale_spec(sampling) if sampling.keeps_stale else None)
+
+
+def image_loop(unet: Any, sampling: Sampling, mesh: Mesh | None) -> Callable:
     """`denoise` as a function of (params, latents, cond, schedule, guidance); on `mesh`, over its
     devices with the inputs laid out as `loop_specs` says."""
-    loop = functools.partial(denoise, unet, sampling=sampling, progress=progress)
+    loop = functools.partial(denoise, unet, sampling=sampling)
     if mesh is None:
         return loop
     return jax.shard_map(loop, mesh=mesh, in_specs=loop_specs(sampling), out_specs=ROWS)
+
+
+def initial_program(unet: Any, sampling: Sampling, mesh: Mesh | None) -> Callable:
+    """`initial_carry` as a function of (params, latents, cond, schedule, guidance); on `mesh`,
+    laid out as `loop_specs` and `carry_specs` say."""
+    first = functools.partial(initial_carry, unet, sampling=sampling)
+    if mesh is None:
+        return first
+    return jax.shard_map(first, mesh=mesh, in_specs=loop_specs(sampling), out_specs=carry_specs(sampling))
+
+
+def steps_program(unet: Any, sampling: Sampling, patch: Patch, mesh: Mesh | None) -> Callable:
+    """`run_steps` of one phase as a function of (params, carry, cond, schedule, guidance, start,
+    stop), the bounds traced; on `mesh`, laid out as `loop_specs` and `carry_specs` say."""
+    steps = functools.partial(run_steps, unet, sampling, patch)
+    if mesh is None:
+        return steps
+    params, _, cond, schedule, guidance = loop_specs(sampling)
+    carry = carry_specs(sampling)
+    return jax.shard_map(steps, mesh=mesh, in_specs=(params, carry, cond, schedule, guidance, P(), P()),
+                         out_specs=carry)
