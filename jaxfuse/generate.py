@@ -166,8 +166,8 @@ def read_latents(path: Path) -> np.ndarray:
         raise PipelineError(f"--latents {path}: no such file.")
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise PipelineError(f"--latents {path} is not a .npy array file (as numpy.save writes one): {e}") from e
+    except (ValueError, OSError, EOFError) as e:  # numpy's own words would suggest unpickling it
+        raise PipelineError(f"--latents {path} is not a .npy array file; write one with numpy.save.") from e
 
 
 @dataclasses.dataclass(frozen=True)

@@ -146,7 +146,7 @@ def test_latents_holding_nan_or_text_are_refused(folder, tmp_path, capsys):
     failure(capsys, 2, cli(folder, tmp_path, "--output", out, "--latents", str(tmp_path / "nan.npy")),
             "latents hold 1 NaN or infinite values")
     failure(capsys, 2, cli(folder, tmp_path, "--output", out, "--latents", str(tmp_path / "text.npy")),
-            f"--latents {tmp_path / 'text.npy'} is not a .npy array file")
+            f"--latents {tmp_path / 'text.npy'} is not a .npy array file; write one with numpy.save.")
 
 
 @pytest.mark.parametrize("case", ["array without suffix", "output is a folder", "unwritable folder",
