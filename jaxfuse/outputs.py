@@ -71,7 +71,8 @@ def check_outputs(files: Sequence[ImageFiles], overwrite: bool) -> None:
         raise OutputError(f"{', '.join(folders)} is a folder; name a file inside it, e.g. {folders[0]}/image.png.")
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
-        raise OutputError(f"{', '.join(existing)} already exist; choose another --output or pass --overwrite.")
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise OutputError(f"{', '.join(existing)} already {verb}; choose another --output or pass --overwrite.")
     for folder in sorted({p.parent for p in paths}):
         check_writable_folder(folder)
 

@@ -117,6 +117,7 @@ def test_three_processes_convert_into_one_entry(tiny_sdxl_folder, direct, tmp_pa
     cache, barrier = tmp_path / "cache", tmp_path / "barrier"
     barrier.mkdir()
     count = 3
+    source_before = folder_digest(tiny_sdxl_folder)
     loaders = [subprocess.Popen([sys.executable, "-c", LOADER, tiny_sdxl_folder, cache, barrier, str(count)],
                                 env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(count)]
@@ -129,6 +130,11 @@ def test_three_processes_convert_into_one_entry(tiny_sdxl_folder, direct, tmp_pa
     pipe = load_pipeline(tiny_sdxl_folder, cache_dir=cache, log=messages.append)
     assert "from the cache" in messages[0]
     assert_trees_equal(loaded_params(pipe), direct)
+    assert folder_digest(tiny_sdxl_folder) == source_before  # the user's model folder is untouched
+
+
+def folder_digest(folder):
+    return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
 
 
 def test_abandoned_copies_of_dead_writers_are_removed(tmp_path):

@@ -130,6 +130,7 @@ def failure(capsys, code, argv, *messages):
     (["--seed", "1180591620717411303424"], "seed must be in 0..4294967295, got 1180591620717411303424"),
     (["--devices", "1000", "--height", "256"], "or split 256 into 1, 2, 4, 8, 16 patches"),
     (["--num-images", "0"], "--num-images must be at least 1, got 0"),
+    (["--output", "."], "--output . must end in .png"),
     (["--num-images", "3", "--seed", "1", "--seed", "2"], "--seed given 2 times for --num-images 3"),
 ])
 def test_bad_input_is_one_clear_error(folder, tmp_path, capsys, extra, message):
@@ -157,7 +158,7 @@ def test_every_output_is_checked_before_anything_loads(folder, tmp_path, capsys,
     (tmp_path / "afile").write_bytes(b"precious")
     argv, message = {
         "array without suffix": (["--output", f"{tmp_path}/o/x.png", "--output-array", f"{tmp_path}/o/arr"],
-                                 f"{tmp_path}/o/arr.npy already exist"),
+                                 f"{tmp_path}/o/arr.npy already exists"),
         "output is a folder": (["--output", f"{tmp_path}/o/sub.png"], "is a folder; name a file inside it"),
         # /sys takes no new file, not even from root (CI runs as root, which ignores permission bits).
         "unwritable folder": (["--output", "/sys/x.png"], "cannot write into /sys"),
