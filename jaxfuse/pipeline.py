@@ -219,9 +219,12 @@ class SDXLPipeline:
         _, cond, schedule, guidance = args
         carry = self._run(("initial", sampling), image.initial_program(self.unet, sampling, mesh), params, *args)
         total = schedule.timesteps.shape[0]
+        # Every process of a multi-host run must launch the same programs in the same order,
+        # whichever of them reports progress: across processes the host always steps.
+        stepwise = self._progress is not None or jax.process_count() > 1
         for patch, start, stop in sampling.phases(total):
             steps = image.steps_program(self.unet, sampling, patch, mesh)
-            bounds = [(start, stop)] if self._progress is None else [(i, i + 1) for i in range(start, stop)]
+            bounds = [(i, i + 1) for i in range(start, stop)] if stepwise else [(start, stop)]
             for first, end in bounds:
                 carry = self._run(("steps", sampling, patch), steps, params, carry, cond, schedule, guidance,
                                   np.int32(first), np.int32(end), donate=1)
@@ -336,7 +339,10 @@ def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str |
         models = load_models(spec, source, dtype)
         if cache is not None:
             # When another process cached the same model meanwhile, its entry is kept: same values as ours.
-            checkpoint.save_pipeline(folder, cache, {c: params for c, (_, params) in models.items()})
+            try:
+                checkpoint.save_pipeline(folder, cache, {c: params for c, (_, params) in models.items()})
+            except OSError as e:  # the weights are loaded: a cache that cannot be written costs the next run only
+                log(f"warning: the converted weights could not be cached ({e}); the next run converts again.")
     log(f"loaded the model in {time.perf_counter() - start:.1f} s")
 
     encoders = [TextEncoder(CLIPTokenizer.from_pretrained(folder / tokenizer, local_files_only=True), *models[model])

@@ -194,3 +194,12 @@ def test_key_follows_ctime(tiny_sdxl_folder, tmp_path):
     os.chmod(weights, weights.stat().st_mode)
     assert weights.stat().st_ctime_ns != ctime
     assert checkpoint.cache_folder(folder, jnp.float32, tmp_path) != key
+
+
+def test_a_cache_that_cannot_be_written_costs_only_a_warning(tiny_sdxl_folder, direct):
+    """/sys takes no new folder, not even from root: the model still loads, and the log says why
+    the next run converts again."""
+    messages = []
+    pipe = load_pipeline(tiny_sdxl_folder, cache_dir="/sys/jaxfuse-cache", log=messages.append)
+    assert_trees_equal(loaded_params(pipe), direct)
+    assert any(m.startswith("warning: the converted weights could not be cached") for m in messages), messages
