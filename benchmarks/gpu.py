@@ -1,0 +1,404 @@
+"""jaxfuse on one GPU: SDXL-base speed against diffusers, the attention kernel, patch compute,
+the pipeline and a roofline, as one prepared command for a lent machine.
+
+    python benchmarks/gpu.py                        (SDXL-base at 1024², random weights, bf16)
+    python benchmarks/gpu.py --tiny --out /tmp/g    (tiny configs: a CPU smoke run)
+
+Sections, in priority order; `gpu.json` and `gpu.md` are rewritten after each one, so a run cut
+off still reports what it measured; a section that would overrun `--budget-s` is skipped, and
+one that raises is reported as failed (the exit status is then 1), each with the reason in its
+place:
+
+1. unet, diffusers: the UNet forward (batch 2, 77 text tokens) of jaxfuse (`jit`), then of
+   diffusers' `UNet2DConditionModel` (PyTorch eager, SDPA attention) on the same random weights,
+   which go from JAX to PyTorch through the converter in reverse (`export_checkpoint`), and the
+   relative error between the two. The torch row says why where torch or diffusers is missing.
+2. attention: per compiled program, its custom calls and how many are cuDNN fused attention.
+3. patch: the per-device compute of patch parallelism at N = 2, 4, 8 against single-device / N.
+   One device cannot run the N-device program, so the stand-in is a naive-mode step on h/N rows
+   (no exchanges, self-attention over its own rows): a lower bound on a displaced step's work.
+4. pipeline: the demo model's encode / denoise / decode seconds (`Generation.timings`).
+5. roofline: XLA's FLOPs and bytes of the UNet forward, its arithmetic intensity and achieved
+   rate, beside the measured peak of a large bf16 matmul and of a large copy.
+
+Times are the median of `repeats` runs after a warm-up that compiles; "peak_bytes" is the
+device's peak memory in use since the process started (`memory_stats`; None where the backend
+keeps none), so it only grows from row to row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from jaxfuse.analysis.cost import build_step
+from jaxfuse.checkpoint import export_checkpoint
+from jaxfuse.config import Mode, ParallelConfig, UNetConfig
+from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
+from jaxfuse.demo.architecture import unet_config_json
+from jaxfuse.models.unet import UNet2DConditionModel, abstract_params
+from jaxfuse.pipeline import load_pipeline
+
+DTYPE = jnp.bfloat16
+CUDNN_ATTENTION = "__cudnn$fmha"  # the custom_call_target prefix of XLA's cuDNN fused attention
+WINDOW_STRIDE = 7919  # a prime: `random_params`' leaves start at scattered offsets of the pool
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """What a run measures. `estimate_s`: seconds each section is expected to take, compiling
+    included (guesses for an H200; a section is skipped when it would pass the budget)."""
+
+    cfg: UNetConfig
+    size: int  # image height and width in pixels
+    repeats: int
+    pipeline_steps: int
+    patch_counts: tuple[int, ...]
+    matmul: int  # side of the square bf16 matmul of the roofline
+    copy_bytes: int
+    estimate_s: dict[str, float]
+
+
+FULL = Preset(cfg=UNetConfig.sdxl_base(), size=1024, repeats=5, pipeline_steps=30, patch_counts=(2, 4, 8),
+              matmul=16384, copy_bytes=1 << 31,
+              estimate_s={"unet": 90, "diffusers": 60, "attention": 60, "patch": 150, "pipeline": 60, "roofline": 20})
+# The smoke run checks every code path, not the numbers: one patch count less keeps it short.
+TINY = Preset(cfg=UNetConfig.tiny(), size=256, repeats=2, pipeline_steps=4, patch_counts=(2, 4),
+              matmul=256, copy_bytes=1 << 22,
+              estimate_s={"unet": 10, "diffusers": 5, "attention": 5, "patch": 10, "pipeline": 15, "roofline": 2})
+# What each section's table shows, written above it in gpu.md.
+NOTES = {
+    "unet": "jaxfuse's UNet forward, bf16, batch 2, random weights in the preset's config.",
+    "diffusers": "diffusers' UNet2DConditionModel eager on the same weights (PyTorch layout by "
+                 "`export_checkpoint`), bf16, SDPA; rel_error_to_jaxfuse = max |diff| / max |diffusers|; "
+                 "compile_s is its first call.",
+    "attention": "Custom calls in each optimized program; cudnn_fmha_calls > 0 means cuDNN fused attention ran.",
+    "patch": "Stand-in for one device's share of a displaced step at N patches: a naive step on h/N rows on "
+             "ONE device, exchanges removed (communication hidden) and self-attention over its own rows only, "
+             "so a lower bound on the real per-device work. efficiency = (whole-image time / N) / stand-in time.",
+    "pipeline": "load_pipeline + generate on the demo model; phases from Generation.timings, compiling excluded.",
+    "roofline": "XLA cost analysis of the UNet forward; peak rates measured with a bf16 matmul and a copy "
+                "(x + 1: every byte read and written once); roofline = min(peak FLOP/s, intensity x bandwidth).",
+}
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+def peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
+def median_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """Median wall seconds of `run()` (which must block until done) over `repeats` runs."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclasses.dataclass
+class Program:
+    """A compiled program, the arguments it was compiled for and the seconds compiling took."""
+
+    compiled: jax.stages.Compiled
+    args: tuple
+    compile_s: float
+
+    def run(self) -> jax.Array:
+        return jax.block_until_ready(self.compiled(*self.args))
+
+    def timing(self, repeats: int) -> dict[str, Any]:
+        self.run()
+        return {"median_s": median_seconds(self.run, repeats), "runs": repeats, "compile_s": self.compile_s,
+                "peak_bytes": peak_bytes()}
+
+    def cost(self) -> dict[str, float]:
+        return self.compiled.cost_analysis()
+
+
+def compile_program(jitted: Callable, args: tuple) -> Program:
+    """`jitted` (a `jax.jit` function) compiled for `args`."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return Program(compiled, args, time.perf_counter() - start)
+
+
+# --- models and programs ----------------------------------------------------------------------
+
+@functools.cache
+def random_params(cfg: UNetConfig) -> Any:
+    """Random bf16 weights of `cfg`: kernels N(0, 1/fan in), norm scales near 1, biases small, so
+    activations keep their size through 2.6B parameters. Each leaf is a window, at its own offset,
+    of one draw twice the largest leaf's size: one small program, where a draw per leaf would be
+    1,700 random ops to compile, one draw of every parameter an array past int32 indexing, and
+    Flax's `init` a run of the model (a compile as long as the UNet's)."""
+    leaves, treedef = jax.tree.flatten_with_path(abstract_params(cfg, DTYPE))
+    largest = max(leaf.size for _, leaf in leaves)
+
+    def draw(key):
+        pool = jax.random.normal(key, (2 * largest,), DTYPE)
+        out = []
+        for i, (path, leaf) in enumerate(leaves):
+            offset = i * WINDOW_STRIDE % (2 * largest - leaf.size + 1)
+            x = pool[offset:offset + leaf.size].reshape(leaf.shape)
+            name = path[-1].key
+            if name == "kernel":
+                out.append(x * (1 / math.sqrt(math.prod(leaf.shape[:-1]))))
+            else:
+                out.append((name == "scale") + 0.05 * x)
+        return jax.tree.unflatten(treedef, [x.astype(DTYPE) for x in out])
+
+    return jax.jit(draw)(jax.random.key(0))
+
+
+def unet_inputs(cfg: UNetConfig, latent: int) -> dict[str, np.ndarray]:
+    """The UNet's batch-2 inputs at a latent of latent x latent (NCHW), as in guided sampling."""
+    rng = np.random.default_rng(0)
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    return dict(sample=rng.standard_normal((2, cfg.in_channels, latent, latent), np.float32),
+                timesteps=np.float32([500, 500]),
+                encoder_hidden_states=rng.standard_normal((2, 77, cfg.cross_attention_dim), np.float32),
+                text_embeds=rng.standard_normal((2, pooled), np.float32),
+                time_ids=np.tile(np.float32([1024, 1024, 0, 0, 1024, 1024]), (2, 1)))
+
+
+@functools.cache
+def forward_program(cfg: UNetConfig, latent: int) -> Program:
+    inputs = unet_inputs(cfg, latent)
+    unet = UNet2DConditionModel(cfg, DTYPE)
+    return compile_program(jax.jit(lambda params, inputs: unet.apply({"params": params}, **inputs)),
+                           (random_params(cfg), jax.device_put(inputs)))
+
+
+@functools.cache
+def step_program(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int) -> Program:
+    """`jaxfuse.analysis.cost.build_step`'s guided step with the random weights and random
+    inputs in place of its abstract ones."""
+    step, args, _ = build_step(cfg, parallel, height, width, DTYPE)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(args[1:]))))
+    inputs = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype)
+                          if isinstance(a, jax.ShapeDtypeStruct) else a, args[1:])
+    return compile_program(step, (random_params(cfg), *inputs))
+
+
+def single_step(preset: Preset) -> Program:
+    return step_program(preset.cfg, ParallelConfig(), preset.size, preset.size)
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+def diffusers_unet_row(preset: Preset, ours: np.ndarray) -> dict[str, Any]:
+    """diffusers' UNet on jaxfuse's weights, eager, bf16, SDPA attention: its timing and its
+    relative error to `ours`; or why it did not run."""
+    try:
+        import torch
+        from diffusers import UNet2DConditionModel as TorchUNet
+        from diffusers.models.attention_processor import AttnProcessor2_0
+    except ImportError as e:
+        return {"program": "diffusers UNet (torch eager)", "skipped": f"not installed: {e}"}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = TorchUNet.from_config(unet_config_json(preset.cfg)).to(torch.bfloat16).eval()
+    model.set_attn_processor(AttnProcessor2_0())
+    state = {name: torch.from_numpy(np.asarray(tensor, np.float32)).to(torch.bfloat16)
+             for name, tensor in export_checkpoint(random_params(preset.cfg)).items()}
+    model.load_state_dict(state, strict=True)
+    del state
+    t = {k: torch.from_numpy(v).to(device, torch.bfloat16)
+         for k, v in unet_inputs(preset.cfg, preset.size // 8).items()}
+
+    @torch.no_grad()
+    def run():
+        out = model(t["sample"], t["timesteps"], encoder_hidden_states=t["encoder_hidden_states"],
+                    added_cond_kwargs={"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]}).sample
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    reference = run().float().cpu().numpy().astype(np.float64)
+    first = time.perf_counter() - start
+    error = float(np.abs(ours - reference).max() / np.abs(reference).max())
+    return {"program": f"diffusers UNet (torch eager, SDPA, {device})", "median_s": median_seconds(run, preset.repeats),
+            "runs": preset.repeats, "compile_s": first,  # eager: the first call's seconds
+            "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+            "rel_error_to_jaxfuse": error}
+
+
+def unet_section(preset: Preset) -> list[dict]:
+    program = forward_program(preset.cfg, preset.size // 8)
+    return [{"program": "jaxfuse UNet (jit)", **program.timing(preset.repeats)}]
+
+
+def diffusers_section(preset: Preset) -> list[dict]:
+    ours = forward_program(preset.cfg, preset.size // 8).run()
+    return [diffusers_unet_row(preset, np.asarray(ours, np.float64))]
+
+
+def custom_calls(program: Program) -> Counter:
+    """How many times each custom call (cuBLAS, cuDNN, ...) appears in the optimized HLO."""
+    return Counter(re.findall(r'custom_call_target="([^"]+)"', program.compiled.as_text()))
+
+
+def attention_section(preset: Preset) -> list[dict]:
+    programs = {"UNet forward": forward_program(preset.cfg, preset.size // 8),
+                "guided single-device step": single_step(preset)}
+    rows = []
+    for name, program in programs.items():
+        calls = custom_calls(program)
+        rows.append({"program": name,
+                     "cudnn_fmha_calls": sum(n for target, n in calls.items() if target.startswith(CUDNN_ATTENTION)),
+                     "custom_calls": ", ".join(f"{target} x{n}" for target, n in sorted(calls.items())) or "none",
+                     "compile_s": program.compile_s})
+    return rows
+
+
+def patch_section(preset: Preset) -> list[dict]:
+    single = single_step(preset).timing(preset.repeats)
+    rows = [{"program": "guided step, whole image", "patches": 1, **single}]
+    for n in preset.patch_counts:
+        # On a one-device mesh a naive step is one patch's rows with nothing exchanged.
+        standin = step_program(preset.cfg, ParallelConfig(1, Mode.NAIVE), preset.size // n, preset.size)
+        timing = standin.timing(preset.repeats)
+        rows.append({"program": f"naive step on h/{n} rows, 1 device (stand-in: no exchanges)", "patches": n,
+                     **timing, "ideal_s": single["median_s"] / n,
+                     "efficiency": single["median_s"] / n / timing["median_s"]})
+    return rows
+
+
+def pipeline_section(preset: Preset, cache: Path) -> list[dict]:
+    pipe = load_pipeline(DEMO_MODEL, dtype=DTYPE, cache_dir=cache, log=lambda _: None)
+
+    def generate() -> dict[str, float]:
+        return pipe.generate(DEMO_PROMPT, num_inference_steps=preset.pipeline_steps).timings
+
+    compile_s = generate()["compile"]  # the first call compiles every program the later ones run
+    timings = [generate() for _ in range(preset.repeats)]
+    phases = {f"{phase}_s": statistics.median(t[phase] for t in timings) for phase in ("encode", "denoise", "decode")}
+    return [{"program": f"demo pipeline, {preset.pipeline_steps} steps", **phases, "runs": preset.repeats,
+             "compile_s": compile_s, "peak_bytes": peak_bytes()}]
+
+
+def roofline_section(preset: Preset) -> list[dict]:
+    program = forward_program(preset.cfg, preset.size // 8)
+    cost = program.cost()
+    timing = program.timing(preset.repeats)
+    n = preset.matmul
+    a = jnp.ones((n, n), DTYPE)
+    matmul = compile_program(jax.jit(lambda a: a @ a), (a,))
+    x = jnp.ones((preset.copy_bytes // 2,), DTYPE)
+    copy = compile_program(jax.jit(lambda x: x + 1), (x,))  # reads and writes every byte once
+    matmul_s, copy_s = matmul.timing(preset.repeats)["median_s"], copy.timing(preset.repeats)["median_s"]
+    peak_flops, bandwidth = 2 * n ** 3 / matmul_s, 2 * preset.copy_bytes / copy_s
+    intensity = cost["flops"] / cost["bytes accessed"]
+    return [{"program": "jaxfuse UNet forward", "flops": cost["flops"], "bytes_accessed": cost["bytes accessed"],
+             "flops_per_byte": intensity, **timing, "achieved_flops_per_s": cost["flops"] / timing["median_s"],
+             "roofline_flops_per_s": min(peak_flops, intensity * bandwidth)},
+            {"program": f"bf16 matmul {n}x{n}", "median_s": matmul_s, "flops_per_s": peak_flops},
+            {"program": f"bf16 copy of {preset.copy_bytes / 2 ** 20:.0f} MiB", "median_s": copy_s,
+             "bytes_per_s": bandwidth}]
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+def environment() -> dict[str, Any]:
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "jax": jax.__version__, "jaxlib": jaxlib.__version__, "devices": [str(d) for d in jax.devices()],
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "torch": None, "cudnn": None}
+    try:
+        import torch
+    except ImportError:
+        return env
+    env["torch"] = torch.__version__
+    env["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return env
+
+
+def cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["# jaxfuse on one GPU (benchmarks/gpu.py)", "",
+             *(f"- {key}: {cell(value)}" for key, value in report["environment"].items())]
+    for name, section in report["sections"].items():
+        lines += ["", f"## {name}", "", NOTES[name], ""]
+        if "rows" not in section:
+            lines += [f"{outcome}: {why}" for outcome, why in section.items()]
+            continue
+        columns = list(dict.fromkeys(key for row in section["rows"] for key in row))
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in section["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict[str, Any], out: Path) -> None:
+    (out / "gpu.json").write_text(json.dumps(report, indent=1))
+    (out / "gpu.md").write_text(markdown(report))
+
+
+def run_section(section: Callable[[Preset], list[dict]], preset: Preset, expected_s: float,
+                left_s: float) -> dict[str, Any]:
+    """{"rows": ...}, or why there are none: "skipped" when the section would overrun the budget,
+    "failed" with the error when it raised."""
+    if expected_s > left_s:
+        return {"skipped": f"expected to take {expected_s:.0f} s, {max(left_s, 0):.0f} s of the budget left"}
+    try:
+        return {"rows": section(preset)}
+    except Exception as e:  # a one-off run on a lent machine: report it and go on to the next section
+        traceback.print_exc()
+        return {"failed": f"{type(e).__name__}: {e}"}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget-s", type=float, default=480, help="skip sections that would not finish by then")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/gpu_results"), help="where gpu.json and gpu.md go")
+    p.add_argument("--tiny", action="store_true", help="tiny configs and 2 runs: a CPU smoke test")
+    args = p.parse_args()
+    start = time.perf_counter()
+    preset = TINY if args.tiny else FULL
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"environment": environment(), "preset": {"size": preset.size, "tiny": args.tiny}, "sections": {}}
+    with tempfile.TemporaryDirectory() as cache:
+        sections = {"unet": unet_section, "diffusers": diffusers_section, "attention": attention_section,
+                    "patch": patch_section, "pipeline": lambda preset: pipeline_section(preset, Path(cache)),
+                    "roofline": roofline_section}
+        for name, section in sections.items():
+            left_s = args.budget_s - (time.perf_counter() - start)
+            report["sections"][name] = run_section(section, preset, preset.estimate_s[name], left_s)
+            write(report, args.out)
+            print(f"{name}: {next(iter(report['sections'][name]))} at {time.perf_counter() - start:.0f} s", flush=True)
+    print(markdown(report))
+    return int(any("failed" in section for section in report["sections"].values()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""benchmarks/gpu.py's smoke run on CPU: every section measured, finite positive times, a table."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+SECTIONS = ("unet", "diffusers", "attention", "patch", "pipeline", "roofline")
+
+
+def times(rows: list[dict]) -> list:
+    return [value for row in rows for key, value in row.items() if key.endswith("_s")]
+
+
+@pytest.mark.slow
+def test_tiny_run_reports_every_section(tmp_path):
+    # One CPU device, as on the GPU machine; LLVM's cheapest optimisation shortens the compiles
+    # that take most of the run (the times are not checked, only that they are there).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    run = subprocess.run([sys.executable, "benchmarks/gpu.py", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["environment"]["jax"]
+    assert set(report["sections"]) == set(SECTIONS)
+    for name in SECTIONS:
+        section = report["sections"][name]
+        assert "rows" in section, (name, section)  # torch and diffusers too: they are in the test extra
+        rows = section["rows"]
+        assert times(rows), name
+        assert all(t is not None and math.isfinite(t) and t > 0 for t in times(rows)), (name, rows)
+    assert report["sections"]["diffusers"]["rows"][0]["rel_error_to_jaxfuse"] < 0.1  # both bf16
+    assert "| program |" in (tmp_path / "gpu.md").read_text()
