@@ -235,9 +235,9 @@ class PipelineSpec:
         if array.shape != expected:
             raise PipelineError(f"latents have shape {array.shape}; {height}x{width} with batch {batch} needs "
                                 f"{expected} (diffusers layout, unscaled noise).")
-        if not np.isfinite(array).all():
-            raise PipelineError(f"latents hold {np.size(array) - np.isfinite(array).sum()} NaN or infinite "
-                                "values; initial noise must be finite.")
+        nonfinite = np.size(array) - np.count_nonzero(np.isfinite(array))
+        if nonfinite:
+            raise PipelineError(f"latents hold {nonfinite} NaN or infinite values; initial noise must be finite.")
         return array.astype(np.float32)
 
     def largest_layout(self, height: int, wanted: int, layout: Callable[[int], ParallelConfig],
