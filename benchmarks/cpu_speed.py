@@ -3,9 +3,9 @@
     python benchmarks/cpu_speed.py                 (needs the [test] extra: torch and diffusers)
     python benchmarks/cpu_speed.py --quick         (a small UNet and few repeats: a smoke run)
 
-1. The UNet forward: an SDXL-shaped config of 128M parameters (three levels, the first without
-   attention, heads of 64, text_time conditioning) at a 64x64 latent, batch 2: jaxfuse `jit`
-   against diffusers eager under `torch.no_grad`.
+1. The UNet forward: two SDXL-shaped configs of 128M and 142M parameters (three levels, the first
+   without attention, heads of 64, text_time conditioning; channels 96/192/384 and 128/256/384)
+   at a 64x64 latent, batch 2: jaxfuse `jit` against diffusers eager under `torch.no_grad`.
 2. Attention on CPU: `jax.nn.dot_product_attention` against the einsum path jaxfuse takes on CPU
    (`jaxfuse.models.layers.attention`), at the self-attention shapes of that UNet and of SDXL.
 3. The whole pipeline (encode, 20 Euler steps with guidance, decode) on the tiny random SDXL of
@@ -52,6 +52,9 @@ UNET_128M = dict(
     projection_class_embeddings_input_dim=1280 + 6 * 256,
     sample_size=64,
 )
+# A second shape, so that one tuned config cannot hide a gap: wider channels at the first level,
+# 128/256/384 with heads of 64 (2/4/6), the config a new user tried first (issue 19).
+UNET_WIDE = dict(UNET_128M, block_out_channels=(128, 256, 384), attention_head_dim=(2, 4, 6))
 # The smoke run's UNet: same layout, a fraction of the width.
 UNET_SMALL = dict(UNET_128M, block_out_channels=(32, 64, 64), attention_head_dim=(1, 1, 1), cross_attention_dim=64,
                   addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
@@ -150,17 +153,22 @@ def main() -> int:
     diffusers_logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     repeats = 2 if args.quick else args.repeats
+    configs = {"small": UNET_SMALL} if args.quick else {"128m": UNET_128M, "wide": UNET_WIDE}
     with tempfile.TemporaryDirectory() as tmp:
-        unet = unet_speed(Path(tmp), UNET_SMALL if args.quick else UNET_128M, 16 if args.quick else 64, repeats)
+        unets = {name: unet_speed(Path(tmp) / name, config, 16 if args.quick else 64, repeats)
+                 for name, config in configs.items()}
         shapes = [(256, 1)] if args.quick else [(1024, 3), (256, 6), (1024, 20)]
         attn = attention_speed(shapes, repeats)
         pipeline = pipeline_speed(Path(tmp), 4 if args.quick else 20, repeats)
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} "
           f"({jax.devices()[0].device_kind}), fp32, median of {repeats} turns\n")
     print("| workload | jaxfuse s | diffusers s | jaxfuse / diffusers (min-max) | max diff |\n|---|---|---|---|---|")
-    print(f"| UNet forward, {unet['parameters'] / 1e6:.0f}M parameters, batch 2 | {unet['jaxfuse_s']:.3f} "
-          f"| {unet['diffusers_s']:.3f} | {unet['ratio']:.2f} ({unet['ratio_min']:.2f}-{unet['ratio_max']:.2f}) "
-          f"| {unet['max_rel_diff']:.1e} of max |")
+    for name, unet in unets.items():
+        channels = "/".join(map(str, configs[name]["block_out_channels"]))
+        print(f"| UNet forward, {unet['parameters'] / 1e6:.0f}M parameters ({channels}), batch 2 "
+              f"| {unet['jaxfuse_s']:.3f} | {unet['diffusers_s']:.3f} "
+              f"| {unet['ratio']:.2f} ({unet['ratio_min']:.2f}-{unet['ratio_max']:.2f}) "
+              f"| {unet['max_rel_diff']:.1e} of max |")
     print(f"| tiny pipeline, {4 if args.quick else 20} steps | {pipeline['jaxfuse_s']:.3f} "
           f"| {pipeline['diffusers_s']:.3f} | {pipeline['ratio']:.2f} "
           f"({pipeline['ratio_min']:.2f}-{pipeline['ratio_max']:.2f}) | {pipeline['max_abs_diff']:.1e} |")
@@ -171,7 +179,7 @@ def main() -> int:
     print("\njaxfuse pipeline phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                          pipeline["jaxfuse_phases_s"].items()))
     if args.json:
-        args.json.write_text(json.dumps({"unet": unet, "attention": attn, "pipeline": pipeline}, indent=1))
+        args.json.write_text(json.dumps({"unet": unets, "attention": attn, "pipeline": pipeline}, indent=1))
     return 0
 
 

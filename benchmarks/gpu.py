@@ -13,13 +13,21 @@ place:
    diffusers' `UNet2DConditionModel` (PyTorch eager, SDPA attention) on the same random weights,
    which go from JAX to PyTorch through the converter in reverse (`export_checkpoint`), and the
    relative error between the two. The torch row says why where torch or diffusers is missing.
-2. attention: per compiled program, its custom calls and how many are cuDNN fused attention.
-3. patch: the per-device compute of patch parallelism at N = 2, 4, 8 against single-device / N.
-   One device cannot run the N-device program, so the stand-in is a naive-mode step on h/N rows
-   (no exchanges, self-attention over its own rows): a lower bound on a displaced step's work.
-4. pipeline: the demo model's encode / denoise / decode seconds (`Generation.timings`).
-5. roofline: XLA's FLOPs and bytes of the UNet forward, its arithmetic intensity and achieved
+2. attention: per compiled program, its custom calls and how many are cuDNN fused attention;
+   then jaxfuse's attention alone at the self-attention sizes of 1024² and 2048² and with pcpp's
+   key mask: which kernel ran, its time, and, where cuDNN was not picked, the time with
+   `implementation="cudnn"` forced or the reason it cannot be.
+3. patch: the per-device compute of patch parallelism at N = 2, 4, 8 (1024²) and 8 (2048²)
+   against single-device / N. One device cannot run the N-device program, so the stand-in is a
+   naive-mode step on h/N rows (no exchanges, self-attention over its own rows): a lower bound on
+   a displaced step's work.
+4. pipeline: the demo model's encode / denoise / decode seconds (`Generation.timings`); SDXL-base's
+   denoising at 1024² as 30 measured guided steps, and its VAE decode (float32, as SDXL's VAE
+   needs) at 1024².
+5. large: one guided step at 3840² on one device: its time and memory, or the out-of-memory error.
+6. roofline: XLA's FLOPs and bytes of the UNet forward, its arithmetic intensity and achieved
    rate, beside the measured peak of a large bf16 matmul and of a large copy.
+7. torch_compile: diffusers' UNet under `torch.compile`, last because its compile is the longest.
 
 Times are the median of `repeats` runs after a warm-up that compiles; "peak_bytes" is the
 device's peak memory in use since the process started (`memory_stats`; None where the backend
@@ -53,10 +61,12 @@ import numpy as np
 
 from jaxfuse.analysis.cost import build_step
 from jaxfuse.checkpoint import export_checkpoint
-from jaxfuse.config import Mode, ParallelConfig, UNetConfig
+from jaxfuse.config import Mode, ParallelConfig, UNetConfig, VAEConfig
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.demo.architecture import unet_config_json
-from jaxfuse.models.unet import UNet2DConditionModel, abstract_params
+from jaxfuse.models import unet as unet_model
+from jaxfuse.models import vae as vae_model
+from jaxfuse.models.layers import attention
 from jaxfuse.pipeline import load_pipeline
 
 DTYPE = jnp.bfloat16
@@ -70,35 +80,52 @@ class Preset:
     included (guesses for an H200; a section is skipped when it would pass the budget)."""
 
     cfg: UNetConfig
+    vae: VAEConfig
     size: int  # image height and width in pixels
     repeats: int
     pipeline_steps: int
-    patch_counts: tuple[int, ...]
+    patch_layouts: tuple[tuple[int, int], ...]  # (image size, patches)
+    attention_tokens: tuple[int, ...]  # self-attention lengths timed alone, at 10 heads of 64
+    large_size: int
     matmul: int  # side of the square bf16 matmul of the roofline
     copy_bytes: int
+    torch_backend: str  # torch.compile's backend
     estimate_s: dict[str, float]
 
 
-FULL = Preset(cfg=UNetConfig.sdxl_base(), size=1024, repeats=5, pipeline_steps=30, patch_counts=(2, 4, 8),
-              matmul=16384, copy_bytes=1 << 31,
-              estimate_s={"unet": 90, "diffusers": 60, "attention": 60, "patch": 150, "pipeline": 60, "roofline": 20})
-# The smoke run checks every code path, not the numbers: one patch count less keeps it short.
-TINY = Preset(cfg=UNetConfig.tiny(), size=256, repeats=2, pipeline_steps=4, patch_counts=(2, 4),
-              matmul=256, copy_bytes=1 << 22,
-              estimate_s={"unet": 10, "diffusers": 5, "attention": 5, "patch": 10, "pipeline": 15, "roofline": 2})
+FULL = Preset(cfg=UNetConfig.sdxl_base(), vae=VAEConfig.sdxl(), size=1024, repeats=5, pipeline_steps=30,
+              patch_layouts=((1024, 2), (1024, 4), (1024, 8), (2048, 8)), attention_tokens=(4096, 16384),
+              large_size=3840, matmul=16384, copy_bytes=1 << 31, torch_backend="inductor",
+              estimate_s={"unet": 90, "diffusers": 60, "attention": 75, "patch": 200, "pipeline": 90, "large": 60,
+                          "roofline": 20, "torch_compile": 120})
+# The smoke run checks every code path, not the numbers: few layouts, its large step the patch
+# section's 512² one (compiled once), and
+# torch.compile's "eager" backend skips inductor's C++ build.
+TINY = Preset(cfg=UNetConfig.tiny(), vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4),
+              size=256, repeats=2, pipeline_steps=4, patch_layouts=((256, 2), (512, 2)), attention_tokens=(256,),
+              large_size=512, matmul=256, copy_bytes=1 << 22, torch_backend="eager",
+              estimate_s={"unet": 10, "diffusers": 5, "attention": 5, "patch": 10, "pipeline": 15, "large": 5,
+                          "roofline": 2, "torch_compile": 5})
 # What each section's table shows, written above it in gpu.md.
 NOTES = {
     "unet": "jaxfuse's UNet forward, bf16, batch 2, random weights in the preset's config.",
     "diffusers": "diffusers' UNet2DConditionModel eager on the same weights (PyTorch layout by "
                  "`export_checkpoint`), bf16, SDPA; rel_error_to_jaxfuse = max |diff| / max |diffusers|; "
                  "compile_s is its first call.",
-    "attention": "Custom calls in each optimized program; cudnn_fmha_calls > 0 means cuDNN fused attention ran.",
+    "attention": "Custom calls in each optimized program; cudnn_fmha_calls > 0 means cuDNN fused attention ran. "
+                 "The attention rows time jaxfuse's attention alone (batch 2, heads of 64); cudnn_forced_s is "
+                 "jax.nn.dot_product_attention(implementation='cudnn') where cuDNN was not picked, "
+                 "cudnn_forced_error why it cannot run.",
     "patch": "Stand-in for one device's share of a displaced step at N patches: a naive step on h/N rows on "
              "ONE device, exchanges removed (communication hidden) and self-attention over its own rows only, "
              "so a lower bound on the real per-device work. efficiency = (whole-image time / N) / stand-in time.",
-    "pipeline": "load_pipeline + generate on the demo model; phases from Generation.timings, compiling excluded.",
+    "pipeline": "load_pipeline + generate on the demo model, phases from Generation.timings, compiling excluded; "
+                "SDXL-base's denoising as steps x the measured guided step, and its VAE decode in float32.",
+    "large": "One guided single-device step at the large size: it fits (time, peak memory) or the error says why not.",
     "roofline": "XLA cost analysis of the UNet forward; peak rates measured with a bf16 matmul and a copy "
                 "(x + 1: every byte read and written once); roofline = min(peak FLOP/s, intensity x bandwidth).",
+    "torch_compile": "diffusers' UNet as in the diffusers section, under torch.compile (backend in the row); "
+                     "compile_s is its first call.",
 }
 
 
@@ -149,17 +176,18 @@ def compile_program(jitted: Callable, args: tuple) -> Program:
 # --- models and programs ----------------------------------------------------------------------
 
 @functools.cache
-def random_params(cfg: UNetConfig) -> Any:
-    """Random bf16 weights of `cfg`: kernels N(0, 1/fan in), norm scales near 1, biases small, so
+def random_params(cfg: UNetConfig | VAEConfig, dtype: Any = DTYPE) -> Any:
+    """Random weights of `cfg` (a UNet's or a VAE's): kernels N(0, 1/fan in), norm scales near 1, biases small, so
     activations keep their size through 2.6B parameters. Each leaf is a window, at its own offset,
     of one draw twice the largest leaf's size: one small program, where a draw per leaf would be
     1,700 random ops to compile, one draw of every parameter an array past int32 indexing, and
     Flax's `init` a run of the model (a compile as long as the UNet's)."""
-    leaves, treedef = jax.tree.flatten_with_path(abstract_params(cfg, DTYPE))
+    model = unet_model if isinstance(cfg, UNetConfig) else vae_model
+    leaves, treedef = jax.tree.flatten_with_path(model.abstract_params(cfg, dtype))
     largest = max(leaf.size for _, leaf in leaves)
 
     def draw(key):
-        pool = jax.random.normal(key, (2 * largest,), DTYPE)
+        pool = jax.random.normal(key, (2 * largest,), dtype)
         out = []
         for i, (path, leaf) in enumerate(leaves):
             offset = i * WINDOW_STRIDE % (2 * largest - leaf.size + 1)
@@ -169,7 +197,7 @@ def random_params(cfg: UNetConfig) -> Any:
                 out.append(x * (1 / math.sqrt(math.prod(leaf.shape[:-1]))))
             else:
                 out.append((name == "scale") + 0.05 * x)
-        return jax.tree.unflatten(treedef, [x.astype(DTYPE) for x in out])
+        return jax.tree.unflatten(treedef, [x.astype(dtype) for x in out])
 
     return jax.jit(draw)(jax.random.key(0))
 
@@ -188,7 +216,7 @@ def unet_inputs(cfg: UNetConfig, latent: int) -> dict[str, np.ndarray]:
 @functools.cache
 def forward_program(cfg: UNetConfig, latent: int) -> Program:
     inputs = unet_inputs(cfg, latent)
-    unet = UNet2DConditionModel(cfg, DTYPE)
+    unet = unet_model.UNet2DConditionModel(cfg, DTYPE)
     return compile_program(jax.jit(lambda params, inputs: unet.apply({"params": params}, **inputs)),
                            (random_params(cfg), jax.device_put(inputs)))
 
@@ -204,21 +232,22 @@ def step_program(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: 
     return compile_program(step, (random_params(cfg), *inputs))
 
 
-def single_step(preset: Preset) -> Program:
-    return step_program(preset.cfg, ParallelConfig(), preset.size, preset.size)
+def single_step(preset: Preset, size: int | None = None) -> Program:
+    size = size or preset.size
+    return step_program(preset.cfg, ParallelConfig(), size, size)
 
 
 # --- sections ---------------------------------------------------------------------------------
 
-def diffusers_unet_row(preset: Preset, ours: np.ndarray) -> dict[str, Any]:
-    """diffusers' UNet on jaxfuse's weights, eager, bf16, SDPA attention: its timing and its
-    relative error to `ours`; or why it did not run."""
+def diffusers_unet_row(preset: Preset, ours: np.ndarray, compile_backend: str | None = None) -> dict[str, Any]:
+    """diffusers' UNet on jaxfuse's weights, bf16, SDPA attention, eager or under `torch.compile`
+    with `compile_backend`: its timing and its relative error to `ours`; or why it did not run."""
     try:
         import torch
         from diffusers import UNet2DConditionModel as TorchUNet
         from diffusers.models.attention_processor import AttnProcessor2_0
     except ImportError as e:
-        return {"program": "diffusers UNet (torch eager)", "skipped": f"not installed: {e}"}
+        return {"program": "diffusers UNet (torch)", "skipped": f"not installed: {e}"}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = TorchUNet.from_config(unet_config_json(preset.cfg)).to(torch.bfloat16).eval()
@@ -227,6 +256,9 @@ def diffusers_unet_row(preset: Preset, ours: np.ndarray) -> dict[str, Any]:
              for name, tensor in export_checkpoint(random_params(preset.cfg)).items()}
     model.load_state_dict(state, strict=True)
     del state
+    how = "eager" if compile_backend is None else f"torch.compile, {compile_backend}"
+    if compile_backend is not None:
+        model = torch.compile(model, backend=compile_backend)
     t = {k: torch.from_numpy(v).to(device, torch.bfloat16)
          for k, v in unet_inputs(preset.cfg, preset.size // 8).items()}
 
@@ -242,10 +274,10 @@ def diffusers_unet_row(preset: Preset, ours: np.ndarray) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     reference = run().float().cpu().numpy().astype(np.float64)
-    first = time.perf_counter() - start
+    first = time.perf_counter() - start  # eager: the first call; compiled: mostly the compile
     error = float(np.abs(ours - reference).max() / np.abs(reference).max())
-    return {"program": f"diffusers UNet (torch eager, SDPA, {device})", "median_s": median_seconds(run, preset.repeats),
-            "runs": preset.repeats, "compile_s": first,  # eager: the first call's seconds
+    return {"program": f"diffusers UNet ({how}, SDPA, {device})", "median_s": median_seconds(run, preset.repeats),
+            "runs": preset.repeats, "compile_s": first,
             "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
             "rel_error_to_jaxfuse": error}
 
@@ -255,14 +287,46 @@ def unet_section(preset: Preset) -> list[dict]:
     return [{"program": "jaxfuse UNet (jit)", **program.timing(preset.repeats)}]
 
 
-def diffusers_section(preset: Preset) -> list[dict]:
+def diffusers_section(preset: Preset, compile_backend: str | None = None) -> list[dict]:
     ours = forward_program(preset.cfg, preset.size // 8).run()
-    return [diffusers_unet_row(preset, np.asarray(ours, np.float64))]
+    return [diffusers_unet_row(preset, np.asarray(ours, np.float64), compile_backend)]
+
+
+def torch_compile_section(preset: Preset) -> list[dict]:
+    return diffusers_section(preset, preset.torch_backend)
 
 
 def custom_calls(program: Program) -> Counter:
     """How many times each custom call (cuBLAS, cuDNN, ...) appears in the optimized HLO."""
     return Counter(re.findall(r'custom_call_target="([^"]+)"', program.compiled.as_text()))
+
+
+def cudnn_calls(program: Program) -> int:
+    return sum(n for target, n in custom_calls(program).items() if target.startswith(CUDNN_ATTENTION))
+
+
+def attention_row(tokens: int, masked: bool, repeats: int, heads: int = 10) -> dict[str, Any]:
+    """jaxfuse's self-attention over `tokens` (with pcpp's key mask: half the keys) alone: which
+    kernel it compiled to and its time; where that is not cuDNN, cuDNN forced, or why it fails."""
+    q, k, v = jax.random.normal(jax.random.key(2), (3, 2, tokens, heads * 64), DTYPE)
+    mask = jnp.arange(tokens) < tokens // 2 if masked else None
+    program = compile_program(jax.jit(lambda q, k, v, mask: attention(q, k, v, heads, key_mask=mask)),
+                              (q, k, v, mask))
+    row = {"program": f"attention, {tokens} tokens{', key mask' if masked else ''}",
+           "cudnn_fmha_calls": cudnn_calls(program), **program.timing(repeats)}
+    if row["cudnn_fmha_calls"]:
+        return row
+
+    def forced(q, k, v, mask):
+        split = [x.reshape(2, tokens, heads, 64) for x in (q, k, v)]
+        return jax.nn.dot_product_attention(*split, mask=None if mask is None else mask[None, None, None, :],
+                                            implementation="cudnn")
+
+    try:
+        row["cudnn_forced_s"] = compile_program(jax.jit(forced), (q, k, v, mask)).timing(repeats)["median_s"]
+    except Exception as e:  # XLA and cuDNN refuse with many error types; the message is the finding
+        row["cudnn_forced_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return row
 
 
 def attention_section(preset: Preset) -> list[dict]:
@@ -271,23 +335,26 @@ def attention_section(preset: Preset) -> list[dict]:
     rows = []
     for name, program in programs.items():
         calls = custom_calls(program)
-        rows.append({"program": name,
-                     "cudnn_fmha_calls": sum(n for target, n in calls.items() if target.startswith(CUDNN_ATTENTION)),
+        rows.append({"program": name, "cudnn_fmha_calls": cudnn_calls(program),
                      "custom_calls": ", ".join(f"{target} x{n}" for target, n in sorted(calls.items())) or "none",
                      "compile_s": program.compile_s})
+    for tokens in preset.attention_tokens:
+        rows.append(attention_row(tokens, False, preset.repeats))
+    rows.append(attention_row(preset.attention_tokens[0], True, preset.repeats))
     return rows
 
 
 def patch_section(preset: Preset) -> list[dict]:
-    single = single_step(preset).timing(preset.repeats)
-    rows = [{"program": "guided step, whole image", "patches": 1, **single}]
-    for n in preset.patch_counts:
+    rows, single = [], {}
+    for size, n in preset.patch_layouts:
+        if size not in single:
+            single[size] = single_step(preset, size).timing(preset.repeats)
+            rows.append({"program": "guided step, whole image", "size": size, "patches": 1, **single[size]})
         # On a one-device mesh a naive step is one patch's rows with nothing exchanged.
-        standin = step_program(preset.cfg, ParallelConfig(1, Mode.NAIVE), preset.size // n, preset.size)
-        timing = standin.timing(preset.repeats)
-        rows.append({"program": f"naive step on h/{n} rows, 1 device (stand-in: no exchanges)", "patches": n,
-                     **timing, "ideal_s": single["median_s"] / n,
-                     "efficiency": single["median_s"] / n / timing["median_s"]})
+        timing = step_program(preset.cfg, ParallelConfig(1, Mode.NAIVE), size // n, size).timing(preset.repeats)
+        ideal = single[size]["median_s"] / n
+        rows.append({"program": f"naive step on h/{n} rows, 1 device (stand-in: no exchanges)", "size": size,
+                     "patches": n, **timing, "ideal_s": ideal, "efficiency": ideal / timing["median_s"]})
     return rows
 
 
@@ -300,8 +367,26 @@ def pipeline_section(preset: Preset, cache: Path) -> list[dict]:
     compile_s = generate()["compile"]  # the first call compiles every program the later ones run
     timings = [generate() for _ in range(preset.repeats)]
     phases = {f"{phase}_s": statistics.median(t[phase] for t in timings) for phase in ("encode", "denoise", "decode")}
-    return [{"program": f"demo pipeline, {preset.pipeline_steps} steps", **phases, "runs": preset.repeats,
-             "compile_s": compile_s, "peak_bytes": peak_bytes()}]
+    demo = {"program": f"demo pipeline, {preset.pipeline_steps} steps", **phases, "runs": preset.repeats,
+            "compile_s": compile_s, "peak_bytes": peak_bytes()}
+    step = single_step(preset).timing(preset.repeats)
+    denoise = {"program": f"SDXL-base denoising at {preset.size}², {preset.pipeline_steps} x the guided step",
+               "denoise_s": preset.pipeline_steps * step["median_s"], "peak_bytes": step["peak_bytes"]}
+    vae = vae_model.AutoencoderKL(preset.vae, jnp.float32)
+    latents = jax.random.normal(jax.random.key(3), (1, preset.vae.latent_channels, preset.size // 8, preset.size // 8))
+    decode = compile_program(jax.jit(lambda params, z: vae.apply({"params": params}, z, method="decode")),
+                             (random_params(preset.vae, jnp.float32), latents))
+    return [demo, denoise, {"program": f"VAE decode at {preset.size}², float32", **decode.timing(preset.repeats)}]
+
+
+def large_section(preset: Preset) -> list[dict]:
+    row = {"program": f"guided step at {preset.large_size}², 1 device"}
+    try:
+        return [{**row, "fits": True, **single_step(preset, preset.large_size).timing(preset.repeats)}]
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return [{**row, "fits": False, "error": str(e).splitlines()[0][:300], "peak_bytes": peak_bytes()}]
 
 
 def roofline_section(preset: Preset) -> list[dict]:
@@ -390,7 +475,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as cache:
         sections = {"unet": unet_section, "diffusers": diffusers_section, "attention": attention_section,
                     "patch": patch_section, "pipeline": lambda preset: pipeline_section(preset, Path(cache)),
-                    "roofline": roofline_section}
+                    "large": large_section, "roofline": roofline_section, "torch_compile": torch_compile_section}
         for name, section in sections.items():
             left_s = args.budget_s - (time.perf_counter() - start)
             report["sections"][name] = run_section(section, preset, preset.estimate_s[name], left_s)

@@ -4,11 +4,20 @@
 
 Measured (by benchmarks/parallel_cost.py, from the compiled programs): each device's FLOPs and
 bytes received per UNet step. Stated, not measured here: each accelerator's peak bf16 rate and
-link bandwidth (vendor figures, `ACCELERATORS`), and the fraction of peak a UNet step achieves,
-which is calibrated once on DistriFusion's measured single-A100 latency at 1024² (50 steps in
-5.02 s, REFERENCES.md) and used for every accelerator and size. The model:
+link bandwidth (vendor figures, `ACCELERATORS`). The fraction of peak a UNet step achieves, used
+for every accelerator and size, comes from the first of:
 
-    compute = FLOPs / (peak x fraction)          communication = bytes received / link bandwidth
+- `--fraction-of-peak`;
+- a GPU run's report (`--measured`, by default benchmarks/gpu_results/gpu.json when it exists,
+  written by benchmarks/gpu.py): the UNet forward's achieved FLOP/s over the measured peak of a
+  large matmul on that device; its patch rows also give each (size, N)'s efficiency, the single
+  device's time / N over one patch's time, which divides that layout's rate;
+- otherwise a calibration on DistriFusion's measured single-A100 latency at 1024² (50 steps in
+  5.02 s, REFERENCES.md), with every patch efficiency 1.
+
+The output's first line says which. The model:
+
+    compute = FLOPs / (peak x fraction x efficiency)   communication = bytes received / bandwidth
     sync step = compute + communication           displaced step = max(compute, communication)
     latency = warm-up x sync step + (steps - warm-up) x displaced step     (UNet steps only)
 
@@ -31,6 +40,7 @@ from pathlib import Path
 ACCELERATORS = {
     "A100 NVLink3": (312e12, 300e9),  # 600 GB/s NVLink, both directions together
     "H100 NVLink4": (989e12, 450e9),  # 900 GB/s NVLink, both directions together
+    "H200 NVLink4": (989e12, 450e9),  # H100's compute and links, more and faster memory
     "TPU v5e": (197e12, 200e9),  # 1,600 Gbps inter-chip interconnect per chip
     "TPU v5p": (459e12, 600e9),  # 4,800 Gbps inter-chip interconnect per chip
 }
@@ -41,6 +51,7 @@ DISTRIFUSION_S = {
     3840: {1: 140.0, 2: 76.6, 4: 41.3, 8: 22.9},
 }
 STEPS, WARMUP = 50, 4
+MEASURED = Path(__file__).with_name("gpu_results") / "gpu.json"
 MODES = ("single", "sync", "displaced", "pcpp", "naive")
 
 
@@ -54,28 +65,50 @@ def calibrated_fraction(rows: list[dict]) -> float:
     return single[0]["flops"] * STEPS / DISTRIFUSION_S[1024][1] / ACCELERATORS["A100 NVLink3"][0]
 
 
-def project(rows: list[dict], fraction: float, cfg_parallel: bool) -> list[dict]:
-    """Latency and speed-up of every (accelerator, size, N, mode) the costs allow."""
+def measured_rates(report: dict) -> tuple[float, dict[tuple[int, int], float], str]:
+    """From a benchmarks/gpu.py report: (achieved fraction of peak FLOP/s, {(size, N): patch
+    efficiency}, where it was measured)."""
+    if report["preset"]["tiny"]:
+        raise SystemExit("the GPU report is a --tiny smoke run, not a measurement; pass --measured with a full run's "
+                         "gpu.json, or --fraction-of-peak")
+    sections = report["sections"]
+    roofline = {row["program"].split()[1]: row for row in sections.get("roofline", {}).get("rows", [])}
+    if not {"UNet", "matmul"} <= set(roofline):
+        raise SystemExit("the GPU report has no roofline rows (its run stopped before that section); "
+                         "pass --fraction-of-peak")
+    fraction = roofline["UNet"]["achieved_flops_per_s"] / roofline["matmul"]["flops_per_s"]
+    efficiency = {(row["size"], row["patches"]): row["efficiency"]
+                  for row in sections.get("patch", {}).get("rows", []) if "efficiency" in row}
+    env = report["environment"]
+    return fraction, efficiency, f"{env['devices'][0]}, {env['date'][:10]}"
+
+
+def project(rows: list[dict], fraction: float, cfg_parallel: bool,
+            efficiency: dict[tuple[int, int], float] | None = None) -> list[dict]:
+    """Latency and speed-up of every (accelerator, size, N, mode) the costs allow; `efficiency`:
+    the measured (size, N) -> patch efficiency (1 where absent)."""
+    efficiency = efficiency or {}
     out = []
     for name, (peak, bandwidth) in ACCELERATORS.items():
-        rate = peak * fraction
+        def rate(r):
+            return peak * fraction * efficiency.get((r["size"], r["devices"]), 1.0)
 
         def sync_step(r):
-            return r["flops"] / rate + r["received_bytes"] / bandwidth
+            return r["flops"] / rate(r) + r["received_bytes"] / bandwidth
 
         for size in sorted({r["size"] for r in rows}):
             at = {(r["devices"], r["mode"], r.get("context")): r for r in rows if r["size"] == size
                   and r["cfg_parallel"] == (cfg_parallel and r["devices"] > 1)}
             if (1, "single", None) not in at:
                 continue
-            single = STEPS * at[1, "single", None]["flops"] / rate
+            single = STEPS * at[1, "single", None]["flops"] / rate(at[1, "single", None])
             out.append(dict(accelerator=name, size=size, devices=1, mode="single", compute_ms=single / STEPS * 1e3,
                             comm_ms=0.0, latency_s=single, speedup=1.0))
             for (n, mode, context), r in sorted(at.items(), key=lambda item: (item[0][0], MODES.index(item[0][1]),
                                                                                item[0][2] or 0)):
                 if n == 1 or (mode == "pcpp" and (n, "sync", None) not in at):
                     continue
-                compute, comm = r["flops"] / rate, r["received_bytes"] / bandwidth
+                compute, comm = r["flops"] / rate(r), r["received_bytes"] / bandwidth
                 overlapped = max(compute, comm)
                 if mode == "sync":
                     latency = STEPS * sync_step(r)
@@ -138,7 +171,10 @@ def main() -> int:
     p.add_argument("--costs", type=Path, default=Path(__file__).with_name("parallel_cost.json"),
                    help="rows written by parallel_cost.py --json")
     p.add_argument("--fraction-of-peak", type=float,
-                   help="achieved fraction of peak FLOP/s (default: calibrated on DistriFusion's single A100)")
+                   help="achieved fraction of peak FLOP/s (default: from --measured, else calibrated on "
+                        "DistriFusion's single A100)")
+    p.add_argument("--measured", type=Path, default=MEASURED,
+                   help="benchmarks/gpu.py's gpu.json; used when it exists and no --fraction-of-peak is given")
     p.add_argument("--cfg-parallel", action="store_true", help="project the rows with the guidance batch split")
     p.add_argument("--plot", type=Path, help="write the speed-up curves to this PNG")
     p.add_argument("--json", type=Path, help="also write the projected rows here")
@@ -146,9 +182,17 @@ def main() -> int:
     if not args.costs.is_file():
         raise SystemExit(f"{args.costs} does not exist; run benchmarks/parallel_cost.py --json {args.costs} first")
     rows = [r for r in json.loads(args.costs.read_text()) if r["dtype"] == "bfloat16"]
-    fraction = args.fraction_of_peak or calibrated_fraction(rows)
-    projected = project(rows, fraction, args.cfg_parallel)
-    print(f"{STEPS} steps, warm-up {WARMUP}, achieved {fraction:.1%} of peak FLOP/s, "
+    efficiency = {}
+    if args.fraction_of_peak:
+        fraction, source = args.fraction_of_peak, "given by --fraction-of-peak"
+    elif args.measured.is_file():
+        fraction, efficiency, where = measured_rates(json.loads(args.measured.read_text()))
+        source = (f"measured by benchmarks/gpu.py ({where}; {args.measured}), with its patch efficiencies at "
+                  + (", ".join(f"{size}² N={n}: {e:.2f}" for (size, n), e in sorted(efficiency.items())) or "none"))
+    else:
+        fraction, source = calibrated_fraction(rows), "calibrated on DistriFusion's single-A100 latency (stated)"
+    projected = project(rows, fraction, args.cfg_parallel, efficiency)
+    print(f"{STEPS} steps, warm-up {WARMUP}, achieved {fraction:.1%} of peak FLOP/s, {source}; "
           f"{'guidance batch split over two groups' if args.cfg_parallel else 'no guidance split'}\n")
     print(table(projected))
     if args.plot:

@@ -133,5 +133,38 @@ def test_cost_and_projection_scripts_on_the_tiny_config(tmp_path):
 def test_cpu_speed_script_quick(tmp_path):
     out = script(BENCHMARKS / "cpu_speed.py", "--quick", "--json", tmp_path / "speed.json", tmp_path=tmp_path)
     result = json.loads((tmp_path / "speed.json").read_text())
-    assert result["unet"]["max_rel_diff"] < 1e-4 and result["pipeline"]["max_abs_diff"] < 2e-3
+    assert result["unet"]["small"]["max_rel_diff"] < 1e-4 and result["pipeline"]["max_abs_diff"] < 2e-3
     assert "| tiny pipeline, 4 steps |" in out
+
+
+def test_projection_uses_a_gpu_reports_measured_rates(tmp_path):
+    """A full gpu.py report replaces the calibrated rate: fraction = the UNet's achieved FLOP/s
+    over the measured matmul peak, and each (size, N) patch efficiency divides that layout's rate."""
+    flops, half = 1e12, 0.6e12
+    costs = [dict(preset="sdxl-base", size=1024, devices=n, mode=mode, cfg_parallel=False, dtype="bfloat16",
+                  flops=f, received_bytes=b) for n, mode, f, b in [(1, "single", flops, 0), (2, "sync", half, 1e6),
+                                                                  (2, "displaced", half, 1e6)]]
+    report = {"preset": {"size": 1024, "tiny": False},
+              "environment": {"devices": ["cuda:0"], "date": "2026-11-30T00:00:00+00:00"},
+              "sections": {"roofline": {"rows": [{"program": "jaxfuse UNet forward", "achieved_flops_per_s": 2e14},
+                                                 {"program": "bf16 matmul 16384x16384", "flops_per_s": 8e14}]},
+                           "patch": {"rows": [{"program": "guided step, whole image", "size": 1024, "patches": 1},
+                                              {"program": "naive step", "size": 1024, "patches": 2,
+                                               "efficiency": 0.8}]}}}
+    (tmp_path / "costs.json").write_text(json.dumps(costs))
+    (tmp_path / "gpu.json").write_text(json.dumps(report))
+    out = script(BENCHMARKS / "projection.py", "--costs", "costs.json", "--measured", "gpu.json",
+                 "--json", "projected.json", tmp_path=tmp_path)
+    assert "achieved 25.0% of peak FLOP/s, measured by benchmarks/gpu.py (cuda:0, 2026-11-30" in out
+    assert "1024² N=2: 0.80" in out
+    projected = json.loads((tmp_path / "projected.json").read_text())
+    rows = {(r["accelerator"], r["devices"], r["mode"]): r for r in projected}
+    peak = 312e12  # A100's stated bf16 rate
+    assert rows["A100 NVLink3", 1, "single"]["compute_ms"] == pytest.approx(flops / (peak * 0.25) * 1e3)
+    assert rows["A100 NVLink3", 2, "displaced"]["compute_ms"] == pytest.approx(half / (peak * 0.25 * 0.8) * 1e3)
+
+    report["preset"]["tiny"] = True
+    (tmp_path / "gpu.json").write_text(json.dumps(report))
+    refused = subprocess.run([sys.executable, BENCHMARKS / "projection.py", "--costs", "costs.json", "--measured",
+                              "gpu.json"], capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode == 1 and "smoke run, not a measurement" in refused.stderr
