@@ -29,6 +29,13 @@ place:
    rate, beside the measured peak of a large bf16 matmul and of a large copy.
 7. torch_compile: diffusers' UNet under `torch.compile`, last because its compile is the longest.
 
+On a lent H200 (its image has JAX, flax, optax, torch, transformers, not diffusers): first, here,
+`echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: -d .whl
+diffusers==0.42.1`, then one `run` with carry [".whl"] and a limit that leaves time for a second
+try: `python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --out $OUT`, and commit what
+it wrote to benchmarks/gpu_results/.
+
 Times are the median of `repeats` runs after a warm-up that compiles; "peak_bytes" is the
 device's peak memory in use since the process started (`memory_stats`; None where the backend
 keeps none), so it only grows from row to row.
