@@ -175,8 +175,9 @@ class SDXLPipeline:
                  else initial_noise(request.seeds, self.spec.latent_shape(request.batch, request.height,
                                                                           request.width)))
         guidance = Guidance(jnp.float32(request.guidance_scale), jnp.float32(request.guidance_rescale))
+        keys = schedulers.noise_keys(request.seeds)
         x = self._timed(timings, "denoise", lambda: self.denoise(
-            noise * schedule.init_noise_sigma, cond, schedule, guidance, sampling, mesh))
+            noise * schedule.init_noise_sigma, cond, schedule, guidance, keys, sampling, mesh))
         check_finite("the denoised latents", gather(x), "the UNet's weights or an overflow in half precision "
                      "(try --dtype float32)")
         images = gather(self._timed(timings, "decode", lambda: self.decode(x, mesh)))
@@ -207,16 +208,16 @@ class SDXLPipeline:
         timings[phase] = time.perf_counter() - start - (self._compile_seconds - compiled_before)
         return result
 
-    def denoise(self, x, cond: Conditioning, schedule, guidance: Guidance, sampling: Sampling,
-                mesh: Mesh | None) -> jax.Array:
+    def denoise(self, x, cond: Conditioning, schedule, guidance: Guidance, noise_keys: jax.Array,
+                sampling: Sampling, mesh: Mesh | None) -> jax.Array:
         """Initial latents [B, 4, h, w] -> denoised latents; on `mesh`, split by rows. With a
         progress callback the host runs one step at a time (the same compiled program as a
         phase's whole range) and reports each when it is done."""
-        params, args = self.unet_params, (x, cond, schedule, guidance)
+        params, args = self.unet_params, (x, cond, schedule, guidance, noise_keys)
         if mesh is not None:
             params = self._replicated("unet", params, mesh)
             args = [place(a, NamedSharding(mesh, spec)) for a, spec in zip(args, image.loop_specs(sampling)[1:])]
-        _, cond, schedule, guidance = args
+        _, cond, schedule, guidance, _ = args
         carry = self._run(("initial", sampling), image.initial_program(self.unet, sampling, mesh), params, *args)
         total = schedule.timesteps.shape[0]
         # Every process of a multi-host run must launch the same programs in the same order,

@@ -6,18 +6,25 @@
 - `SchedulerKind.DPMPP_2M` is `DPMSolverMultistepScheduler` with `algorithm_type="dpmsolver++"`,
   `solver_order=2`, `solver_type="midpoint"` (DPM-Solver++(2M); "DPM++ 2M Karras" with Karras
   sigmas).
+- `SchedulerKind.EULER_ANCESTRAL` is `EulerAncestralDiscreteScheduler` (SDXL-Turbo's sampler):
+  an Euler step to a lower noise level, then fresh noise up to the next one.
+- `SchedulerKind.LCM` is `LCMScheduler`: a consistency model's denoised estimate, noised afresh to
+  the next timestep (LCM-LoRA, 2-8 steps).
 
 Every sampler-specific formula runs once, on the host, in `make_schedule`. What is left for the
-loop is the same pair of linear combinations for all three, with scalar coefficients per step i:
+loop is the same pair of linear combinations for all five, with scalar coefficients per step i:
 
-    x0     = p[i] * x + q[i] * model_output                 the denoised estimate
-    x_next = a[i] * x + b[i] * x0 + c[i] * x0_prev          c = 0 but in DPM++'s second-order steps
+    x0     = p[i] * x + q[i] * model_output                         the denoised estimate
+    x_next = a[i] * x + b[i] * x0 + c[i] * x0_prev + d[i] * z       z: the step's unit noise
 
-so `step` has no branches, indexes its coefficients with a traced step index and is elementwise in
-the latents (a device updates its own rows of the image). The first-order update (`a`, `b`) is the
-same for all three: keep the noise estimate (x - alpha x0) / sigma and move to the next noise level.
-Euler is that update for samples x = x0 + sigma noise (alpha = 1); DDIM and DPM++ for samples
-x = alpha x0 + sigma noise.
+with c = 0 but in DPM++'s second-order steps and d = 0 but for the two stochastic samplers, so
+`step` has no branches, indexes its coefficients with a traced step index and is elementwise in
+the latents (a device updates its own rows of the image, and its rows of z). The first-order
+update (`a`, `b`) is shared: keep the noise estimate (x - alpha x0) / sigma and move to the next
+noise level. Euler is that update for samples x = x0 + sigma noise (alpha = 1); DDIM and DPM++
+for samples x = alpha x0 + sigma noise. Euler ancestral moves to a lower level sigma_down and adds
+sigma_up z; LCM's x0 is its boundary-conditioned estimate c_skip x + c_out x0_model and its next
+sample alpha_next x0 + sigma_next z.
 
 Legend: n inference steps, T training timesteps.
 """
@@ -27,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -42,6 +49,13 @@ class SchedulerKind(str, enum.Enum):
     EULER = "euler"
     DDIM = "ddim"
     DPMPP_2M = "dpmpp-2m"
+    EULER_ANCESTRAL = "euler-ancestral"
+    LCM = "lcm"
+
+    @property
+    def stochastic(self) -> bool:
+        """Each step draws fresh noise."""
+        return self in (SchedulerKind.EULER_ANCESTRAL, SchedulerKind.LCM)
 
 
 class TimestepSpacing(str, enum.Enum):
@@ -60,12 +74,18 @@ class BetaSchedule(str, enum.Enum):
     SCALED_LINEAR = "scaled_linear"
 
 
-# diffusers' defaults where the three classes disagree; `from_config` gives each class its own.
+# diffusers' defaults where the classes disagree; `from_config` gives each class its own. (LCM
+# reads no spacing: its timesteps are a subset of its original schedule's.)
 _DEFAULT_SPACING = {
     SchedulerKind.EULER: TimestepSpacing.LINSPACE,
     SchedulerKind.DDIM: TimestepSpacing.LEADING,
     SchedulerKind.DPMPP_2M: TimestepSpacing.LINSPACE,
+    SchedulerKind.EULER_ANCESTRAL: TimestepSpacing.LINSPACE,
+    SchedulerKind.LCM: TimestepSpacing.LEADING,
 }
+# (beta_start, beta_end, beta_schedule): DDPM's, but for LCM, whose class defaults to SD's.
+_DEFAULT_BETAS = (0.0001, 0.02, BetaSchedule.LINEAR)
+_LCM_BETAS = (0.00085, 0.012, BetaSchedule.SCALED_LINEAR)
 
 # Settings read but implemented only at these values (the first is diffusers' default). They are
 # refused whichever sampler is later picked, so that switching samplers never meets a late error.
@@ -112,25 +132,28 @@ def _choice(config: Mapping[str, Any], name: str, choices: type[enum.Enum], defa
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """The diffusers scheduler settings jaxfuse implements, one config for all three samplers.
+    """The diffusers scheduler settings jaxfuse implements, one config for all the samplers.
 
     Defaults are diffusers'. Where the samplers' diffusers defaults differ, an absent key is kept
-    as None and `make_schedule` applies the chosen sampler's default: `timestep_spacing` (DDIM
+    as None and `make_schedule` applies the chosen sampler's default: the betas (LCM's are SD's
+    scaled-linear 0.00085-0.012, the others DDPM's linear 0.0001-0.02), `timestep_spacing` (DDIM
     "leading", Euler and DPM++ "linspace"), `set_alpha_to_one` (DDIM only, default True) and
     `clip_sample` (DDIM only, default True, which is not supported, so DDIM refuses a config
     without it; an explicit True is refused when read).
     """
 
     num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: BetaSchedule = BetaSchedule.LINEAR
+    beta_start: float | None = None
+    beta_end: float | None = None
+    beta_schedule: BetaSchedule | None = None
     prediction_type: PredictionType = PredictionType.EPSILON
     timestep_spacing: TimestepSpacing | None = None
     steps_offset: int = 0
     use_karras_sigmas: bool = False
     set_alpha_to_one: bool | None = None
     clip_sample: bool | None = None
+    original_inference_steps: int = 50  # LCM: the distillation schedule its timesteps come from
+    timestep_scaling: float = 10.0  # LCM: the timestep scale of its boundary condition
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> SchedulerConfig:
@@ -147,15 +170,28 @@ class SchedulerConfig:
             raise _unsupported("clip_sample", True, [False])
         return cls(
             num_train_timesteps=int(config.get("num_train_timesteps", cls.num_train_timesteps)),
-            beta_start=float(config.get("beta_start", cls.beta_start)),
-            beta_end=float(config.get("beta_end", cls.beta_end)),
-            beta_schedule=_choice(config, "beta_schedule", BetaSchedule, cls.beta_schedule),
+            beta_start=None if config.get("beta_start") is None else float(config["beta_start"]),
+            beta_end=None if config.get("beta_end") is None else float(config["beta_end"]),
+            beta_schedule=_choice(config, "beta_schedule", BetaSchedule, None),
             prediction_type=_choice(config, "prediction_type", PredictionType, cls.prediction_type),
             timestep_spacing=_choice(config, "timestep_spacing", TimestepSpacing, None),
             steps_offset=int(config.get("steps_offset", cls.steps_offset)),
             use_karras_sigmas=bool(config.get("use_karras_sigmas", cls.use_karras_sigmas)),
             set_alpha_to_one=config.get("set_alpha_to_one"),
             clip_sample=config.get("clip_sample"),
+            original_inference_steps=int(config.get("original_inference_steps", cls.original_inference_steps)),
+            timestep_scaling=float(config.get("timestep_scaling", cls.timestep_scaling)),
+        )
+
+    def for_sampler(self, kind: SchedulerKind) -> SchedulerConfig:
+        """This config with the betas and spacing it left out at `kind`'s diffusers defaults."""
+        start, end, schedule = _LCM_BETAS if kind is SchedulerKind.LCM else _DEFAULT_BETAS
+        return dataclasses.replace(
+            self,
+            beta_start=start if self.beta_start is None else self.beta_start,
+            beta_end=end if self.beta_end is None else self.beta_end,
+            beta_schedule=self.beta_schedule or schedule,
+            timestep_spacing=self.timestep_spacing or _DEFAULT_SPACING[kind],
         )
 
 
@@ -170,6 +206,7 @@ class Schedule:
     next_from_x: jax.Array  # [n] a
     next_from_x0: jax.Array  # [n] b
     next_from_prev_x0: jax.Array  # [n] c
+    next_from_noise: jax.Array  # [n] d
     init_noise_sigma: jax.Array  # [] float32: initial latents = unit noise * init_noise_sigma
     kind: SchedulerKind = struct.field(pytree_node=False)
 
@@ -177,6 +214,7 @@ class Schedule:
 @struct.dataclass
 class SchedulerState:
     prev_x0: jax.Array  # like the latents, float32: the previous step's x0 (DPM++'s history)
+    noise_keys: jax.Array  # [1, 2] or [B, 2] uint32 key data: step i's noise for the batch, or each image's
 
 
 # Host side: numpy, float64 except where diffusers rounds to float32 (noted).
@@ -184,7 +222,7 @@ class SchedulerState:
 
 def train_alphas_cumprod(cfg: SchedulerConfig) -> np.ndarray:
     """[T] float32 cumulative products of 1 - beta, rounded as diffusers (PyTorch on CPU) does:
-    betas in float32, the product accumulated in float64."""
+    betas in float32, the product accumulated in float64. `cfg` names its betas (`for_sampler`)."""
     t = cfg.num_train_timesteps
     if cfg.beta_schedule is BetaSchedule.SCALED_LINEAR:
         betas = np.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, t).astype(np.float32) ** 2
@@ -243,8 +281,8 @@ def _vp_levels(sigmas: np.ndarray):
 
 
 def _schedule(kind: SchedulerKind, timesteps: np.ndarray, x0_coefficients, next_coefficients,
-              prev_x0_coefficient: Any = 0.0, input_scale: Any = 1.0, init_noise_sigma: float = 1.0
-              ) -> Schedule:
+              prev_x0_coefficient: Any = 0.0, noise_coefficient: Any = 0.0, input_scale: Any = 1.0,
+              init_noise_sigma: float = 1.0) -> Schedule:
     """A `Schedule` from host arrays ([n] or scalars broadcast to [n]), as float32."""
 
     def per_step(v):
@@ -259,13 +297,16 @@ def _schedule(kind: SchedulerKind, timesteps: np.ndarray, x0_coefficients, next_
         next_from_x=per_step(a),
         next_from_x0=per_step(b),
         next_from_prev_x0=per_step(prev_x0_coefficient),
+        next_from_noise=per_step(noise_coefficient),
         init_noise_sigma=jnp.float32(init_noise_sigma),
         kind=kind,
     )
 
 
-def _euler(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing, karras: bool) -> Schedule:
-    """Euler steps on x = x0 + sigma noise; the UNet sees alpha x (the sample it was trained on)."""
+def _euler(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing, karras: bool, ancestral: bool) -> Schedule:
+    """Euler steps on x = x0 + sigma noise; the UNet sees alpha x (the sample it was trained on).
+    `ancestral`: each step goes down to sigma_down and adds sigma_up of fresh noise, where
+    sigma_up^2 + sigma_down^2 = sigma_next^2 and sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2."""
     alphas_cumprod = train_alphas_cumprod(cfg)
     train_sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)  # float32, as diffusers
     t = cfg.num_train_timesteps
@@ -281,11 +322,14 @@ def _euler(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing, karras: bool)
     alpha, vp_sigma = _vp_levels(sigmas[:-1])
     p, q = _x0_coefficients(alpha, vp_sigma, cfg.prediction_type)
     ones = np.ones(n)
+    sigma, target = sigmas[:-1], sigmas[1:]
+    up = np.sqrt(target**2 * (sigma**2 - target**2) / sigma**2) if ancestral else np.zeros(n)
     return _schedule(
-        SchedulerKind.EULER,
+        SchedulerKind.EULER_ANCESTRAL if ancestral else SchedulerKind.EULER,
         timesteps,
         (p * alpha, q),  # Euler's sample is the VP sample divided by alpha
-        _first_order(ones, sigmas[:-1], ones, sigmas[1:]),
+        _first_order(ones, sigma, ones, np.sqrt(target**2 - up**2)),
+        noise_coefficient=up,
         input_scale=alpha,
         init_noise_sigma=init_noise_sigma,
     )
@@ -344,6 +388,32 @@ def _dpmpp_2m(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing, karras: bo
     )
 
 
+def _lcm(cfg: SchedulerConfig, n: int) -> Schedule:
+    """LCM: n of the `original_inference_steps` evenly spaced distillation timesteps, each step's x0
+    the boundary-conditioned c_skip x + c_out x0_model (sigma_data 0.5), noised to the next
+    timestep but for the last step, which returns it."""
+    original, t = cfg.original_inference_steps, cfg.num_train_timesteps
+    if not 1 <= original <= t:
+        raise ConfigError(f"original_inference_steps: {original} must be in [1, {t}].")
+    if n > original:
+        raise ConfigError(f"num_steps: LCM takes at most original_inference_steps = {original} steps, got {n}.")
+    origin = (np.arange(1, original + 1) * (t // original) - 1)[::-1]
+    timesteps = origin[np.floor(np.linspace(0, original, n, endpoint=False)).astype(np.int64)]
+    alphas_cumprod = train_alphas_cumprod(cfg).astype(np.float64)
+    alpha, sigma = np.sqrt(alphas_cumprod[timesteps]), np.sqrt(1 - alphas_cumprod[timesteps])
+    p, q = _x0_coefficients(alpha, sigma, cfg.prediction_type)
+    scaled = timesteps * cfg.timestep_scaling
+    c_skip, c_out = 0.25 / (scaled**2 + 0.25), scaled / np.sqrt(scaled**2 + 0.25)
+    next_cumprod = np.append(alphas_cumprod[timesteps[1:]], 1.0)  # the last step: x0, no noise
+    return _schedule(
+        SchedulerKind.LCM,
+        timesteps,
+        (c_out * p + c_skip, c_out * q),
+        (0.0, np.sqrt(next_cumprod)),
+        noise_coefficient=np.sqrt(1 - next_cumprod),
+    )
+
+
 def make_schedule(kind: SchedulerKind, cfg: SchedulerConfig, num_steps: int,
                   use_karras_sigmas: bool | None = None) -> Schedule:
     """The schedule of `kind` for `num_steps` steps; `use_karras_sigmas` None follows `cfg`.
@@ -355,16 +425,21 @@ def make_schedule(kind: SchedulerKind, cfg: SchedulerConfig, num_steps: int,
     karras = cfg.use_karras_sigmas if use_karras_sigmas is None else use_karras_sigmas
     if not 1 <= num_steps <= cfg.num_train_timesteps:
         raise ConfigError(f"num_steps: {num_steps} must be in [1, {cfg.num_train_timesteps}].")
-    spacing = cfg.timestep_spacing or _DEFAULT_SPACING[kind]
+    cfg = cfg.for_sampler(kind)
+    spacing = cfg.timestep_spacing
     if kind is SchedulerKind.EULER:
-        return _euler(cfg, num_steps, spacing, karras)
+        return _euler(cfg, num_steps, spacing, karras, ancestral=False)
     if kind is SchedulerKind.DPMPP_2M:
         return _dpmpp_2m(cfg, num_steps, spacing, karras)
     if karras:
         raise ConfigError(
-            "use_karras_sigmas: DDIM has no Karras sigmas; pass use_karras_sigmas=False or pick "
+            f"use_karras_sigmas: {kind.value} has no Karras sigmas; pass use_karras_sigmas=False or pick "
             "euler or dpmpp-2m."
         )
+    if kind is SchedulerKind.EULER_ANCESTRAL:
+        return _euler(cfg, num_steps, spacing, karras, ancestral=True)
+    if kind is SchedulerKind.LCM:
+        return _lcm(cfg, num_steps)
     if cfg.clip_sample is None:
         raise ConfigError(
             "clip_sample: absent from the config, so diffusers' DDIM would clip x0 to [-1, 1] "
@@ -376,12 +451,28 @@ def make_schedule(kind: SchedulerKind, cfg: SchedulerConfig, num_steps: int,
 # Device side: elementwise in the latents, any shape, float32, jit/scan-safe in the step index.
 
 
-def init_state(schedule: Schedule, latents: jax.Array) -> SchedulerState:
-    """The scan carry's scheduler part before step 0 (DPM++ has no history yet)."""
+def init_state(schedule: Schedule, latents: jax.Array, noise_keys: jax.Array) -> SchedulerState:
+    """The scan carry's scheduler part before step 0 (DPM++ has no history yet); `noise_keys`
+    (`noise_keys(seeds)`) draw the stochastic samplers' step noise (`step_noise`)."""
     del schedule  # the same state for every kind keeps the carry's structure kind-independent
     # zeros_like, not zeros(shape): inside shard_map the state then varies over the mesh axes
     # the latents vary over, as the scan carry must.
-    return SchedulerState(prev_x0=jnp.zeros_like(latents, jnp.float32))
+    return SchedulerState(prev_x0=jnp.zeros_like(latents, jnp.float32), noise_keys=noise_keys)
+
+
+def noise_keys(seeds: Sequence[int]) -> jax.Array:
+    """K seeds -> [K, 2] uint32 key data (plain arrays, which any layout takes): one key for a
+    whole batch, or one per image."""
+    return jax.random.key_data(jnp.stack([jax.random.key(s) for s in seeds]))
+
+
+def step_noise(key_data: jax.Array, i: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Step i's unit Gaussian noise [B, ...] float32 for the whole image: from one key for the
+    batch ([1, 2] key data) or one per image ([B, 2]), so that each image's equals a one-image run's."""
+    keys = jax.random.wrap_key_data(key_data)
+    if keys.shape[0] == 1:
+        return jax.random.normal(jax.random.fold_in(keys[0], i), shape, jnp.float32)
+    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, i), shape[1:], jnp.float32))(keys)
 
 
 def scale_model_input(schedule: Schedule, latents: jax.Array, i: jax.Array) -> jax.Array:
@@ -390,11 +481,16 @@ def scale_model_input(schedule: Schedule, latents: jax.Array, i: jax.Array) -> j
 
 
 def step(schedule: Schedule, state: SchedulerState, i: jax.Array, model_output: jax.Array,
-         latents: jax.Array) -> tuple[jax.Array, SchedulerState]:
+         latents: jax.Array, noise: jax.Array | None = None) -> tuple[jax.Array, SchedulerState]:
     """One sampler step: latents [...] at step i and the UNet's output [...] -> latents of step
-    i + 1 (same dtype, computed in float32) and the new state."""
+    i + 1 (same dtype, computed in float32) and the new state. `noise` [...]: the step's unit
+    noise, which a stochastic sampler needs (`step_noise`, the same rows as the latents)."""
+    if schedule.kind.stochastic and noise is None:
+        raise ValueError(f"the {schedule.kind.value} sampler draws fresh noise every step: pass `noise`.")
     x = latents.astype(jnp.float32)
     x0 = schedule.x0_from_x[i] * x + schedule.x0_from_output[i] * model_output.astype(jnp.float32)
     x_next = (schedule.next_from_x[i] * x + schedule.next_from_x0[i] * x0
               + schedule.next_from_prev_x0[i] * state.prev_x0)
-    return x_next.astype(latents.dtype), SchedulerState(prev_x0=x0)
+    if schedule.kind.stochastic:
+        x_next = x_next + schedule.next_from_noise[i] * noise
+    return x_next.astype(latents.dtype), state.replace(prev_x0=x0)

@@ -191,7 +191,8 @@ def test_a_displaced_loop_compiles_two_unet_bodies(unet, params, inputs, mode):
                                "conv_general_dilated")
     sampling = Sampling(False, False, ParallelConfig(4, mode, warmup_steps=1))
     loop = image_loop(unet, sampling, make_mesh(sampling.parallel))
-    convolutions = count_primitive(jax.make_jaxpr(loop)(params, *inputs).jaxpr, "conv_general_dilated")
+    keys = schedulers.noise_keys([0])
+    convolutions = count_primitive(jax.make_jaxpr(loop)(params, *inputs, keys).jaxpr, "conv_general_dilated")
     assert per_unet > 0 and convolutions == 2 * per_unet
 
 

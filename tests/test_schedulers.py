@@ -1,12 +1,22 @@
 """The samplers against diffusers' schedulers: timesteps, initial noise scale and whole denoising
-loops driven by a stand-in model; the loop as a jitted `lax.scan`; config errors."""
+loops driven by a stand-in model (the stochastic ones fed our step noise); the loop as a jitted
+`lax.scan`; config errors."""
+
+import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+)
 from jax import lax
 
 from jaxfuse import schedulers
@@ -27,11 +37,15 @@ DIFFUSERS = {
     SchedulerKind.EULER: EulerDiscreteScheduler,
     SchedulerKind.DDIM: DDIMScheduler,
     SchedulerKind.DPMPP_2M: DPMSolverMultistepScheduler,
+    SchedulerKind.EULER_ANCESTRAL: EulerAncestralDiscreteScheduler,
+    SchedulerKind.LCM: LCMScheduler,
 }
 SAMPLERS = [(SchedulerKind.EULER, False), (SchedulerKind.EULER, True), (SchedulerKind.DDIM, False),
-            (SchedulerKind.DPMPP_2M, False), (SchedulerKind.DPMPP_2M, True)]
-SAMPLER_IDS = ["euler", "euler-karras", "ddim", "dpmpp-2m", "dpmpp-2m-karras"]
+            (SchedulerKind.DPMPP_2M, False), (SchedulerKind.DPMPP_2M, True), (SchedulerKind.EULER_ANCESTRAL, False),
+            (SchedulerKind.LCM, False)]
+SAMPLER_IDS = ["euler", "euler-karras", "ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler-ancestral", "lcm"]
 NOISE = np.random.default_rng(0).standard_normal((2, 4, 6, 8)).astype(np.float32)
+KEYS = schedulers.noise_keys([5, 6])  # one per image: the stochastic samplers' step noise
 
 
 def fake_model(x, t, xp):
@@ -40,13 +54,22 @@ def fake_model(x, t, xp):
     return 0.9 * xp.tanh(x) + 0.1 * xp.cos(0.5 * x + t / 250.0)
 
 
+def our_step_noise(scheduler, shape):
+    """What diffusers' `randn_tensor` returns inside `scheduler.step`: our noise of that step."""
+    noise = schedulers.step_noise(KEYS, scheduler.step_index, shape)
+    return torch.from_numpy(np.array(noise))
+
+
 def reference_loop(scheduler, num_steps: int) -> np.ndarray:
-    """diffusers' denoising loop (as in its pipelines) from NOISE -> final latents."""
+    """diffusers' denoising loop (as in its pipelines) from NOISE -> final latents; a stochastic
+    sampler's step draws our step noise."""
     scheduler.set_timesteps(num_steps)
     x = torch.from_numpy(NOISE) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(x, t)
-        x = scheduler.step(fake_model(model_input, float(t), torch), t, x).prev_sample
+    module = sys.modules[type(scheduler).__module__]
+    with mock.patch.object(module, "randn_tensor", lambda shape, **_: our_step_noise(scheduler, shape)):
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(x, t)
+            x = scheduler.step(fake_model(model_input, float(t), torch), t, x).prev_sample
     return x.numpy()
 
 
@@ -54,13 +77,14 @@ def loop_step(schedule, carry, i):
     x, state = carry
     model_input = schedulers.scale_model_input(schedule, x, i)
     output = fake_model(model_input, schedule.timesteps[i], jnp)
-    return schedulers.step(schedule, state, i, output, x), None
+    noise = schedulers.step_noise(state.noise_keys, i, x.shape) if schedule.kind.stochastic else None
+    return schedulers.step(schedule, state, i, output, x, noise), None
 
 
 def our_loop(schedule) -> jax.Array:
     """The same loop, one eager step at a time."""
     x = jnp.asarray(NOISE) * schedule.init_noise_sigma
-    carry = (x, schedulers.init_state(schedule, x))
+    carry = (x, schedulers.init_state(schedule, x, KEYS))
     for i in range(schedule.timesteps.shape[0]):
         carry, _ = loop_step(schedule, carry, jnp.int32(i))
     return carry[0]
@@ -71,7 +95,7 @@ def scan_loop(schedule) -> jax.Array:
     """The same loop as one compiled `lax.scan` over a traced step index."""
     x = jnp.asarray(NOISE) * schedule.init_noise_sigma
     steps = jnp.arange(schedule.timesteps.shape[0], dtype=jnp.int32)
-    carry = (x, schedulers.init_state(schedule, x))
+    carry = (x, schedulers.init_state(schedule, x, KEYS))
     (x, _), _ = lax.scan(lambda c, i: loop_step(schedule, c, i), carry, steps)
     return x
 
@@ -149,12 +173,46 @@ def test_step_is_elementwise():
     schedule = schedulers.make_schedule(SchedulerKind.DPMPP_2M, cfg, 8)
     x = jnp.asarray(NOISE)
     rows = x[:, :, 2:5]
-    whole = (x, schedulers.init_state(schedule, x))
-    part = (rows, schedulers.init_state(schedule, rows))
+    whole = (x, schedulers.init_state(schedule, x, KEYS))
+    part = (rows, schedulers.init_state(schedule, rows, KEYS))
     for i in range(3):
         whole, _ = loop_step(schedule, whole, i)
         part, _ = loop_step(schedule, part, i)
     np.testing.assert_array_equal(part[0], whole[0][:, :, 2:5])
+
+
+def test_step_noise_per_image_equals_a_one_image_run():
+    """[B] keys: image b's noise is a one-image draw from key b; [1] key: one draw for the batch;
+    each step's differs."""
+    per_image = schedulers.step_noise(KEYS, 3, (2, 4, 6, 8))
+    np.testing.assert_array_equal(per_image[1:], schedulers.step_noise(KEYS[1:], 3, (1, 4, 6, 8)))
+    batch = schedulers.step_noise(KEYS[:1], 3, (2, 4, 6, 8))
+    assert batch.shape == (2, 4, 6, 8) and not np.allclose(batch[0], batch[1])
+    assert not np.allclose(per_image, schedulers.step_noise(KEYS, 4, (2, 4, 6, 8)))
+    assert abs(float(per_image.std()) - 1) < 0.1  # 384 unit Gaussian draws
+
+
+@pytest.mark.parametrize("original, scaling", [(50, 10.0), (20, 5.0), (8, 10.0)])
+def test_lcm_original_steps_and_timestep_scaling(original, scaling):
+    config = dict(SDXL_BASE, original_inference_steps=original, timestep_scaling=scaling)
+    schedule, reference = ours_and_diffusers(SchedulerKind.LCM, config, 4)
+    expected = reference_loop(reference, 4)
+    np.testing.assert_array_equal(schedule.timesteps, reference.timesteps.numpy().astype(np.float32))
+    assert_matches(our_loop(schedule), expected, tol=1e-5)
+
+
+def test_lcm_refuses_more_steps_than_its_original_schedule():
+    cfg = schedulers.SchedulerConfig.from_diffusers(dict(SDXL_BASE, original_inference_steps=8))
+    with pytest.raises(ValueError, match="^num_steps: LCM takes at most original_inference_steps = 8"):
+        schedulers.make_schedule(SchedulerKind.LCM, cfg, 9)
+
+
+def test_a_stochastic_step_without_noise_is_refused():
+    cfg = schedulers.SchedulerConfig.from_diffusers(SDXL_BASE)
+    schedule = schedulers.make_schedule(SchedulerKind.EULER_ANCESTRAL, cfg, 4)
+    x = jnp.asarray(NOISE)
+    with pytest.raises(ValueError, match="euler-ancestral sampler draws fresh noise"):
+        schedulers.step(schedule, schedulers.init_state(schedule, x, KEYS), 0, x, x)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -178,10 +236,11 @@ def test_unsupported_setting_names_the_field(field, value):
         schedulers.SchedulerConfig.from_diffusers(dict(SDXL_BASE, **{field: value}))
 
 
-def test_ddim_refuses_karras_sigmas():
+@pytest.mark.parametrize("kind", [SchedulerKind.DDIM, SchedulerKind.EULER_ANCESTRAL, SchedulerKind.LCM])
+def test_samplers_without_karras_sigmas_refuse_them(kind):
     cfg = schedulers.SchedulerConfig.from_diffusers(SDXL_BASE)
-    with pytest.raises(ValueError, match="^use_karras_sigmas: "):
-        schedulers.make_schedule(SchedulerKind.DDIM, cfg, 10, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match=f"^use_karras_sigmas: {kind.value} has no Karras sigmas"):
+        schedulers.make_schedule(kind, cfg, 10, use_karras_sigmas=True)
 
 
 def test_ddim_refuses_a_config_without_clip_sample():

@@ -51,7 +51,7 @@ def sharded_step(unet: UNet2DConditionModel, sampling: Sampling, patch: Patch, m
     """`step_fn` over `mesh`, each device on its rows, inputs laid out as the image loop's. The
     stale tree crosses the `shard_map` boundary stacked over every device along its first axis."""
     stacked = stale_spec(sampling)
-    in_specs = loop_specs(sampling) + ((stacked,) if with_stale else ())
+    in_specs = loop_specs(sampling)[:5] + ((stacked,) if with_stale else ())  # no noise keys: no sampler step
     out_specs = (ROWS, stacked) if patch.writes_stale else ROWS
     return jax.shard_map(step_fn(unet, sampling, patch), mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 

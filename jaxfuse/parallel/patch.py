@@ -151,6 +151,11 @@ def window_mask(tokens: int, count: int) -> jax.Array:
     return jnp.concatenate([jnp.full(count, p > 0), jnp.ones(tokens, bool), jnp.full(count, p < n - 1)])
 
 
+def own_rows(whole: jax.Array, rows: int, axis: int) -> jax.Array:
+    """The whole image's array, rows along `axis` -> this patch's `rows` of them."""
+    return lax.dynamic_slice_in_dim(whole, lax.axis_index(PATCH) * rows, rows, axis=axis)
+
+
 def own_rows_fresh(gathered: jax.Array, local: jax.Array) -> jax.Array:
     """[B, S, C] gathered (stale) tokens with this patch's slice replaced by `local` [B, T, C]."""
     start = lax.axis_index(PATCH) * local.shape[1]

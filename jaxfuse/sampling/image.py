@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxfuse import schedulers
 from jaxfuse.parallel.mesh import ROWS
-from jaxfuse.parallel.patch import CFG, PATCH, Patch, vary_like
+from jaxfuse.parallel.patch import CFG, PATCH, Patch, own_rows, vary_like
 from jaxfuse.sampling.step import Conditioning, Guidance, Sampling, initial_stale, predict_noise
 
 
@@ -38,10 +38,20 @@ class ImageCarry:
 
 
 def initial_carry(unet: Any, params: Any, latents: jax.Array, cond: Conditioning, schedule: schedulers.Schedule,
-                  guidance: Guidance, sampling: Sampling) -> ImageCarry:
-    """The carry before step 0: the latents, a fresh sampler state, zero stale context."""
-    return ImageCarry(latents, schedulers.init_state(schedule, latents),
+                  guidance: Guidance, noise_keys: jax.Array, sampling: Sampling) -> ImageCarry:
+    """The carry before step 0: the latents, a fresh sampler state drawing its step noise from
+    `noise_keys`, zero stale context."""
+    return ImageCarry(latents, schedulers.init_state(schedule, latents, noise_keys),
                       initial_stale(unet, params, sampling, schedule, latents, cond, guidance))
+
+
+def sampler_noise(state: schedulers.SchedulerState, i: jax.Array, latents: jax.Array, patch: Patch) -> jax.Array:
+    """Step i's unit noise for `latents` [B, C, h, w], this device's rows: each device draws the
+    whole image's and keeps its own, so a split image gets the one device's noise exactly."""
+    if not patch.split:
+        return schedulers.step_noise(state.noise_keys, i, latents.shape)
+    b, c, h, w = latents.shape
+    return own_rows(schedulers.step_noise(state.noise_keys, i, (b, c, h * lax.axis_size(PATCH), w)), h, axis=2)
 
 
 def run_steps(unet: Any, sampling: Sampling, patch: Patch, params: Any, carry: ImageCarry, cond: Conditioning,
@@ -52,25 +62,27 @@ def run_steps(unet: Any, sampling: Sampling, patch: Patch, params: Any, carry: I
     def step(i, carry: ImageCarry) -> ImageCarry:
         noise, stale = predict_noise(unet, params, sampling, patch, schedule, i, carry.latents, cond, guidance,
                                      carry.stale)
-        x, state = schedulers.step(schedule, carry.scheduler, i, noise, carry.latents)
+        fresh = sampler_noise(carry.scheduler, i, carry.latents, patch) if schedule.kind.stochastic else None
+        x, state = schedulers.step(schedule, carry.scheduler, i, noise, carry.latents, fresh)
         return ImageCarry(x, state, vary_like(stale, carry.stale))
 
     return lax.fori_loop(start, stop, step, carry)
 
 
 def denoise(unet: Any, params: Any, latents: jax.Array, cond: Conditioning, schedule: schedulers.Schedule,
-            guidance: Guidance, sampling: Sampling) -> jax.Array:
+            guidance: Guidance, noise_keys: jax.Array, sampling: Sampling) -> jax.Array:
     """The whole sampling loop: latents [B, C, h, w] -> denoised latents."""
-    carry = initial_carry(unet, params, latents, cond, schedule, guidance, sampling)
+    carry = initial_carry(unet, params, latents, cond, schedule, guidance, noise_keys, sampling)
     for patch, start, stop in sampling.phases(schedule.timesteps.shape[0]):
         carry = run_steps(unet, sampling, patch, params, carry, cond, schedule, guidance, start, stop)
     return carry.latents
 
 
 def loop_specs(sampling: Sampling) -> tuple:
-    """`shard_map` in_specs of `denoise`'s (params, latents, cond, schedule, guidance): the latents
-    split by rows, the conditioning by guidance half with `cfg_parallel`, the rest replicated."""
-    return P(), ROWS, P(CFG) if sampling.parallel.cfg_parallel else P(), P(), P()
+    """`shard_map` in_specs of `denoise`'s (params, latents, cond, schedule, guidance, noise_keys):
+    the latents split by rows, the conditioning by guidance half with `cfg_parallel`, the rest
+    replicated."""
+    return P(), ROWS, P(CFG) if sampling.parallel.cfg_parallel else P(), P(), P(), P()
 
 
 def stale_spec(sampling: Sampling) -> P:
@@ -80,11 +92,12 @@ def stale_spec(sampling: Sampling) -> P:
 
 
 def carry_specs(sampling: Sampling) -> ImageCarry:
-    return ImageCarry(ROWS, schedulers.SchedulerState(ROWS), stale_spec(sampling) if sampling.keeps_stale else None)
+    return ImageCarry(ROWS, schedulers.SchedulerState(prev_x0=ROWS, noise_keys=P()),
+                      stale_spec(sampling) if sampling.keeps_stale else None)
 
 
 def image_loop(unet: Any, sampling: Sampling, mesh: Mesh | None) -> Callable:
-    """`denoise` as a function of (params, latents, cond, schedule, guidance); on `mesh`, over its
+    """`denoise` as a function of (params, latents, cond, schedule, guidance, noise_keys); on `mesh`, over its
     devices with the inputs laid out as `loop_specs` says."""
     loop = functools.partial(denoise, unet, sampling=sampling)
     if mesh is None:
@@ -93,7 +106,7 @@ def image_loop(unet: Any, sampling: Sampling, mesh: Mesh | None) -> Callable:
 
 
 def initial_program(unet: Any, sampling: Sampling, mesh: Mesh | None) -> Callable:
-    """`initial_carry` as a function of (params, latents, cond, schedule, guidance); on `mesh`,
+    """`initial_carry` as a function of (params, latents, cond, schedule, guidance, noise_keys); on `mesh`,
     laid out as `loop_specs` and `carry_specs` say."""
     first = functools.partial(initial_carry, unet, sampling=sampling)
     if mesh is None:
@@ -107,7 +120,7 @@ def steps_program(unet: Any, sampling: Sampling, patch: Patch, mesh: Mesh | None
     steps = functools.partial(run_steps, unet, sampling, patch)
     if mesh is None:
         return steps
-    params, _, cond, schedule, guidance = loop_specs(sampling)
+    params, _, cond, schedule, guidance, _ = loop_specs(sampling)
     carry = carry_specs(sampling)
     return jax.shard_map(steps, mesh=mesh, in_specs=(params, carry, cond, schedule, guidance, P(), P()),
                          out_specs=carry)
