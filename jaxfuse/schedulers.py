@@ -26,6 +26,9 @@ for samples x = alpha x0 + sigma noise. Euler ancestral moves to a lower level s
 sigma_up z; LCM's x0 is its boundary-conditioned estimate c_skip x + c_out x0_model and its next
 sample alpha_next x0 + sigma_next z.
 
+Image-to-image starts at a later step k from a clean x0 noised to that step's level,
+e[k] x0 + f[k] z (diffusers' `add_noise`), and runs the schedule's `tail(k)`.
+
 Legend: n inference steps, T training timesteps.
 """
 
@@ -207,6 +210,8 @@ class Schedule:
     next_from_x0: jax.Array  # [n] b
     next_from_prev_x0: jax.Array  # [n] c
     next_from_noise: jax.Array  # [n] d
+    sample_from_x0: jax.Array  # [n] e: step i's sample of a clean x0 and unit noise z is e x0 + f z
+    sample_from_noise: jax.Array  # [n] f
     init_noise_sigma: jax.Array  # [] float32: initial latents = unit noise * init_noise_sigma
     kind: SchedulerKind = struct.field(pytree_node=False)
 
@@ -280,10 +285,11 @@ def _vp_levels(sigmas: np.ndarray):
     return alpha, sigmas * alpha
 
 
-def _schedule(kind: SchedulerKind, timesteps: np.ndarray, x0_coefficients, next_coefficients,
+def _schedule(kind: SchedulerKind, timesteps: np.ndarray, x0_coefficients, next_coefficients, levels,
               prev_x0_coefficient: Any = 0.0, noise_coefficient: Any = 0.0, input_scale: Any = 1.0,
               init_noise_sigma: float = 1.0) -> Schedule:
-    """A `Schedule` from host arrays ([n] or scalars broadcast to [n]), as float32."""
+    """A `Schedule` from host arrays ([n] or scalars broadcast to [n]), as float32; `levels`:
+    (e, f), each step's sample e x0 + f noise."""
 
     def per_step(v):
         return jnp.asarray(np.broadcast_to(v, timesteps.shape), jnp.float32)
@@ -298,6 +304,8 @@ def _schedule(kind: SchedulerKind, timesteps: np.ndarray, x0_coefficients, next_
         next_from_x0=per_step(b),
         next_from_prev_x0=per_step(prev_x0_coefficient),
         next_from_noise=per_step(noise_coefficient),
+        sample_from_x0=per_step(levels[0]),
+        sample_from_noise=per_step(levels[1]),
         init_noise_sigma=jnp.float32(init_noise_sigma),
         kind=kind,
     )
@@ -329,6 +337,7 @@ def _euler(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing, karras: bool,
         timesteps,
         (p * alpha, q),  # Euler's sample is the VP sample divided by alpha
         _first_order(ones, sigma, ones, np.sqrt(target**2 - up**2)),
+        (ones, sigma),
         noise_coefficient=up,
         input_scale=alpha,
         init_noise_sigma=init_noise_sigma,
@@ -350,6 +359,7 @@ def _ddim(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing) -> Schedule:
         timesteps,
         _x0_coefficients(alpha, sigma, cfg.prediction_type),
         _first_order(alpha, sigma, np.sqrt(target_cumprod), np.sqrt(1 - target_cumprod)),
+        (alpha, sigma),
     )
 
 
@@ -384,6 +394,7 @@ def _dpmpp_2m(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing, karras: bo
         timesteps,
         _x0_coefficients(alpha[:-1], sigma[:-1], cfg.prediction_type),
         (a, b * (1 + weight)),
+        (alpha[:-1], sigma[:-1]),
         prev_x0_coefficient=-b * weight,
     )
 
@@ -410,6 +421,7 @@ def _lcm(cfg: SchedulerConfig, n: int) -> Schedule:
         timesteps,
         (c_out * p + c_skip, c_out * q),
         (0.0, np.sqrt(next_cumprod)),
+        (alpha, sigma),
         noise_coefficient=np.sqrt(1 - next_cumprod),
     )
 
@@ -448,6 +460,21 @@ def make_schedule(kind: SchedulerKind, cfg: SchedulerConfig, num_steps: int,
     return _ddim(cfg, num_steps, spacing)
 
 
+def start_step(num_steps: int, strength: float) -> int:
+    """Image-to-image: the step a run of `num_steps` at `strength` (0, 1] starts at, as diffusers
+    counts it (`int(num_steps * strength)` steps run, at least one: see `PipelineSpec.request`)."""
+    return num_steps - min(int(num_steps * strength), num_steps)
+
+
+def tail(schedule: Schedule, start: int) -> Schedule:
+    """The schedule from step `start` on. Its first step has no previous x0, so a second-order
+    step there falls back to first order (DPM++ from a noised image, as diffusers does): the
+    history term's weight folds into x0's."""
+    rest = jax.tree.map(lambda v: v[start:] if v.ndim else v, schedule)
+    return rest.replace(next_from_x0=rest.next_from_x0.at[0].add(rest.next_from_prev_x0[0]),
+                        next_from_prev_x0=rest.next_from_prev_x0.at[0].set(0.0))
+
+
 # Device side: elementwise in the latents, any shape, float32, jit/scan-safe in the step index.
 
 
@@ -473,6 +500,11 @@ def step_noise(key_data: jax.Array, i: jax.Array, shape: tuple[int, ...]) -> jax
     if keys.shape[0] == 1:
         return jax.random.normal(jax.random.fold_in(keys[0], i), shape, jnp.float32)
     return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, i), shape[1:], jnp.float32))(keys)
+
+
+def noised_sample(schedule: Schedule, x0: jax.Array, noise: jax.Array, i: int) -> jax.Array:
+    """A clean x0 [...] at step i's noise level with unit `noise` [...] (diffusers' `add_noise`)."""
+    return schedule.sample_from_x0[i] * x0 + schedule.sample_from_noise[i] * noise
 
 
 def scale_model_input(schedule: Schedule, latents: jax.Array, i: jax.Array) -> jax.Array:

@@ -181,6 +181,41 @@ def test_step_is_elementwise():
     np.testing.assert_array_equal(part[0], whole[0][:, :, 2:5])
 
 
+@pytest.mark.parametrize("start", [1, 5])
+@pytest.mark.parametrize("kind, karras", SAMPLERS, ids=SAMPLER_IDS)
+def test_a_loop_from_a_noised_image_matches_diffusers(kind, karras, start):
+    """Image-to-image: x0 noised to step `start`'s level, then the rest of the schedule, as
+    diffusers' img2img pipelines drive a scheduler (`set_begin_index`, `add_noise`)."""
+    config = dict(SDXL_BASE, use_karras_sigmas=karras)
+    schedule, reference = ours_and_diffusers(kind, config, 8)
+    x0, noise = np.tanh(NOISE), np.random.default_rng(1).standard_normal(NOISE.shape).astype(np.float32)
+    reference.set_timesteps(8)
+    if hasattr(reference, "set_begin_index"):  # as the pipelines call it (DDIM has none)
+        reference.set_begin_index(start)
+    first = reference.timesteps[start:start + 1]
+    x = reference.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), first)
+    module = sys.modules[type(reference).__module__]
+    with mock.patch.object(module, "randn_tensor",
+                           lambda shape, **_: torch.from_numpy(np.array(schedulers.step_noise(
+                               KEYS, reference.step_index - start, shape)))):
+        for t in reference.timesteps[start:]:
+            out = fake_model(reference.scale_model_input(x, t), float(t), torch)
+            x = reference.step(out, t, x).prev_sample
+
+    rest = schedulers.tail(schedule, start)
+    np.testing.assert_allclose(rest.timesteps, reference.timesteps[start:].numpy().astype(np.float32),
+                               rtol=1e-6)  # Euler Karras: fractional timesteps, as in test_matches_diffusers
+    ours = schedulers.noised_sample(schedule, jnp.asarray(x0), jnp.asarray(noise), start)
+    carry = (ours, schedulers.init_state(rest, ours, KEYS))
+    for i in range(8 - start):
+        carry, _ = loop_step(rest, carry, jnp.int32(i))
+    assert_matches(carry[0], x.numpy(), tol=1e-5)
+
+
+def test_start_step_counts_as_diffusers():
+    assert [schedulers.start_step(8, s) for s in (1.0, 0.8, 0.5, 0.13, 0.125)] == [0, 2, 4, 7, 7]
+
+
 def test_step_noise_per_image_equals_a_one_image_run():
     """[B] keys: image b's noise is a one-image draw from key b; [1] key: one draw for the batch;
     each step's differs."""
