@@ -144,9 +144,15 @@ class SDXLPipeline:
                  latents: np.ndarray | None = None, scheduler: str = "euler",
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, parallel: ParallelConfig = ParallelConfig(),
+                 image: np.ndarray | None = None, strength: float = 0.3,
                  progress: Callable[[int, int], None] | None = None) -> Generation:
         """Runs the pipeline; `parallel` spreads the image over devices (default: one device);
         `progress(step, total)` is called after every denoising step.
+
+        Image-to-image with `image` ([H, W, 3] or one per prompt, uint8 or float in [0, 1]; it
+        sets the size): its VAE mean is noised to step `steps - int(steps x strength)` and
+        denoised from there, as diffusers' `StableDiffusionXLImg2ImgPipeline` does; `latents`
+        is then the noise added.
 
         `seed` is one int for the whole batch's noise, or one per image: image i then equals a
         one-image run with `seed[i]`, and a single prompt is repeated for each. Every argument is
@@ -157,7 +163,7 @@ class SDXLPipeline:
             prompt, negative_prompt, height=height, width=width, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed, latents=latents,
             scheduler=scheduler, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
-            target_size=target_size, parallel=parallel)
+            target_size=target_size, parallel=parallel, image=image, strength=strength)
         return self.run(request, progress)
 
     def run(self, request: Request, progress: Callable[[int, int], None] | None = None) -> Generation:
@@ -174,10 +180,15 @@ class SDXLPipeline:
         noise = (jnp.asarray(request.latents) if request.latents is not None
                  else initial_noise(request.seeds, self.spec.latent_shape(request.batch, request.height,
                                                                           request.width)))
+        if request.image is None:
+            x = noise * schedule.init_noise_sigma
+        else:
+            x0 = self._timed(timings, "encode_image", lambda: self.encode_image(request.image, request.batch, mesh))
+            x = schedulers.noised_sample(schedule, x0, noise, request.start_step)
+            schedule = schedulers.tail(schedule, request.start_step)
         guidance = Guidance(jnp.float32(request.guidance_scale), jnp.float32(request.guidance_rescale))
         keys = schedulers.noise_keys(request.seeds)
-        x = self._timed(timings, "denoise", lambda: self.denoise(
-            noise * schedule.init_noise_sigma, cond, schedule, guidance, keys, sampling, mesh))
+        x = self._timed(timings, "denoise", lambda: self.denoise(x, cond, schedule, guidance, keys, sampling, mesh))
         check_finite("the denoised latents", gather(x), "the UNet's weights or an overflow in half precision "
                      "(try --dtype float32)")
         images = gather(self._timed(timings, "decode", lambda: self.decode(x, mesh)))
@@ -255,26 +266,49 @@ class SDXLPipeline:
             time_ids = jnp.concatenate([time_ids, time_ids])
         return Conditioning(context.astype(self.dtype), pooled.astype(self.dtype), time_ids)
 
-    def decode(self, latents: jax.Array, mesh: Mesh | None = None) -> jax.Array:
-        """Latents [B, 4, h, w] -> images [B, H, W, 3] float32 in [0, 1]; on `mesh`, each device
-        decodes its rows with synchronous patch parallelism."""
+    def latent_scaling(self) -> tuple[Any, Any]:
+        """(shift, scale): the UNet's latents are (VAE latents - shift) x scale, as diffusers'
+        SDXL pipelines map them (per channel with the config's latents_mean and latents_std)."""
         cfg = self.spec.vae
         if cfg.latents_mean is not None and cfg.latents_std is not None:
             mean = jnp.asarray(cfg.latents_mean, jnp.float32).reshape(1, -1, 1, 1)
             std = jnp.asarray(cfg.latents_std, jnp.float32).reshape(1, -1, 1, 1)
-            latents = latents * std / cfg.scaling_factor + mean
-        else:
-            latents = latents / cfg.scaling_factor
+            return mean, cfg.scaling_factor / std
+        return 0.0, cfg.scaling_factor
+
+    def _vae_program(self, method: Callable, mesh: Mesh | None) -> tuple[Callable, Any]:
+        """`method` of the VAE as a function of (params, x [B, C, H, W]) and its parameters; on
+        `mesh`, each device runs its rows with synchronous patch parallelism."""
         vae = self.vae if mesh is None else self.vae.clone(patch=Patch(Mode.SYNC))
 
-        def decode(params, z):
-            return vae.apply({"params": params}, z, method=AutoencoderKL.decode)
+        def run(params, x):
+            return vae.apply({"params": params}, x, method=method)
 
-        params = self.vae_params
+        if mesh is None:
+            return run, self.vae_params
+        return (jax.shard_map(run, mesh=mesh, in_specs=(P(), ROWS), out_specs=ROWS),
+                self._replicated("vae", self.vae_params, mesh))
+
+    def encode_image(self, images: np.ndarray, batch: int, mesh: Mesh | None = None) -> jax.Array:
+        """Images [1 or B, H, W, 3] in [0, 1] -> the VAE encoder's mean [B, 4, h, w] as the UNet's
+        latents (diffusers samples around the mean; SDXL's VAE's spread is about 1e-4 of it)."""
+        x = jnp.transpose(jnp.asarray(images) * 2 - 1, (0, 3, 1, 2)).astype(self.vae.dtype)
+        encode, params = self._vae_program(lambda vae, x: vae.encode(x)[0], mesh)
         if mesh is not None:
-            decode = jax.shard_map(decode, mesh=mesh, in_specs=(P(), ROWS), out_specs=ROWS)
-            params = self._replicated("vae", params, mesh)
-        image = self._run(("vae_decode", mesh_key(mesh)), decode, params, latents.astype(self.vae.dtype))
+            x = place(x, NamedSharding(mesh, ROWS))
+        # The noising mixes it with host arrays: gathered, it is the same value in every process.
+        mean = gather(self._run(("vae_encode", mesh_key(mesh)), encode, params, x)).astype(np.float32)
+        shift, scale = self.latent_scaling()
+        latents = (mean - shift) * scale
+        return jnp.broadcast_to(latents, (batch, *latents.shape[1:]))
+
+    def decode(self, latents: jax.Array, mesh: Mesh | None = None) -> jax.Array:
+        """Latents [B, 4, h, w] -> images [B, H, W, 3] float32 in [0, 1]; on `mesh`, each device
+        decodes its rows with synchronous patch parallelism."""
+        shift, scale = self.latent_scaling()
+        decode, params = self._vae_program(AutoencoderKL.decode, mesh)
+        z = (latents / scale + shift).astype(self.vae.dtype)
+        image = self._run(("vae_decode", mesh_key(mesh)), decode, params, z)
         return jnp.clip(jnp.transpose(image.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
 
 

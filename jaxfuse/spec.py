@@ -70,6 +70,25 @@ def checked_pair(name: str, value: Any, low: int) -> tuple[int, int] | None:
     return tuple(checked_int(f"{name}[{i}]", v, low) for i, v in enumerate(value))
 
 
+def checked_image(image: Any, batch: int) -> np.ndarray:
+    """An image-to-image input: [H, W, 3] or [1 or `batch`, H, W, 3], uint8 or floats in [0, 1]
+    (as the pipeline returns them) -> float32 [1 or batch, H, W, 3] in [0, 1]."""
+    array = np.asarray(image)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] not in (1, batch):
+        raise PipelineError(f"image must be [H, W, 3] or [{batch if batch > 1 else 1}, H, W, 3] (RGB, channels "
+                            f"last), got shape {np.shape(image)}.")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255
+    if not np.issubdtype(array.dtype, np.floating):
+        raise PipelineError(f"image must hold uint8 or floats in [0, 1], got dtype {array.dtype}.")
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise PipelineError(f"image must hold finite floats in [0, 1], got values in [{array.min()}, {array.max()}]"
+                            " (scale 0..255 images by 1/255, or pass them as uint8).")
+    return array.astype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One generation request, checked (`PipelineSpec.request`): every value has its type and
@@ -89,10 +108,17 @@ class Request:
     crops_coords_top_left: tuple[int, int]
     target_size: tuple[int, int] | None
     parallel: ParallelConfig
+    image: np.ndarray | None = None  # image-to-image: [1 or B, H, W, 3] float32 in [0, 1]
+    strength: float = 1.0  # how much of the schedule image-to-image runs, (0, 1]
 
     @property
     def batch(self) -> int:
         return len(self.prompts)
+
+    @property
+    def start_step(self) -> int:
+        """The first step that runs: 0, or later for image-to-image (`schedulers.start_step`)."""
+        return 0 if self.image is None else schedulers.start_step(self.steps, self.strength)
 
     @property
     def use_guidance(self) -> bool:
@@ -159,10 +185,11 @@ class PipelineSpec:
                 num_inference_steps: Any = DEFAULT_STEPS, guidance_scale: Any = 5.0, guidance_rescale: Any = 0.0,
                 seed: Any = 0, latents: Any = None, scheduler: Any = "euler", original_size: Any = None,
                 crops_coords_top_left: Any = (0, 0), target_size: Any = None,
-                parallel: ParallelConfig = ParallelConfig()) -> Request:
+                parallel: ParallelConfig = ParallelConfig(), image: Any = None, strength: Any = 0.3) -> Request:
         """The arguments of `SDXLPipeline.generate` checked, or one `PipelineError` naming the
-        fix. `height`/`width` None: the model's size. `seed`: one int, or one per image (a single
-        prompt is then repeated for each)."""
+        fix. `height`/`width` None: the model's size, or the image's. `seed`: one int, or one per
+        image (a single prompt is then repeated for each). `image`: image-to-image from it, at
+        `strength`."""
         prompts = checked_prompts("prompt", prompt)
         seeds = [seed] if isinstance(seed, numbers.Integral) or not isinstance(seed, Sequence) else list(seed)
         if not seeds:
@@ -179,12 +206,32 @@ class PipelineSpec:
         if negatives is not None and len(negatives) != len(prompts):
             raise PipelineError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per "
                                 "prompt or a single string.")
+        if image is not None:
+            image = checked_image(image, len(prompts))
+            size = image.shape[1:3]
+            for name, given, own in (("height", height, size[0]), ("width", width, size[1])):
+                if given is not None and given != own:
+                    raise PipelineError(f"{name} {given} differs from the image's {own}; leave it out (the image "
+                                        f"sets the size) or resize the image to "
+                                        f"{height or size[0]}x{width or size[1]}.")
+            height, width = (int(n) for n in size)
         height = self.default_size if height is None else checked_int("height", height, 1)
         width = self.default_size if width is None else checked_int("width", width, 1)
         steps = checked_int("steps", num_inference_steps, 1, self.scheduler.num_train_timesteps)
         kinds = [k.value for k in schedulers.SchedulerKind]
         if scheduler not in kinds:
             raise PipelineError(f"scheduler {scheduler!r} is not one of {', '.join(kinds)}.")
+        try:  # host arithmetic only: a step count this sampler cannot schedule fails here, before loading
+            schedulers.make_schedule(schedulers.SchedulerKind(scheduler), self.scheduler, steps)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        strength = checked_float("strength", strength, 0.0, 1.0)
+        if strength == 0:
+            raise PipelineError("strength must be in (0, 1], got 0, which would return the image unchanged.")
+        if image is not None and int(steps * strength) < 1:
+            raise PipelineError(f"strength {strength} of {steps} steps runs int({steps * strength:g}) = 0 steps; "
+                                f"raise strength to at least {1 / steps:.3g} or the steps to at least "
+                                f"{math.ceil(1 / strength)}.")
         request = Request(
             prompts=prompts, negative_prompts=negatives, height=height, width=width, steps=steps,
             guidance_scale=checked_float("guidance scale", guidance_scale, 0.0,
@@ -195,7 +242,8 @@ class PipelineSpec:
             scheduler=schedulers.SchedulerKind(scheduler),
             original_size=checked_pair("original_size", original_size, 1),
             crops_coords_top_left=checked_pair("crops_coords_top_left", crops_coords_top_left, 0),
-            target_size=checked_pair("target_size", target_size, 1), parallel=ParallelConfig())
+            target_size=checked_pair("target_size", target_size, 1), parallel=ParallelConfig(),
+            image=image, strength=strength)
         return self.spread(request, parallel)
 
     def spread(self, request: Request, parallel: ParallelConfig) -> Request:

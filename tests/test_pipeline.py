@@ -23,6 +23,7 @@ from checkpoints_conversion.convert_diffusers import main as convert
 from jaxfuse import schedulers
 from jaxfuse.config import GroupNormMode, Mode, ParallelConfig
 from jaxfuse.models.vae import load_vae
+from jaxfuse.parallel.mesh import make_mesh
 from jaxfuse.pipeline import NonFiniteError, load_pipeline
 from jaxfuse.spec import PipelineError
 
@@ -135,6 +136,15 @@ def test_seeded_noise_is_reproducible(pipe):
     (dict(num_inference_steps=0), r"steps must be in 1\.\.1000, got 0"),
     (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), r"needs \(1, 4, 8, 12\)"),
     (dict(scheduler="heun"), "heun"),
+    (dict(scheduler="lcm", num_inference_steps=51), "LCM takes at most original_inference_steps = 50"),
+    (dict(image=np.zeros((64, 96), np.float32)), r"image must be \[H, W, 3\] .* got shape \(64, 96\)"),
+    (dict(image=np.full((64, 96, 3), 2.0, np.float32)), r"finite floats in \[0, 1\], got values in \[2.0, 2.0\]"),
+    (dict(image=np.zeros((64, 96, 3), np.uint8), height=128), "height 128 differs from the image's 64"),
+    (dict(image=np.zeros((64, 96, 3), np.uint8), strength=1.5), r"strength must be a finite number in \[0.0, 1.0\]"),
+    (dict(image=np.zeros((64, 96, 3), np.uint8), strength=0.0), r"strength must be in \(0, 1\]"),
+    (dict(image=np.zeros((64, 96, 3), np.uint8), strength=0.1, num_inference_steps=8),
+     r"runs int\(0.8\) = 0 steps; raise strength to at least 0.125 or the steps to at least 10"),
+    (dict(image=np.zeros((70, 96, 3), np.uint8), height=None, width=None), "height 70 must be a positive multiple"),
 ])
 def test_bad_requests_fail_before_compiling(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -194,6 +204,45 @@ def test_new_prompt_and_seed_reuse_the_compiled_program(pipe):
     assert pipe.generate("a red square", height=HEIGHT, width=2 * WIDTH, num_inference_steps=3).timings["compile"] > 0
 
 
+def reference_img2img(reference, image, noise, strength, scheduler, **kwargs):
+    """diffusers' StableDiffusionXLImg2ImgPipeline on the same modules, taking the VAE's mean (not
+    a sample around it) and adding `noise`; a stochastic sampler's steps draw ours (seed 0),
+    counted from the first step that runs."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as module
+
+    img2img = StableDiffusionXLImg2ImgPipeline(**reference.components)
+    img2img.scheduler = DIFFUSERS_SCHEDULERS[scheduler].from_config(reference.scheduler.config)
+    keys = schedulers.noise_keys([0])
+
+    def step_noise(shape, **_):
+        i = img2img.scheduler.step_index - img2img.scheduler.begin_index
+        return torch.from_numpy(np.array(schedulers.step_noise(keys, i, shape)))
+
+    with (mock.patch.object(module, "randn_tensor", lambda shape, **_: torch.from_numpy(noise)),
+          mock.patch.object(module, "retrieve_latents", lambda output, **_: output.latent_dist.mode()),
+          mock.patch.object(sys.modules[type(img2img.scheduler).__module__], "randn_tensor", step_noise)):
+        return img2img(image=torch.from_numpy(image.transpose(0, 3, 1, 2)), strength=strength,
+                       num_inference_steps=STEPS, output_type="np", **kwargs).images
+
+
+@pytest.fixture(scope="module")
+def source_image():
+    return np.random.default_rng(2).uniform(size=(1, HEIGHT, WIDTH, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("scheduler, strength", [("euler", 0.5), ("euler", 0.8), ("dpmpp-2m", 0.8),
+                                                 ("euler-ancestral", 0.6)])
+def test_image_to_image_equals_diffusers(pipe, reference, noise, source_image, scheduler, strength):
+    kwargs = dict(prompt="a red circle at the top left", negative_prompt="a blue square", guidance_scale=6.0)
+    ours = pipe(**kwargs, image=source_image, strength=strength, num_inference_steps=STEPS, latents=noise,
+                scheduler=scheduler)
+    ref = reference_img2img(reference, source_image, noise, strength, scheduler, **kwargs)
+    assert ours.shape == ref.shape == (1, HEIGHT, WIDTH, 3)
+    assert np.abs(ours - ref).max() < 1e-4  # measured 3.9e-6 (dpmpp-2m) to 8.9e-6 (euler-ancestral)
+    assert np.abs(ours - source_image).max() > 1e-2  # the image was changed
+
+
 TALL = 128  # 16 latent rows: 8 patches of 2, which the tiny UNet halves once
 
 
@@ -228,6 +277,17 @@ def test_a_stochastic_sampler_in_sync_equals_single(pipe, tall_noise, scheduler,
     images = pipe(**request, parallel=ParallelConfig(devices, Mode.SYNC))
     assert np.abs(images - single).max() < 5e-5  # measured 4.2e-6 to 5.5e-6
     assert np.abs(pipe(**dict(request, seed=4)) - single).max() > 1e-2  # the seed draws the step noise
+
+
+def test_image_encode_on_four_devices_equals_one(pipe, tall_noise):
+    image = np.random.default_rng(3).uniform(size=(1, TALL, WIDTH, 3)).astype(np.float32)
+    single = pipe.encode_image(image, 2)
+    split = pipe.encode_image(image, 2, make_mesh(ParallelConfig(4, Mode.SYNC)))
+    assert single.shape == (2, 4, TALL // 8, WIDTH // 8)
+    assert np.abs(np.asarray(split) - np.asarray(single)).max() < 1e-5 * np.abs(np.asarray(single)).max()  # 8.0e-7
+    request = dict(PARALLEL_REQUEST, latents=tall_noise, image=image, strength=0.75, height=None)
+    images = pipe(**request, parallel=ParallelConfig(4, Mode.SYNC))
+    assert np.abs(images - pipe(**request)).max() < 5e-5  # measured 5.1e-6
 
 
 @pytest.mark.parametrize("mode", [Mode.DISPLACED, Mode.PCPP])
