@@ -3,6 +3,7 @@
     python -m jaxfuse.generate                  # the built-in demo model, its default prompt
     python -m jaxfuse.generate --model path/to/stable-diffusion-xl-base-1.0 \\
         --prompt "a lighthouse at dusk" --height 1024 --width 1024 --output lighthouse.png
+    python -m jaxfuse.generate --image lighthouse.png --strength 0.6 --prompt "a lighthouse in snow"
 
 Writes the PNG (its settings in a text chunk: `jaxfuse.read_settings`), a JSON file of the
 settings and timings beside it, and with `--output-array` the decoded image as float32 [H, W, 3]
@@ -37,6 +38,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 from jax import monitoring
 
 from jaxfuse import schedulers
@@ -52,7 +54,7 @@ from jaxfuse.parallel.mesh import (
     is_main_process,
 )
 from jaxfuse.pipeline import COMPILE_CACHE_ENV, load_pipeline, use_compile_cache
-from jaxfuse.spec import DEFAULT_STEPS, PipelineError, PipelineSpec, Request
+from jaxfuse.spec import DEFAULT_STEPS, DEFAULT_STRENGTH, PipelineError, PipelineSpec, Request
 
 DEFAULT_WARMUP_STEPS = ParallelConfig.warmup_steps
 
@@ -91,7 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=[k.value for k in schedulers.SchedulerKind], default="euler",
                    help="the sampler")
     p.add_argument("--latents", type=Path,
-                   help="initial noise as .npy, diffusers layout (K, 4, H/8, W/8), unscaled (instead of the seed)")
+                   help="initial noise as .npy, diffusers layout (K, 4, H/8, W/8), unscaled (instead of the seed); "
+                        "with --image, the noise added to it")
+    p.add_argument("--image", type=Path, dest="init_image", metavar="IMAGE",
+                   help="image-to-image: start from this picture (PNG or JPEG, RGB), which sets the size")
+    p.add_argument("--strength", type=float,
+                   help=f"image-to-image: the share of the schedule that runs, in (0, 1]: int(steps x strength) "
+                        f"steps from the image noised to that level; 1 redraws it all (default: {DEFAULT_STRENGTH})")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--output", type=Path, default=Path("jaxfuse.png"),
@@ -136,15 +144,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def parallel_config(args: argparse.Namespace, devices: int) -> ParallelConfig:
-    """The layout the flags ask for on `devices` devices."""
+def parallel_config(args: argparse.Namespace, devices: int, steps_run: int) -> ParallelConfig:
+    """The layout the flags ask for on `devices` devices, for a run of `steps_run` steps."""
     mode = args.mode or ("single" if devices == 1 else "displaced")
     context = {} if args.context is None else {"context": args.context}
     warmup = DEFAULT_WARMUP_STEPS if args.warmup_steps is None else args.warmup_steps
     parallel = ParallelConfig(devices, mode, warmup, args.cfg_parallel, args.gn, **context)
-    if args.warmup_steps is not None and parallel.mode.reads_stale and args.warmup_steps >= args.steps:
-        raise ParallelError(f"--warmup-steps {args.warmup_steps} covers all {args.steps} steps, so no step would "
-                            f"run {parallel.mode.value}; give fewer warm-up steps than --steps, or --mode sync.")
+    if args.warmup_steps is not None and parallel.mode.reads_stale and args.warmup_steps >= steps_run:
+        raise ParallelError(f"--warmup-steps {args.warmup_steps} covers all {steps_run} steps that run, so no step "
+                            f"would run {parallel.mode.value}; give fewer warm-up steps, or --mode sync.")
     return parallel
 
 
@@ -159,6 +167,17 @@ def seeds(args: argparse.Namespace) -> list[int]:
         raise PipelineError(f"--seed given {len(given)} times for --num-images {args.num_images}; give one seed, "
                             "or one per image.")
     return given if len(given) > 1 else [given[0] + i for i in range(args.num_images)]
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as uint8 [H, W, 3] RGB."""
+    if not path.is_file():
+        raise PipelineError(f"--image {path}: no such file.")
+    try:
+        with PIL.Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except PIL.UnidentifiedImageError as e:
+        raise PipelineError(f"--image {path} is not an image file PIL can read (PNG, JPEG, ...).") from e
 
 
 def read_latents(path: Path) -> np.ndarray:
@@ -187,11 +206,9 @@ def check_args(args: argparse.Namespace) -> Plan:
     `PipelineError`, `ParallelError` or `OutputError` (ValueErrors) naming the fix."""
     if args.context is not None and args.mode != "pcpp":
         raise ParallelError("--context sets how much of its neighbours a patch sees in pcpp mode; add --mode pcpp.")
-    parallel = None if args.devices is None else parallel_config(args, args.devices)
+    if args.strength is not None and args.init_image is None:
+        raise PipelineError("--strength sets how much of an --image is redrawn; add --image, or drop --strength.")
     processes = ProcessLayout(args.coordinator_address, args.num_processes, args.process_id, args.process_timeout)
-    if parallel is not None and processes.given and parallel.devices % processes.num_processes:
-        raise ParallelError(f"--devices {parallel.devices} must divide evenly among --num-processes "
-                            f"{processes.num_processes}: each process brings the same number of devices.")
     image_seeds = seeds(args)
     files = image_files(args.output, args.output_array, len(image_seeds))
     check_outputs(files, args.overwrite)
@@ -200,7 +217,14 @@ def check_args(args: argparse.Namespace) -> Plan:
         args.prompt, args.negative_prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=image_seeds,
         latents=None if args.latents is None else read_latents(args.latents), scheduler=args.scheduler,
-        parallel=parallel or ParallelConfig())
+        image=None if args.init_image is None else read_image(args.init_image),
+        strength=DEFAULT_STRENGTH if args.strength is None else args.strength)
+    parallel = None if args.devices is None else parallel_config(args, args.devices, request.steps_run)
+    if parallel is not None and processes.given and parallel.devices % processes.num_processes:
+        raise ParallelError(f"--devices {parallel.devices} must divide evenly among --num-processes "
+                            f"{processes.num_processes}: each process brings the same number of devices.")
+    if parallel is not None:
+        request = spec.spread(request, parallel)
     return Plan(spec, request, files, parallel, processes)
 
 
@@ -272,8 +296,8 @@ def generate(args: argparse.Namespace) -> None:
     parallel = plan.parallel
     if parallel is None:
         wanted = 1 if args.mode == "single" else default_device_count()
-        parallel = plan.spec.largest_layout(request.height, wanted, lambda n: parallel_config(args, n),
-                                            args.cfg_parallel)
+        parallel = plan.spec.largest_layout(request.height, wanted,
+                                            lambda n: parallel_config(args, n, request.steps_run), args.cfg_parallel)
     if len(jax.devices()) < parallel.devices:
         raise ParallelError(f"--devices {parallel.devices} but only {len(jax.devices())} "
                             f"{jax.default_backend()} devices are present.")
@@ -282,8 +306,10 @@ def generate(args: argparse.Namespace) -> None:
     pipe = load_pipeline(plan.spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir, log=report)
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     images = f"{request.batch} images of " if request.batch > 1 else ""
-    report(f"generating {images}{request.width}x{request.height}, {request.steps} {request.scheduler.value} steps on "
-           f"{jax.default_backend()} ({describe_layout(parallel, request.steps)}{hosts}, {dtype}); "
+    steps = (f"{request.steps}" if request.image is None else
+             f"from {args.init_image} at strength {request.strength}: the last {request.steps_run} of {request.steps}")
+    report(f"generating {images}{request.width}x{request.height}, {steps} {request.scheduler.value} steps on "
+           f"{jax.default_backend()} ({describe_layout(parallel, request.steps_run)}{hosts}, {dtype}); "
            + ("compiling first..." if compile_cache is None else f"compiling first (kept in {compile_cache})..."))
     result = pipe.run(plan.spec.spread(request, parallel), ProgressBar("denoising") if main_process else None)
     if not main_process:
@@ -292,7 +318,8 @@ def generate(args: argparse.Namespace) -> None:
     settings.update(height=request.height, width=request.width, devices=parallel.devices,
                     processes=jax.process_count(), dtype=dtype, backend=jax.default_backend(),
                     mode=parallel.mode.value, warmup_steps=parallel.warmup_steps,
-                    displaced_steps=parallel.stale_steps(request.steps),
+                    displaced_steps=parallel.stale_steps(request.steps_run),
+                    strength=request.strength if request.image is not None else None,
                     context=parallel.context if parallel.mode == Mode.PCPP else None,
                     compile_cache=cache_counter and cache_counter.counts, images=request.batch)
     for i, files in enumerate(plan.files):

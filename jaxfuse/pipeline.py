@@ -34,7 +34,7 @@ from jaxfuse.parallel.mesh import ROWS, ProcessLayout, gather, initialize_proces
 from jaxfuse.parallel.patch import Patch
 from jaxfuse.sampling import image
 from jaxfuse.sampling.step import Conditioning, Guidance, Sampling
-from jaxfuse.spec import DEFAULT_STEPS, PipelineSpec, Request
+from jaxfuse.spec import DEFAULT_STEPS, DEFAULT_STRENGTH, PipelineSpec, Request
 
 
 class NonFiniteError(RuntimeError):
@@ -144,7 +144,7 @@ class SDXLPipeline:
                  latents: np.ndarray | None = None, scheduler: str = "euler",
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, parallel: ParallelConfig = ParallelConfig(),
-                 image: np.ndarray | None = None, strength: float = 0.3,
+                 image: np.ndarray | None = None, strength: float = DEFAULT_STRENGTH,
                  progress: Callable[[int, int], None] | None = None) -> Generation:
         """Runs the pipeline; `parallel` spreads the image over devices (default: one device);
         `progress(step, total)` is called after every denoising step.

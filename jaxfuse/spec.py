@@ -26,6 +26,8 @@ class PipelineError(ValueError):
 # The steps of a run when none are named, in the command line and the API alike: Euler and
 # DPM++(2M), the usual SDXL samplers, are run at 25-30 steps in practice; diffusers' default is 50.
 DEFAULT_STEPS = 30
+# Image-to-image's share of the schedule when none is named: diffusers' SDXL img2img default.
+DEFAULT_STRENGTH = 0.3
 # JAX's default keys hold 32 bits: a larger seed would silently repeat a smaller one's noise.
 MAX_SEED = 2**32 - 1
 # Files besides config.json each part of a pipeline folder needs (CLIP's tokenizer: its BPE tables).
@@ -121,6 +123,10 @@ class Request:
         return 0 if self.image is None else schedulers.start_step(self.steps, self.strength)
 
     @property
+    def steps_run(self) -> int:
+        return self.steps - self.start_step
+
+    @property
     def use_guidance(self) -> bool:
         return self.guidance_scale > 1.0
 
@@ -185,7 +191,8 @@ class PipelineSpec:
                 num_inference_steps: Any = DEFAULT_STEPS, guidance_scale: Any = 5.0, guidance_rescale: Any = 0.0,
                 seed: Any = 0, latents: Any = None, scheduler: Any = "euler", original_size: Any = None,
                 crops_coords_top_left: Any = (0, 0), target_size: Any = None,
-                parallel: ParallelConfig = ParallelConfig(), image: Any = None, strength: Any = 0.3) -> Request:
+                parallel: ParallelConfig = ParallelConfig(), image: Any = None,
+                strength: Any = DEFAULT_STRENGTH) -> Request:
         """The arguments of `SDXLPipeline.generate` checked, or one `PipelineError` naming the
         fix. `height`/`width` None: the model's size, or the image's. `seed`: one int, or one per
         image (a single prompt is then repeated for each). `image`: image-to-image from it, at

@@ -17,7 +17,7 @@ from jaxfuse.generate import build_parser, main, parse_args
 from jaxfuse.generate import seeds as image_seeds
 from jaxfuse.outputs import read_settings
 from jaxfuse.parallel.mesh import emulate_cpu_devices
-from jaxfuse.pipeline import COMPILE_CACHE_ENV, SDXLPipeline
+from jaxfuse.pipeline import COMPILE_CACHE_ENV, SDXLPipeline, load_pipeline
 from jaxfuse.spec import DEFAULT_STEPS
 
 
@@ -124,7 +124,7 @@ def failure(capsys, code, argv, *messages):
     (["--height", "0"], "height must be at least 1, got 0"),
     (["--height", "-256"], "height must be at least 1, got -256"),
     (["--devices", "4", "--mode", "displaced", "--warmup-steps", "50"],
-     "--warmup-steps 50 covers all 3 steps, so no step would run displaced"),
+     "--warmup-steps 50 covers all 3 steps that run, so no step would run displaced"),
     # Inputs that once failed late, with a traceback.
     (["--steps", "100000"], "steps must be in 1..1000, got 100000"),
     (["--seed", "1180591620717411303424"], "seed must be in 0..4294967295, got 1180591620717411303424"),
@@ -132,10 +132,48 @@ def failure(capsys, code, argv, *messages):
     (["--num-images", "0"], "--num-images must be at least 1, got 0"),
     (["--output", "."], "--output . must end in .png"),
     (["--num-images", "3", "--seed", "1", "--seed", "2"], "--seed given 2 times for --num-images 3"),
+    (["--strength", "0.5"], "--strength sets how much of an --image is redrawn; add --image"),
+    (["--image", "missing.png"], "--image missing.png: no such file"),
+    (["--scheduler", "lcm", "--steps", "60"], "LCM takes at most original_inference_steps = 50 steps, got 60"),
 ])
 def test_bad_input_is_one_clear_error(folder, tmp_path, capsys, extra, message):
     failure(capsys, 2, cli(folder, tmp_path, "--output", str(tmp_path / "x.png"), *extra), message)
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture
+def picture(tmp_path):
+    """A 48x64 RGB PNG, the size `cli` asks for."""
+    path = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (48, 64, 3), np.uint8)).save(path)
+    return path
+
+
+def test_image_to_image_from_the_command_line(folder, tmp_path, picture):
+    out = tmp_path / "out.png"
+    assert run(folder, tmp_path, "--image", str(picture), "--strength", "0.7", "--output", str(out)) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["settings"]["init_image"] == str(picture) and meta["settings"]["strength"] == 0.7
+    assert set(meta["timings_s"]) == {"encode", "compile", "encode_image", "denoise", "decode"}
+    pipe = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None)
+    expected = pipe("a blue triangle", image=np.asarray(Image.open(picture)), strength=0.7, num_inference_steps=3)
+    assert np.abs(np.asarray(Image.open(out)) / 255 - expected[0]).max() <= 0.5 / 255 + 1e-5  # PNG rounding
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--height", "64"], "height 64 differs from the image's 48; leave it out"),
+    (["--strength", "0.1"], "strength 0.1 of 3 steps runs int(0.3) = 0 steps"),
+    (["--devices", "4", "--mode", "displaced", "--warmup-steps", "2", "--strength", "0.7"],
+     "--warmup-steps 2 covers all 2 steps that run"),
+])
+def test_bad_image_to_image_input(folder, tmp_path, capsys, picture, extra, message):
+    failure(capsys, 2, cli(folder, tmp_path, "--image", str(picture), *extra), message)
+
+
+def test_a_file_that_is_not_an_image_is_named(folder, tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not a picture")
+    failure(capsys, 2, cli(folder, tmp_path, "--image", str(tmp_path / "notes.png")),
+            "is not an image file PIL can read")
 
 
 def test_latents_holding_nan_or_text_are_refused(folder, tmp_path, capsys):
