@@ -12,6 +12,7 @@ encoders and the VAE are jitted on their own.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,8 +26,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from transformers import CLIPTokenizer
 
-from jaxfuse import checkpoint, schedulers
-from jaxfuse.config import Mode, ParallelConfig
+from jaxfuse import checkpoint, lora, schedulers
+from jaxfuse.config import Mode, ParallelConfig, TextEncoderConfig
+from jaxfuse.models import clip as clip_model
+from jaxfuse.models import unet as unet_model
 from jaxfuse.models.clip import load_text_encoder
 from jaxfuse.models.unet import load_unet
 from jaxfuse.models.vae import AutoencoderKL, load_vae
@@ -342,19 +345,37 @@ def load_models(spec: PipelineSpec, source: Path, dtype: Any) -> dict[str, tuple
     return {c: LOADERS[c](source / c, dtype=dtypes[c]) for c in checkpoint.MODEL_COMPONENTS}
 
 
+def plan_loras(spec: PipelineSpec, loras: Sequence[tuple[str | Path, float]]) -> list[tuple[Path, list]]:
+    """Each (LoRA file, weight) checked against the model's parameter shapes, from the config
+    files and the LoRA's header alone: (file, its `lora.LoraUpdate`s)."""
+    if not loras:
+        return []
+    abstract = {"unet": unet_model.abstract_params(spec.unet)}
+    for component in ("text_encoder", "text_encoder_2"):
+        config = json.loads((spec.folder / component / checkpoint.CONFIG_NAME).read_text())
+        abstract[component] = clip_model.abstract_params(TextEncoderConfig.from_transformers(config))
+    return [(Path(path), lora.plan_lora(Path(path), weight, abstract)) for path, weight in loras]
+
+
 def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str | Path | None = None,
-                  log: Callable[[str], None] = print, *, coordinator_address: str | None = None,
-                  num_processes: int | None = None, process_id: int | None = None) -> SDXLPipeline:
+                  log: Callable[[str], None] = print, *, loras: Sequence[tuple[str | Path, float]] = (),
+                  coordinator_address: str | None = None, num_processes: int | None = None,
+                  process_id: int | None = None) -> SDXLPipeline:
     """An SDXL pipeline from a diffusers folder (converted once and cached under `cache_dir`,
     default `$JAXFUSE_CACHE` or ~/.cache/jaxfuse) or from a converted folder. A cache entry is
     checked against its manifest first; a damaged one raises `checkpoint.CacheError`, naming the
     folder to delete.
+
+    `loras`: (safetensors file, weight) pairs, diffusers/PEFT or kohya (`jaxfuse.lora`), fused into
+    the UNet's and text encoders' weights after loading; each is checked against the model before
+    any weight is read, and raises `lora.LoraError` (a ValueError) listing what does not fit.
 
     Across hosts, every process calls it with the same folder and its own place in the run
     (`jax.distributed.initialize`'s arguments; none in a cluster JAX recognises by itself), before
     anything else uses JAX; generating then spreads the image over every process's devices.
     """
     spec = PipelineSpec.read(folder)
+    lora_updates = plan_loras(spec, loras)
     initialize_processes(ProcessLayout(coordinator_address, num_processes, process_id))
     folder, source, cache = spec.folder, spec.folder, None
     # Across processes each one converts for itself: the cache's orbax checkpoint would make every
@@ -378,6 +399,10 @@ def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str |
                 checkpoint.save_pipeline(folder, cache, {c: params for c, (_, params) in models.items()})
             except OSError as e:  # the weights are loaded: a cache that cannot be written costs the next run only
                 log(f"warning: the converted weights could not be cached ({e}); the next run converts again.")
+    if lora_updates:  # after the cache: an entry holds the model's own weights only
+        fused = lora.fuse({c: models[c][1] for c in lora.COMPONENTS}, lora_updates)
+        models.update({c: (models[c][0], fused[c]) for c in lora.COMPONENTS})
+        log("fused " + ", ".join(f"{path.name} ({len(updates)} modules)" for path, updates in lora_updates))
     log(f"loaded the model in {time.perf_counter() - start:.1f} s")
 
     encoders = [TextEncoder(CLIPTokenizer.from_pretrained(folder / tokenizer, local_files_only=True), *models[model])

@@ -1,0 +1,254 @@
+"""LoRA files fused into a pipeline's weights when it loads: a LoRA changes no compiled program.
+
+Two formats, safetensors only (a pickled file is refused):
+
+- diffusers/PEFT (`save_lora_weights`): `<component>.<module>.lora_A.weight` [r, in(, kh, kw)]
+  and `<component>.<module>.lora_B.weight` [out, r(, 1, 1)] for the components unet,
+  text_encoder and text_encoder_2. The scale is lora_alpha / r (lora_alpha / sqrt(r) with
+  rsLoRA) from PEFT's config in the file's `lora_adapter_metadata`, per module by its
+  `alpha_pattern`; without metadata, 1 (diffusers' convention).
+- kohya: `lora_unet_<module>`, `lora_te1_<module>` (or `lora_te_`) and `lora_te2_<module>`, each
+  with `.lora_down.weight`, `.lora_up.weight` and an optional scalar `.alpha` (scale alpha / r,
+  1 without), the module's dots written as underscores; UNet modules in diffusers' names or in
+  the original SGM UNet's (`input_blocks.4.1...`, `middle_block`, `output_blocks`), as SDXL
+  LoRAs trained with kohya's scripts name them.
+
+Each module's update, weight x scale x up @ down in float32, is added to its kernel in Flax's
+layout. Every tensor of a file is used, or the file is refused with a list of the ones that are
+not: unknown names, halves without their pair, wrong shapes. The converted-weights cache holds
+the weights without LoRAs, so no LoRA ever reaches a cache entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxfuse.checkpoint import PICKLE_SUFFIXES, checkpoint_name, open_safetensors
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te": "text_encoder",
+                    "lora_te2": "text_encoder_2"}
+PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight$")
+KOHYA_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for PEFT's config in the safetensors header
+# A ResNet's parts in the SGM UNet.
+SGM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+SGM_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+           "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+           "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+           "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
+           "mid_block.resnets.1": "middle_block.2"}
+MAX_LISTED = 20
+
+
+class LoraError(ValueError):
+    """A LoRA file the pipeline cannot fuse; the message names the file and the tensors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraUpdate:
+    """One module's low-rank update: W += scale x up @ down, on the kernel at `path`."""
+
+    component: str
+    path: tuple[str, ...]
+    down: str  # tensor names in the file
+    up: str
+    scale: float
+
+
+def module_kernels(abstract: Any) -> dict[str, tuple[str, ...]]:
+    """diffusers/transformers module name -> the Flax path of its kernel, for a parameter tree.
+    A text encoder's modules go by two names: transformers 4's `text_model.encoder...` (what
+    LoRAs in the wild carry) and transformers 5's `encoder...`."""
+    kernels = {checkpoint_name(path).removesuffix(".weight"): path
+               for path in traverse_util.flatten_dict(abstract) if path[-1] == "kernel"}
+    return kernels | {name.removeprefix("text_model."): path for name, path in kernels.items()
+                      if name.startswith("text_model.")}
+
+
+def sgm_blocks(modules: Sequence[str]) -> dict[str, str]:
+    """diffusers block name -> the SGM UNet's, for the blocks among `modules` (UNet module names):
+    input_blocks count conv_in, then per level its ResNet (and attention) layers and its
+    downsampler; output_blocks per level its layers, the upsampler inside the last one."""
+    table = dict(SGM_TOP)
+    count = {}  # (down_blocks|up_blocks, level) -> layers
+    for name in modules:
+        if m := re.match(r"(down_blocks|up_blocks)\.(\d+)\.resnets\.(\d+)\.", name):
+            key = (m[1], int(m[2]))
+            count[key] = max(count.get(key, 0), int(m[3]) + 1)
+    levels = 1 + max((level for kind, level in count if kind == "down_blocks"), default=-1)
+    block = 1
+    for level in range(levels):
+        for j in range(count.get(("down_blocks", level), 0)):
+            table[f"down_blocks.{level}.resnets.{j}"] = f"input_blocks.{block}.0"
+            table[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{block}.1"
+            block += 1
+        table[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{block}.0.op"
+        block += 1
+    block = 0
+    for level in range(levels):
+        attends = any(name.startswith(f"up_blocks.{level}.attentions.") for name in modules)
+        for j in range(count.get(("up_blocks", level), 0)):
+            table[f"up_blocks.{level}.resnets.{j}"] = f"output_blocks.{block}.0"
+            table[f"up_blocks.{level}.attentions.{j}"] = f"output_blocks.{block}.1"
+            block += 1
+        table[f"up_blocks.{level}.upsamplers.0.conv"] = f"output_blocks.{block - 1}.{2 if attends else 1}.conv"
+    return table
+
+
+def sgm_name(module: str, blocks: Mapping[str, str]) -> str | None:
+    """A diffusers UNet module name in the SGM UNet's names (None outside its blocks)."""
+    for block, sgm in blocks.items():
+        if module == block:
+            return sgm
+        if module.startswith(block + "."):
+            rest = module[len(block) + 1:]
+            if ".resnets." in block:
+                head, _, tail = rest.partition(".")
+                rest = ".".join(filter(None, [SGM_RESNET.get(head, head), tail]))
+            return f"{sgm}.{rest}"
+    return None
+
+
+def kohya_names(component: str, kernels: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+    """A kohya module name (dots as underscores, no prefix) -> the diffusers module name; the UNet's
+    also under their SGM names."""
+    names = {module.replace(".", "_"): module for module in kernels}
+    if component == "unet":
+        blocks = sgm_blocks(list(kernels))
+        for module in kernels:
+            if (sgm := sgm_name(module, blocks)) is not None:
+                names[sgm.replace(".", "_")] = module
+    return names
+
+
+def peft_alphas(metadata: Mapping[str, str] | None, component: str) -> tuple[Any, Mapping[str, float], bool]:
+    """(lora_alpha or None, alpha_pattern, use_rslora) of `component` in a diffusers file's
+    header; a DoRA adapter is refused."""
+    config = json.loads((metadata or {}).get(METADATA_KEY, "{}"))
+    own = {key.removeprefix(f"{component}."): value for key, value in config.items()
+           if key.startswith(f"{component}.")}
+    if own.get("use_dora"):
+        raise LoraError(f"{component}: a DoRA adapter (use_dora), which jaxfuse does not fuse; use a plain LoRA.")
+    return own.get("lora_alpha"), own.get("alpha_pattern") or {}, bool(own.get("use_rslora"))
+
+
+def pattern_value(pattern: Mapping[str, float], module: str, default: Any) -> Any:
+    """PEFT's per-module override: the entry whose key is the module name or ends it after a dot."""
+    for key, value in pattern.items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = "".join(f"\n    {item}" for item in items[:MAX_LISTED])
+    more = f"\n    ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return f"\n  {title} ({len(items)}):{shown}{more}" if items else ""
+
+
+def check_file(path: Path) -> None:
+    """A LoRA file that exists and is not pickled (checked before anything loads)."""
+    if path.suffix in PICKLE_SUFFIXES:
+        raise LoraError(f"LoRA {path}: a pickled file ({path.suffix}) can run code when read and is refused; "
+                        "use the .safetensors version of the LoRA.")
+    if not path.is_file():
+        raise LoraError(f"LoRA {path}: no such file.")
+
+
+def plan_lora(path: Path, weight: float, abstract: Mapping[str, Any]) -> list[LoraUpdate]:
+    """The updates the LoRA file at `path` makes at `weight` to the parameter trees `abstract`
+    ({component: tree}, leaves with `.shape`); reads the header only. Raises `LoraError` listing
+    every tensor it cannot use."""
+    check_file(path)
+    with open_safetensors(path) as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        metadata = f.metadata()
+    kernels = {c: module_kernels(tree) for c, tree in abstract.items()}
+    kohya = {c: kohya_names(c, kernels[c]) for c in kernels}
+    halves: dict[tuple[str, str], dict[str, str]] = {}  # (component, module) -> {down, up, alpha: key}
+    unknown = []
+    for key in sorted(shapes):
+        if m := PEFT_KEY.match(key):
+            component, module, part = m[1], m[2], {"A": "down", "B": "up"}[m[3]]
+        elif (m := KOHYA_KEY.match(key)) and m[2] in kohya.get(KOHYA_COMPONENTS[m[1]], {}):
+            component = KOHYA_COMPONENTS[m[1]]
+            module, part = kohya[component][m[2]], KOHYA_PARTS[m[3]]
+        else:
+            unknown.append(key)
+            continue
+        if component not in kernels or module not in kernels[component]:
+            unknown.append(key)
+            continue
+        halves.setdefault((component, module), {})[part] = key
+
+    updates, unpaired, wrong = [], [], []
+    for (component, module), keys in sorted(halves.items()):
+        if not {"down", "up"} <= set(keys):
+            unpaired += [f"{key} (its {'up' if 'down' in keys else 'down'} half is missing)" for key in keys.values()]
+            continue
+        down, up = shapes[keys["down"]], shapes[keys["up"]]
+        kernel = abstract[component]
+        for name in kernels[component][module]:
+            kernel = kernel[name]
+        rank = down[0]
+        # The update in PyTorch's layout, [out, in(, kh, kw)], against the kernel's [(kh, kw,) in, out].
+        expected = (kernel.shape[-1], kernel.shape[-2], *kernel.shape[:-2])
+        if len(up) < 2 or up[1] != rank or any(n != 1 for n in up[2:]) or (up[0], *down[1:]) != expected:
+            wrong.append(f"{keys['down']} {down} with {keys['up']} {up}: {module} needs [r, {expected[1]}"
+                         f"{''.join(f', {n}' for n in expected[2:])}] and [{expected[0]}, r]")
+            continue
+        if "alpha" in keys:  # kohya
+            scale = float(np.asarray(_read(path, keys["alpha"]))) / rank
+        else:
+            alpha, alpha_pattern, rslora = peft_alphas(metadata, component)
+            alpha = pattern_value(alpha_pattern, module, alpha)
+            scale = 1.0 if alpha is None else alpha / (math.sqrt(rank) if rslora else rank)
+        updates.append(LoraUpdate(component, kernels[component][module], keys["down"], keys["up"], weight * scale))
+    if unknown or unpaired or wrong:
+        raise LoraError(f"LoRA {path} does not fit this model:"
+                        + _listing("tensors naming no module of the UNet or the text encoders", unknown)
+                        + _listing("halves without their pair", unpaired)
+                        + _listing("wrong shapes", wrong))
+    if not updates:
+        raise LoraError(f"LoRA {path} holds no LoRA tensors.")
+    return updates
+
+
+def _read(path: Path, key: str) -> np.ndarray:
+    with open_safetensors(path) as f:
+        return f.get_tensor(key)
+
+
+def fuse(params: Mapping[str, Any], loras: Sequence[tuple[Path, list[LoraUpdate]]]) -> dict[str, Any]:
+    """{component: tree} with every update of every (file, updates) added, in float32, each kernel
+    then cast back to its dtype."""
+    flat = {c: traverse_util.flatten_dict(tree) for c, tree in params.items()}
+    deltas: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+    for path, updates in loras:
+        with open_safetensors(path) as f:
+            for u in updates:
+                down = f.get_tensor(u.down).astype(np.float32)
+                up = f.get_tensor(u.up).astype(np.float32)
+                delta = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(
+                    up.shape[0], *down.shape[1:])
+                # [out, in(, kh, kw)] -> Flax's [(kh, kw,) in, out]
+                delta = delta.T if delta.ndim == 2 else delta.transpose(2, 3, 1, 0)
+                key = (u.component, u.path)
+                deltas[key] = deltas.get(key, 0) + u.scale * delta
+    for (component, path), delta in deltas.items():
+        kernel = flat[component][path]
+        flat[component][path] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    return {c: traverse_util.unflatten_dict(tree) for c, tree in flat.items()}

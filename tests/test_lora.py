@@ -1,0 +1,277 @@
+"""LoRA files fused at load against diffusers' `load_lora_weights` + `fuse_lora` on the tiny
+pipeline: random LoRAs made here in diffusers/PEFT format (by PEFT) and in kohya format (with
+diffusers' module names and with the SGM UNet's), for the UNet and both text encoders; and the
+errors for files that do not fit.
+
+diffusers loads the UNet's part. Its text-encoder path goes through transformers 5, which asks
+for PEFT >= 0.22, newer than any on PyPI here (0.21.2), so the reference's text encoders get
+their updates added by hand, W += weight x scale x up @ down, module by module in PyTorch.
+"""
+
+import functools
+import json
+import operator
+import re
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from jaxfuse import lora
+from jaxfuse.pipeline import load_pipeline
+
+HEIGHT, WIDTH, STEPS = 64, 96, 4
+REQUEST = dict(prompt="a red circle at the top left", negative_prompt="a blue square", guidance_scale=6.0,
+               height=HEIGHT, width=WIDTH, num_inference_steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_sdxl_folder):
+    return tiny_sdxl_folder
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return np.random.default_rng(0).standard_normal((1, 4, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def plain(folder, noise, tmp_path_factory):
+    pipe = load_pipeline(folder, cache_dir=tmp_path_factory.mktemp("cache"), log=lambda _: None)
+    return pipe(**REQUEST, latents=noise)
+
+
+def submodule(model, name):
+    """A CLIP module by either name: transformers 5's CLIPTextModel has no `text_model.`, its
+    CLIPTextModelWithProjection has."""
+    short = name.removeprefix("text_model.")
+    for candidate in (short, f"text_model.{short}"):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    raise AttributeError(name)
+
+
+def diffusers_images(folder, path, weight, noise, text_scales):
+    """diffusers' images with the file's UNet part loaded and fused by diffusers, its text-encoder
+    part added by hand; `text_scales`: {text-encoder tensor name of an update's down half:
+    (component, module, scale)}."""
+    reference = StableDiffusionXLPipeline.from_pretrained(folder)
+    tensors = load_file(path)
+    with safe_open(path, "np") as f:
+        metadata = f.metadata()  # PEFT's config: the UNet's alphas
+    unet_part = path.with_name("unet-" + path.name)
+    save_file({k: v for k, v in tensors.items() if k.startswith(("unet.", "lora_unet_"))}, unet_part, metadata)
+    reference.load_lora_weights(str(path.parent), weight_name=unet_part.name)
+    reference.fuse_lora(lora_scale=weight)
+    with torch.no_grad():
+        for down, (component, module, scale) in text_scales.items():
+            up = down.replace("lora_A", "lora_B").replace("lora_down", "lora_up")
+            delta = torch.from_numpy(tensors[up]) @ torch.from_numpy(tensors[down])
+            submodule(getattr(reference, component), module).weight += weight * scale * delta
+    return reference(**REQUEST, latents=torch.from_numpy(noise), output_type="np").images
+
+
+def ours(folder, path, weight, noise, tmp_path):
+    pipe = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, weight)])
+    return pipe(**REQUEST, latents=noise)
+
+
+def peft_file(folder, tmp_path) -> tuple[object, dict]:
+    """A diffusers-format LoRA of random weights, saved by diffusers from PEFT adapters: UNet
+    attention, feed-forward, projection and convolution layers, both text encoders' attention and
+    MLP, alpha != r so the scale is read from the file's metadata; and its text-encoder scales
+    (see `diffusers_images`)."""
+    torch.manual_seed(0)
+    reference = StableDiffusionXLPipeline.from_pretrained(folder)
+    configs = {
+        "unet": LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                           target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1"],
+                           alpha_pattern={"down_blocks.1.attentions.0.proj_in": 2}),
+        "text_encoder": LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "fc1"]),
+        "text_encoder_2": LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                     target_modules=["v_proj", "out_proj"]),
+    }
+    layers, metadata = {}, {}
+    for component, config in configs.items():
+        model = inject_adapter_in_model(config, getattr(reference, component))
+        with torch.no_grad():  # PEFT's random B is as large as A: keep the LoRAs a nudge
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.2)
+        layers[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
+        metadata[f"{component}_lora_adapter_metadata"] = config.to_dict()
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path, weight_name="peft.safetensors", **layers, **metadata)
+    path = tmp_path / "peft.safetensors"
+    text_scales = {}
+    for key in load_file(path):
+        if m := re.fullmatch(r"(text_encoder(?:_2)?)\.(.+)\.lora_A\.weight", key):
+            config = configs[m[1]]
+            text_scales[key] = (m[1], m[2], config.lora_alpha / config.r)
+    return path, text_scales
+
+
+def kohya_file(path, modules: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], seed: int,
+               alphas: dict[str, float] | None = None) -> tuple[object, dict]:
+    """A kohya-format LoRA: {name: (down shape, up shape)} of random weights, each with its alpha
+    from `alphas` or the file's one random alpha (diffusers 0.42.1 applies one alpha to all of a
+    kohya file's modules: measured 0.02 apart from the kohya definition with alphas that differ,
+    4e-6 module by module); and its text-encoder scales (see `diffusers_images`)."""
+    rng = np.random.default_rng(seed)
+    alpha = rng.uniform(1, 4)
+    tensors, text_scales = {}, {}
+    for name, (down, up) in modules.items():
+        tensors[f"{name}.lora_down.weight"] = (0.3 * rng.standard_normal(down)).astype(np.float32)
+        tensors[f"{name}.lora_up.weight"] = (0.3 * rng.standard_normal(up)).astype(np.float32)
+        tensors[f"{name}.alpha"] = np.array((alphas or {}).get(name, alpha), np.float32)  # 0-d, as kohya saves it
+        if name in TEXT_ENCODERS:
+            component, module = TEXT_ENCODER_MODULES[name]
+            text_scales[f"{name}.lora_down.weight"] = (component, module, float(tensors[f"{name}.alpha"]) / down[0])
+    save_file(tensors, path)
+    return path, text_scales
+
+
+# The tiny UNet: levels of 32 and 64 channels (the second with attention), one ResNet a level,
+# text context 80 wide (32 + 48); the CLIP encoders 32 and 48 wide, MLPs 69 and 101.
+TEXT_ENCODERS = {
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ((3, 32), (32, 3)),
+    "lora_te2_text_model_encoder_layers_1_mlp_fc1": ((3, 48), (101, 3)),
+}
+TEXT_ENCODER_MODULES = {
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
+        ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj"),
+    "lora_te2_text_model_encoder_layers_1_mlp_fc1": ("text_encoder_2", "text_model.encoder.layers.1.mlp.fc1"),
+}
+KOHYA_DIFFUSERS_NAMES = {
+    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": ((4, 64), (64, 4)),
+    "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k": ((4, 80), (64, 4)),
+    "lora_unet_up_blocks_0_attentions_1_proj_out": ((4, 64), (64, 4)),
+    "lora_unet_down_blocks_0_resnets_0_conv1": ((4, 32, 3, 3), (32, 4, 1, 1)),
+    **TEXT_ENCODERS,
+}
+KOHYA_SGM_NAMES = {
+    "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q": ((4, 64), (64, 4)),  # down_blocks.1.attentions.0
+    "lora_unet_input_blocks_1_0_in_layers_2": ((4, 32, 3, 3), (32, 4, 1, 1)),  # down_blocks.0.resnets.0.conv1
+    "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v": ((4, 80), (64, 4)),  # mid_block.attentions.0
+    "lora_unet_output_blocks_1_1_proj_in": ((4, 64), (64, 4)),  # up_blocks.0.attentions.1
+    **TEXT_ENCODERS,
+}
+
+
+def test_lora_blocks_in_sgm_names():
+    """SDXL's layout (two ResNets a level, attention at levels 1 and 2): the names its LoRAs carry."""
+    modules = [f"down_blocks.{i}.resnets.{j}.conv1" for i in range(3) for j in range(2)]
+    modules += [f"down_blocks.{i}.attentions.{j}.proj_in" for i in (1, 2) for j in range(2)]
+    modules += [f"up_blocks.{i}.resnets.{j}.conv1" for i in range(3) for j in range(3)]
+    modules += [f"up_blocks.{i}.attentions.{j}.proj_in" for i in (0, 1) for j in range(3)]
+    blocks = lora.sgm_blocks(modules)
+    assert lora.sgm_name("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", blocks) == \
+        "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    assert lora.sgm_name("down_blocks.2.resnets.1.time_emb_proj", blocks) == "input_blocks.8.0.emb_layers.1"
+    assert lora.sgm_name("down_blocks.1.downsamplers.0.conv", blocks) == "input_blocks.6.0.op"
+    assert lora.sgm_name("mid_block.resnets.1.conv_shortcut", blocks) == "middle_block.2.skip_connection"
+    assert lora.sgm_name("up_blocks.0.resnets.2.conv2", blocks) == "output_blocks.2.0.out_layers.3"
+    assert lora.sgm_name("up_blocks.1.upsamplers.0.conv", blocks) == "output_blocks.5.2.conv"
+    assert lora.sgm_name("up_blocks.2.resnets.0.conv1", blocks) == "output_blocks.6.0.in_layers.2"
+    assert lora.sgm_name("conv_out", blocks) == "out.2"
+
+
+def test_peft_format_equals_diffusers(folder, noise, plain, tmp_path):
+    path, text_scales = peft_file(folder, tmp_path)
+    ref = diffusers_images(folder, path, 0.8, noise, text_scales)
+    images = ours(folder, path, 0.8, noise, tmp_path)
+    assert np.abs(ref - plain).max() > 0.05  # the LoRA changes the image
+    assert np.abs(images - ref).max() < 5e-5  # measured 4.6e-6 (PEFT), 5.2e-6 and 5.9e-6 (kohya)
+
+
+@pytest.mark.parametrize("modules", [KOHYA_DIFFUSERS_NAMES, KOHYA_SGM_NAMES], ids=["diffusers-names", "sgm-names"])
+def test_kohya_format_equals_diffusers(folder, noise, plain, tmp_path, modules):
+    path, text_scales = kohya_file(tmp_path / "kohya.safetensors", modules, seed=1)
+    ref = diffusers_images(folder, path, 0.7, noise, text_scales)
+    images = ours(folder, path, 0.7, noise, tmp_path)
+    assert np.abs(ref - plain).max() > 0.05
+    assert np.abs(images - ref).max() < 5e-5  # measured 4.6e-6 (PEFT), 5.2e-6 and 5.9e-6 (kohya)
+
+
+def test_each_kohya_module_takes_its_own_alpha(folder, tmp_path):
+    """W += weight x alpha / r x up @ down, per module, in Flax's layout (a dense kernel [in, out],
+    a convolution's [kh, kw, in, out])."""
+    modules = {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q":
+            (1.5, ("down_blocks_1", "attentions_0", "transformer_blocks_0", "attn1", "to_q", "kernel")),
+        "lora_unet_down_blocks_0_resnets_0_conv1": (3.0, ("down_blocks_0", "resnets_0", "conv1", "kernel")),
+    }
+    path, _ = kohya_file(tmp_path / "k.safetensors", {k: KOHYA_DIFFUSERS_NAMES[k] for k in modules}, seed=5,
+                         alphas={k: alpha for k, (alpha, _) in modules.items()})
+    base = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None).unet_params
+    fused = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 0.5)]).unet_params
+    tensors = load_file(path)
+    for name, (alpha, kernel) in modules.items():
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]  # rank 4
+        delta = (up.reshape(up.shape[0], 4) @ down.reshape(4, -1)).reshape(up.shape[0], *down.shape[1:])
+        delta = delta.T if delta.ndim == 2 else delta.transpose(2, 3, 1, 0)
+        change = np.asarray(functools.reduce(operator.getitem, kernel, fused)) - np.asarray(
+            functools.reduce(operator.getitem, kernel, base))
+        np.testing.assert_allclose(change, 0.5 * alpha / 4 * delta, atol=1e-6)
+
+
+def test_two_loras_add_up(folder, noise, tmp_path):
+    """Fusing two files is fusing each update: the same as one file holding both at their weights."""
+    first, _ = kohya_file(tmp_path / "a.safetensors", {k: v for k, v in KOHYA_DIFFUSERS_NAMES.items()
+                                                        if k not in TEXT_ENCODERS}, seed=2)
+    second, _ = kohya_file(tmp_path / "b.safetensors", TEXT_ENCODERS, seed=3)
+    both = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None,
+                         loras=[(first, 0.5), (second, 1.5)])
+    single = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(first, 0.5)])
+    assert np.abs(both(**REQUEST, latents=noise) - single(**REQUEST, latents=noise)).max() > 1e-3
+
+
+def test_the_cache_keeps_the_weights_without_loras(folder, noise, plain, tmp_path):
+    path, _ = kohya_file(tmp_path / "k.safetensors", KOHYA_DIFFUSERS_NAMES, seed=4)
+    load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
+    again = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None)  # from the cache
+    np.testing.assert_array_equal(again(**REQUEST, latents=noise), plain)
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": (4, 64)},
+     r"tensors naming no module of the UNet or the text encoders \(1\):\n    lora_unet_down_blocks_9"),
+    ({"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": (4, 64),
+      "unet.down_blocks.1.attentions.0.proj_in.lora_magnitude_vector": (64,)},
+     r"naming no module .*\n    unet.down_blocks.1.attentions.0.proj_in.lora_magnitude_vector"),
+    ({"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": (4, 64)},
+     r"halves without their pair \(1\):\n    lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight "
+     r"\(its up half is missing\)"),
+    ({"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": (4, 48),
+      "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": (64, 4)},
+     r"wrong shapes \(1\):\n    .*\(4, 48\) with .*\(64, 4\): down_blocks.1.attentions.0.proj_in needs \[r, 64\] "
+     r"and \[64, r\]"),
+])
+def test_a_lora_that_does_not_fit_lists_its_tensors(folder, tmp_path, tensors, message):
+    path = tmp_path / "bad.safetensors"
+    save_file({k: np.zeros(shape, np.float32) for k, shape in tensors.items()}, path)
+    with pytest.raises(lora.LoraError, match=message):
+        load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
+    assert not (tmp_path / "cache").exists()  # refused before anything was loaded or converted
+
+
+def test_a_pickled_lora_is_refused(folder, tmp_path):
+    path = tmp_path / "lora.pt"
+    path.write_bytes(b"not read")
+    with pytest.raises(lora.LoraError, match=r"pickled file \(.pt\) .* use the .safetensors version"):
+        load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
+
+
+def test_a_dora_adapter_is_refused(folder, tmp_path):
+    path = tmp_path / "dora.safetensors"
+    tensors = {"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": np.zeros((4, 64), np.float32),
+               "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight": np.zeros((64, 4), np.float32)}
+    save_file(tensors, path, metadata={"lora_adapter_metadata": json.dumps({"unet.use_dora": True})})
+    with pytest.raises(lora.LoraError, match="DoRA"):
+        load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
