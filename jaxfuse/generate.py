@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -41,7 +42,7 @@ import numpy as np
 import PIL.Image
 from jax import monitoring
 
-from jaxfuse import schedulers
+from jaxfuse import lora, schedulers
 from jaxfuse.config import GroupNormMode, Mode, ParallelConfig, ParallelError
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.outputs import ImageFiles, check_outputs, image_files, write_image
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float,
                    help=f"image-to-image: the share of the schedule that runs, in (0, 1]: int(steps x strength) "
                         f"steps from the image noised to that level; 1 redraws it all (default: {DEFAULT_STRENGTH})")
+    p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
+                   help="a LoRA (.safetensors, diffusers/PEFT or kohya format) fused into the weights at WEIGHT "
+                        "(default 1); give it once per LoRA")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--output", type=Path, default=Path("jaxfuse.png"),
@@ -180,6 +184,23 @@ def read_image(path: Path) -> np.ndarray:
         raise PipelineError(f"--image {path} is not an image file PIL can read (PNG, JPEG, ...).") from e
 
 
+def lora_weights(values: list[str] | None) -> list[tuple[Path, float]]:
+    """--lora FILE[:WEIGHT] values -> (file, weight) pairs, each file checked to exist and not be a
+    pickle."""
+    pairs = []
+    for value in values or []:
+        name, _, weight = value.rpartition(":")
+        try:
+            path, weight = (Path(name), float(weight)) if name else (Path(value), 1.0)
+        except ValueError:  # a colon that is part of the path
+            path, weight = Path(value), 1.0
+        if not math.isfinite(weight):
+            raise PipelineError(f"--lora {value}: the weight must be a finite number.")
+        lora.check_file(path)
+        pairs.append((path, weight))
+    return pairs
+
+
 def read_latents(path: Path) -> np.ndarray:
     if not path.is_file():
         raise PipelineError(f"--latents {path}: no such file.")
@@ -199,6 +220,7 @@ class Plan:
     files: list[ImageFiles]
     parallel: ParallelConfig | None
     processes: ProcessLayout
+    loras: list[tuple[Path, float]]
 
 
 def check_args(args: argparse.Namespace) -> Plan:
@@ -210,6 +232,7 @@ def check_args(args: argparse.Namespace) -> Plan:
         raise PipelineError("--strength sets how much of an --image is redrawn; add --image, or drop --strength.")
     processes = ProcessLayout(args.coordinator_address, args.num_processes, args.process_id, args.process_timeout)
     image_seeds = seeds(args)
+    loras = lora_weights(args.lora)
     files = image_files(args.output, args.output_array, len(image_seeds))
     check_outputs(files, args.overwrite)
     spec = PipelineSpec.read(args.model)
@@ -225,7 +248,7 @@ def check_args(args: argparse.Namespace) -> Plan:
                             f"{processes.num_processes}: each process brings the same number of devices.")
     if parallel is not None:
         request = spec.spread(request, parallel)
-    return Plan(spec, request, files, parallel, processes)
+    return Plan(spec, request, files, parallel, processes, loras)
 
 
 class ProgressBar:
@@ -303,7 +326,8 @@ def generate(args: argparse.Namespace) -> None:
                             f"{jax.default_backend()} devices are present.")
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
 
-    pipe = load_pipeline(plan.spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir, log=report)
+    pipe = load_pipeline(plan.spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir, log=report,
+                         loras=plan.loras)
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     images = f"{request.batch} images of " if request.batch > 1 else ""
     steps = (f"{request.steps}" if request.image is None else

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from jaxfuse.generate import build_parser, main, parse_args
@@ -135,6 +136,9 @@ def failure(capsys, code, argv, *messages):
     (["--strength", "0.5"], "--strength sets how much of an --image is redrawn; add --image"),
     (["--image", "missing.png"], "--image missing.png: no such file"),
     (["--scheduler", "lcm", "--steps", "60"], "LCM takes at most original_inference_steps = 50 steps, got 60"),
+    (["--lora", "missing.safetensors:0.5"], "LoRA missing.safetensors: no such file"),
+    (["--lora", "style.ckpt"], "LoRA style.ckpt: a pickled file (.ckpt) can run code when read and is refused"),
+    (["--lora", "style.safetensors:nan"], "--lora style.safetensors:nan: the weight must be a finite number"),
 ])
 def test_bad_input_is_one_clear_error(folder, tmp_path, capsys, extra, message):
     failure(capsys, 2, cli(folder, tmp_path, "--output", str(tmp_path / "x.png"), *extra), message)
@@ -168,6 +172,22 @@ def test_image_to_image_from_the_command_line(folder, tmp_path, picture):
 ])
 def test_bad_image_to_image_input(folder, tmp_path, capsys, picture, extra, message):
     failure(capsys, 2, cli(folder, tmp_path, "--image", str(picture), *extra), message)
+
+
+def test_a_lora_from_the_command_line(folder, tmp_path):
+    lora = tmp_path / "style.safetensors"
+    rng = np.random.default_rng(6)
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_v"
+    save_numpy({f"{name}.lora_down.weight": rng.standard_normal((2, 64), np.float32),
+                f"{name}.lora_up.weight": rng.standard_normal((64, 2), np.float32)}, lora)
+    out = tmp_path / "out.png"
+    assert run(folder, tmp_path, "--lora", f"{lora}:0.25", "--output", str(out)) == 0
+    assert read_settings(out)["lora"] == [f"{lora}:0.25"]
+    pipe = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(lora, 0.25)])
+    expected = pipe("a blue triangle", height=48, width=64, num_inference_steps=3)
+    assert np.abs(np.asarray(Image.open(out)) / 255 - expected[0]).max() <= 0.5 / 255 + 1e-5  # PNG rounding
+    plain = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None)
+    assert np.abs(plain("a blue triangle", height=48, width=64, num_inference_steps=3) - expected).max() > 1e-2
 
 
 def test_a_file_that_is_not_an_image_is_named(folder, tmp_path, capsys):
