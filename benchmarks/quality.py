@@ -2,6 +2,8 @@
 
     python benchmarks/quality.py --json benchmarks/quality.json          # the full study
     python benchmarks/quality.py --prompts 4 --steps 4 --devices 2 --warmups 1   # seconds
+    python benchmarks/quality.py --lora demo-lcm.safetensors --scheduler lcm --guidance-scale 1 \
+        --steps 4 --devices 2 4 --warmups 1 2 --contexts                  # a few-step LoRA
 
 A fixed set of captioned scenes (`scenes.make_batch(STUDY_SEED, ...)`: prompts the model never
 trained on) is generated once on one device and then under every parallel setting, all prompts in
@@ -12,7 +14,8 @@ cell, and with the right colour and cell whatever the shape. The rendered scenes
 the model's VAE give the accuracy no generated image can beat. Settings: displaced with each
 warm-up, pcpp with each context fraction (at the longest warm-up), naive, and sync (a check: it
 should equal single) at each device count; at the largest count also every group-norm mode of
-displaced steps. Runs on an emulated CPU mesh of 8 devices.
+displaced steps (no parallel setting at all with `--devices` alone: the single-device accuracy).
+Runs on an emulated CPU mesh of 8 devices.
 With `--json`, finished rows are kept and skipped on a rerun.
 """
 
@@ -39,8 +42,9 @@ def settings(devices: list[int], warmups: list[int], contexts: list[float]) -> l
         rows += [dict(mode="pcpp", devices=n, warmup=warm, gn="corrected", context=p) for p in contexts]
         rows += [dict(mode="naive", devices=n, warmup=0, gn="corrected"),
                  dict(mode="sync", devices=n, warmup=0, gn="corrected")]
-    rows += [dict(mode="displaced", devices=max(devices), warmup=warm, gn=gn.value)
-             for gn in GroupNormMode if gn.value != "corrected"]
+    if devices:
+        rows += [dict(mode="displaced", devices=max(devices), warmup=warm, gn=gn.value)
+                 for gn in GroupNormMode if gn.value != "corrected"]
     return rows
 
 
@@ -80,9 +84,11 @@ def autoencoded(pipe, images):
     return np.clip((np.transpose(np.asarray(out), (0, 2, 3, 1)) + 1) / 2, 0, 1)
 
 
-def table(references: dict[str, dict], rows: list[dict], prompts: int, steps: int) -> str:
-    lines = [f"{prompts} prompts, {steps} Euler steps, guidance 5; PSNR against single (mean over prompts, "
-             "min in brackets); prompt accuracy with shape / colour and cell only.", "",
+def table(references: dict[str, dict], rows: list[dict], run: dict) -> str:
+    lora = f", LoRA {run['lora']}" if run["lora"] else ""
+    lines = [f"{run['prompts']} prompts, {run['steps']} {run['scheduler']} steps, guidance {run['guidance_scale']:g}"
+             f"{lora}; PSNR against single (mean over prompts, min in brackets); prompt accuracy with shape / "
+             "colour and cell only.", "",
              "| devices | mode | warm-up | group norm | PSNR (dB) | prompt accuracy (%) |",
              "|---|---|---|---|---|---|"]
     for name, scores in references.items():
@@ -103,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=None, help="default: the built-in demo model")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--devices", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--devices", type=int, nargs="*", default=[2, 4, 8])
     p.add_argument("--warmups", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--contexts", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0], help="pcpp's p values")
+    p.add_argument("--contexts", type=float, nargs="*", default=[0.1, 0.3, 0.5, 1.0], help="pcpp's p values")
+    p.add_argument("--scheduler", default="euler")
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--lora", type=Path, help="a LoRA file fused at weight 1")
     p.add_argument("--json", type=Path, help="keep finished rows here; a rerun skips them")
     args = p.parse_args(argv)
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
@@ -115,13 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     from jaxfuse.demo.scenes import make_batch
     from jaxfuse.pipeline import load_pipeline
 
-    pipe = load_pipeline(args.model or DEMO_MODEL, log=lambda line: print(line, file=sys.stderr))
+    pipe = load_pipeline(args.model or DEMO_MODEL, log=lambda line: print(line, file=sys.stderr),
+                         loras=[(args.lora, 1.0)] if args.lora else ())
     rendered, captions = make_batch(STUDY_SEED, args.prompts, pipe.spec.default_size)
-    identity = dict(model=str(args.model or "demo"), prompts=args.prompts, steps=args.steps)
+    identity = dict(model=str(args.model or "demo"), prompts=args.prompts, steps=args.steps,
+                    scheduler=args.scheduler, guidance_scale=args.guidance_scale, lora=args.lora and str(args.lora))
 
     def generate(parallel):
         start = time.perf_counter()
-        result = pipe.generate(captions, num_inference_steps=args.steps, seed=NOISE_SEED, parallel=parallel)
+        result = pipe.generate(captions, num_inference_steps=args.steps, seed=NOISE_SEED, parallel=parallel,
+                               scheduler=args.scheduler, guidance_scale=args.guidance_scale)
         return result.images, time.perf_counter() - start
 
     single, seconds = generate(ParallelConfig())
@@ -129,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                   "single": accuracy(captions, single)}
     print(f"references: {references} (single: {seconds:.0f} s)", file=sys.stderr)
     done = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
-    done = [r for r in done if all(r.get(k) == v for k, v in identity.items())]
+    # Rows written before the sampler settings were recorded are the defaults' rows.
+    defaults = dict(scheduler="euler", guidance_scale=5.0, lora=None)
+    done = [r for r in done if all(r.get(k, defaults.get(k)) == v for k, v in identity.items())]
     known = {key(r) for r in done}
     for row in settings(args.devices, args.warmups, args.contexts):
         if key(row) in known:
@@ -145,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         done.append(row)
         if args.json:
             args.json.write_text(json.dumps(done, indent=1) + "\n")
-    print(table(references, done, args.prompts, args.steps))
+    print(table(references, done, identity))
     return 0
 
 

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -232,22 +233,24 @@ def _read(path: Path, key: str) -> np.ndarray:
         return f.get_tensor(key)
 
 
+def kernel_delta(down: jax.Array, up: jax.Array) -> jax.Array:
+    """up @ down in a Flax kernel's layout, float32: down [r, in(, kh, kw)] and up [out, r(, 1, 1)]
+    (PyTorch's layout, as LoRA files hold them) -> [(kh, kw,) in, out]."""
+    down, up = jnp.asarray(down, jnp.float32), jnp.asarray(up, jnp.float32)
+    delta = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(up.shape[0], *down.shape[1:])
+    return delta.T if delta.ndim == 2 else delta.transpose(2, 3, 1, 0)
+
+
 def fuse(params: Mapping[str, Any], loras: Sequence[tuple[Path, list[LoraUpdate]]]) -> dict[str, Any]:
     """{component: tree} with every update of every (file, updates) added, in float32, each kernel
     then cast back to its dtype."""
     flat = {c: traverse_util.flatten_dict(tree) for c, tree in params.items()}
-    deltas: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+    deltas: dict[tuple[str, tuple[str, ...]], jax.Array] = {}
     for path, updates in loras:
         with open_safetensors(path) as f:
             for u in updates:
-                down = f.get_tensor(u.down).astype(np.float32)
-                up = f.get_tensor(u.up).astype(np.float32)
-                delta = (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(
-                    up.shape[0], *down.shape[1:])
-                # [out, in(, kh, kw)] -> Flax's [(kh, kw,) in, out]
-                delta = delta.T if delta.ndim == 2 else delta.transpose(2, 3, 1, 0)
                 key = (u.component, u.path)
-                deltas[key] = deltas.get(key, 0) + u.scale * delta
+                deltas[key] = deltas.get(key, 0) + u.scale * kernel_delta(f.get_tensor(u.down), f.get_tensor(u.up))
     for (component, path), delta in deltas.items():
         kernel = flat[component][path]
         flat[component][path] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)

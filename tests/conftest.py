@@ -8,8 +8,11 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import atexit  # noqa: E402
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import jax  # noqa: E402
 
@@ -58,3 +61,22 @@ def sub_jaxprs(eqn):
                 yield item.jaxpr
             elif isinstance(item, Jaxpr):
                 yield item
+
+
+@contextlib.contextmanager
+def our_step_noise(scheduler, seed: int = 0):
+    """While active, diffusers' stochastic `scheduler` (Euler ancestral, LCM) draws inside `step`
+    the noise jaxfuse draws from `seed` for the same step, counted from the first step that runs
+    (`begin_index` in image-to-image)."""
+    import torch
+
+    from jaxfuse import schedulers
+
+    keys = schedulers.noise_keys([seed])
+
+    def draw(shape, **_):
+        i = scheduler.step_index - (scheduler.begin_index or 0)
+        return torch.from_numpy(np.array(schedulers.step_noise(keys, i, shape)))
+
+    with mock.patch.object(sys.modules[type(scheduler).__module__], "randn_tensor", draw):
+        yield

@@ -1,7 +1,6 @@
 """The whole pipeline against diffusers' StableDiffusionXLPipeline on the same tiny random model."""
 
 import shutil
-import sys
 from unittest import mock
 
 import jax
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import assert_trees_equal
+from conftest import assert_trees_equal, our_step_noise
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -20,7 +19,6 @@ from diffusers import (
 
 import jaxfuse
 from checkpoints_conversion.convert_diffusers import main as convert
-from jaxfuse import schedulers
 from jaxfuse.config import GroupNormMode, Mode, ParallelConfig
 from jaxfuse.models.vae import load_vae
 from jaxfuse.parallel.mesh import make_mesh
@@ -58,12 +56,7 @@ def reference_images(reference, scheduler, noise, seed=0, **kwargs):
     """diffusers' images from `noise`; a stochastic sampler's steps draw the noise ours draws
     from `seed` (diffusers draws it inside `scheduler.step`, before counting the step)."""
     reference.scheduler = DIFFUSERS_SCHEDULERS[scheduler].from_config(reference.scheduler.config)
-    keys = schedulers.noise_keys([seed])
-
-    def step_noise(shape, **_):
-        return torch.from_numpy(np.array(schedulers.step_noise(keys, reference.scheduler.step_index, shape)))
-
-    with mock.patch.object(sys.modules[type(reference.scheduler).__module__], "randn_tensor", step_noise):
+    with our_step_noise(reference.scheduler, seed):
         return reference(height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, latents=torch.from_numpy(noise),
                          output_type="np", **kwargs).images
 
@@ -213,15 +206,9 @@ def reference_img2img(reference, image, noise, strength, scheduler, **kwargs):
 
     img2img = StableDiffusionXLImg2ImgPipeline(**reference.components)
     img2img.scheduler = DIFFUSERS_SCHEDULERS[scheduler].from_config(reference.scheduler.config)
-    keys = schedulers.noise_keys([0])
-
-    def step_noise(shape, **_):
-        i = img2img.scheduler.step_index - img2img.scheduler.begin_index
-        return torch.from_numpy(np.array(schedulers.step_noise(keys, i, shape)))
-
     with (mock.patch.object(module, "randn_tensor", lambda shape, **_: torch.from_numpy(noise)),
           mock.patch.object(module, "retrieve_latents", lambda output, **_: output.latent_dist.mode()),
-          mock.patch.object(sys.modules[type(img2img.scheduler).__module__], "randn_tensor", step_noise)):
+          our_step_noise(img2img.scheduler)):
         return img2img(image=torch.from_numpy(image.transpose(0, 3, 1, 2)), strength=strength,
                        num_inference_steps=STEPS, output_type="np", **kwargs).images
 

@@ -339,20 +339,21 @@ def train(cfg: TrainConfig, workdir: Path, export: Path | None, log=print) -> No
         log(f"wrote the model to {export}")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+def parse_config(p: argparse.ArgumentParser, config: type, argv: list[str] | None) -> tuple[Any, argparse.Namespace]:
+    """`p` with a flag per field of the frozen dataclass `config` (`--unet-steps` for unet_steps),
+    parsed: (the config, the other arguments)."""
+    for field in dataclasses.fields(config):
+        p.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default, help=" ")
+    args = p.parse_args(argv)
+    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)}), args
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxfuse.demo.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--workdir", type=Path, required=True, help="checkpoints and the encoded data set")
     p.add_argument("--export", type=Path, help="write the trained model here as a diffusers folder")
-    for field in dataclasses.fields(TrainConfig):
-        p.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default, help=" ")
-    args = p.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    return cfg, args
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse_args(argv)
+    cfg, args = parse_config(p, TrainConfig, argv)
     if args.export is not None and args.export.exists() and any(args.export.iterdir()):
         print(f"error: --export {args.export} is not empty; remove it or choose another folder.", file=sys.stderr)
         return 2
