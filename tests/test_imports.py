@@ -27,6 +27,7 @@ FORBIDDEN_IMPORTS = {
     "jaxfuse.models": ("jaxfuse.pipeline", "jaxfuse.sampling", "jaxfuse.analysis", "jaxfuse.generate", "jaxfuse.spec"),
     "jaxfuse.parallel": ("jaxfuse.models", "jaxfuse.sampling", "jaxfuse.pipeline", "jaxfuse.analysis"),
     "jaxfuse.checkpoint": ("jaxfuse.models", "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.pipeline"),
+    "jaxfuse.lora": ("jaxfuse.models", "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.pipeline"),
     "jaxfuse.config": ("jaxfuse.checkpoint", "jaxfuse.models", "jaxfuse.parallel", "jaxfuse.sampling",
                        "jaxfuse.pipeline"),
     "jaxfuse.sampling": ("jaxfuse.pipeline", "jaxfuse.generate", "jaxfuse.analysis"),

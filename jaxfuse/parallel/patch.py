@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -151,9 +152,12 @@ def window_mask(tokens: int, count: int) -> jax.Array:
     return jnp.concatenate([jnp.full(count, p > 0), jnp.ones(tokens, bool), jnp.full(count, p < n - 1)])
 
 
-def own_rows(whole: jax.Array, rows: int, axis: int) -> jax.Array:
-    """The whole image's array, rows along `axis` -> this patch's `rows` of them."""
-    return lax.dynamic_slice_in_dim(whole, lax.axis_index(PATCH) * rows, rows, axis=axis)
+def own_rows(draw: Callable[[tuple[int, ...]], jax.Array], shape: tuple[int, ...], axis: int) -> jax.Array:
+    """This patch's rows (`shape`, rows along `axis`) of `draw(whole image's shape)`: what a patch
+    takes of an array made for the whole image, such as a sampler's noise."""
+    rows = shape[axis]
+    whole = (*shape[:axis], rows * lax.axis_size(PATCH), *shape[axis + 1:])
+    return lax.dynamic_slice_in_dim(draw(whole), lax.axis_index(PATCH) * rows, rows, axis=axis)
 
 
 def own_rows_fresh(gathered: jax.Array, local: jax.Array) -> jax.Array:

@@ -48,10 +48,10 @@ def initial_carry(unet: Any, params: Any, latents: jax.Array, cond: Conditioning
 def sampler_noise(state: schedulers.SchedulerState, i: jax.Array, latents: jax.Array, patch: Patch) -> jax.Array:
     """Step i's unit noise for `latents` [B, C, h, w], this device's rows: each device draws the
     whole image's and keeps its own, so a split image gets the one device's noise exactly."""
-    if not patch.split:
-        return schedulers.step_noise(state.noise_keys, i, latents.shape)
-    b, c, h, w = latents.shape
-    return own_rows(schedulers.step_noise(state.noise_keys, i, (b, c, h * lax.axis_size(PATCH), w)), h, axis=2)
+    def draw(shape):
+        return schedulers.step_noise(state.noise_keys, i, shape)
+
+    return own_rows(draw, latents.shape, axis=2) if patch.split else draw(latents.shape)
 
 
 def run_steps(unet: Any, sampling: Sampling, patch: Patch, params: Any, carry: ImageCarry, cond: Conditioning,
