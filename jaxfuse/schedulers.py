@@ -288,11 +288,12 @@ def _vp_levels(sigmas: np.ndarray):
 def _schedule(kind: SchedulerKind, timesteps: np.ndarray, x0_coefficients, next_coefficients, levels,
               prev_x0_coefficient: Any = 0.0, noise_coefficient: Any = 0.0, input_scale: Any = 1.0,
               init_noise_sigma: float = 1.0) -> Schedule:
-    """A `Schedule` from host arrays ([n] or scalars broadcast to [n]), as float32; `levels`:
-    (e, f), each step's sample e x0 + f noise."""
+    """A `Schedule` from host arrays ([n] or scalars broadcast to [n]), as float32 numpy arrays
+    (building one starts no JAX backend, so a request is checked before the processes join);
+    `levels`: (e, f), each step's sample e x0 + f noise."""
 
     def per_step(v):
-        return jnp.asarray(np.broadcast_to(v, timesteps.shape), jnp.float32)
+        return np.array(np.broadcast_to(v, timesteps.shape), np.float32)
 
     (p, q), (a, b) = x0_coefficients, next_coefficients
     return Schedule(
@@ -306,7 +307,7 @@ def _schedule(kind: SchedulerKind, timesteps: np.ndarray, x0_coefficients, next_
         next_from_noise=per_step(noise_coefficient),
         sample_from_x0=per_step(levels[0]),
         sample_from_noise=per_step(levels[1]),
-        init_noise_sigma=jnp.float32(init_noise_sigma),
+        init_noise_sigma=np.float32(init_noise_sigma),
         kind=kind,
     )
 
@@ -470,9 +471,10 @@ def tail(schedule: Schedule, start: int) -> Schedule:
     """The schedule from step `start` on. Its first step has no previous x0, so a second-order
     step there falls back to first order (DPM++ from a noised image, as diffusers does): the
     history term's weight folds into x0's."""
-    rest = jax.tree.map(lambda v: v[start:] if v.ndim else v, schedule)
-    return rest.replace(next_from_x0=rest.next_from_x0.at[0].add(rest.next_from_prev_x0[0]),
-                        next_from_prev_x0=rest.next_from_prev_x0.at[0].set(0.0))
+    rest = jax.tree.map(lambda v: np.array(v[start:] if np.ndim(v) else v), schedule)
+    rest.next_from_x0[0] += rest.next_from_prev_x0[0]
+    rest.next_from_prev_x0[0] = 0.0
+    return rest
 
 
 # Device side: elementwise in the latents, any shape, float32, jit/scan-safe in the step index.

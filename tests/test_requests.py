@@ -1,6 +1,9 @@
 """Every argument of `SDXLPipeline.generate` is checked before anything runs
 (`PipelineSpec.request`): one `PipelineError` that names the argument and the fix."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -59,3 +62,18 @@ def test_a_good_request_is_normalised(spec):
     assert request.prompts == ["a", "a"] and request.negative_prompts == ["b", "b"] and request.seeds == [4, 5]
     assert (request.crops_coords_top_left, request.steps, request.guidance_scale) == ((0, 8), 3, 7.0)
     assert spec.request("a").height == spec.default_size
+
+
+def test_the_command_line_checks_start_no_jax_backend(tiny_sdxl_folder, tmp_path):
+    """Across hosts the processes must join before JAX starts a backend, and the checks come first
+    (an image, a LoRA file and a sampler's schedule included)."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(tmp_path / "in.png")
+    code = (f"from jaxfuse.generate import check_args, parse_args\n"
+            f"check_args(parse_args(['--model', {str(tiny_sdxl_folder)!r}, '--image', {str(tmp_path / 'in.png')!r},"
+            f" '--scheduler', 'lcm', '--steps', '4', '--output', {str(tmp_path / 'out.png')!r}]))\n"
+            "import jax._src.xla_bridge as xb\nprint(sorted(xb._backends))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
