@@ -90,20 +90,19 @@ def test_training_runs_resumes_and_exports_a_loadable_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_lcm_distillation_runs_resumes_and_exports_a_lora_diffusers_reads(tmp_path):
-    """Two steps, then a resumed third; the exported LoRA gives diffusers' LCM image on the demo
-    model. Its first step's loss is the teacher's one-step consistency gap: positive and finite."""
+def test_lcm_distillation_runs_and_exports_a_lora_diffusers_reads(tmp_path):
+    """Two steps (resuming is `demo.train`'s loop, tested above); the exported LoRA gives
+    diffusers' LCM image on the demo model. The first step's loss is the teacher's one-step
+    consistency gap: positive and small."""
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
     from jaxfuse.demo.train_lcm import LCMConfig
     from jaxfuse.demo.train_lcm import train as train_lcm
 
-    cfg = LCMConfig(steps=2, batch=2, log_every=1)
     lines = []
-    train_lcm(cfg, tmp_path / "run", None, log=lines.append)
-    state = train_lcm(LCMConfig(**{**vars(cfg), "steps": 3}), tmp_path / "run", tmp_path / "lcm.safetensors",
+    state = train_lcm(LCMConfig(steps=2, batch=2, log_every=1), tmp_path / "run", tmp_path / "lcm.safetensors",
                       log=lines.append)
-    assert int(state["step"]) == 3 and any("resuming at step 2" in line for line in lines)
+    assert int(state["step"]) == 2
     first = next(line for line in lines if line.startswith("lcm step 1/2"))
     assert 0 < float(first.split("loss ")[1].split()[0]) < 1
 

@@ -153,6 +153,7 @@ def picture(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_image_to_image_from_the_command_line(folder, tmp_path, picture):
     out = tmp_path / "out.png"
     assert run(folder, tmp_path, "--image", str(picture), "--strength", "0.7", "--output", str(out)) == 0
@@ -174,6 +175,7 @@ def test_bad_image_to_image_input(folder, tmp_path, capsys, picture, extra, mess
     failure(capsys, 2, cli(folder, tmp_path, "--image", str(picture), *extra), message)
 
 
+@pytest.mark.slow
 def test_a_lora_from_the_command_line(folder, tmp_path):
     lora = tmp_path / "style.safetensors"
     rng = np.random.default_rng(6)

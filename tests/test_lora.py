@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from flax import traverse_util
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
@@ -221,22 +222,28 @@ def test_each_kohya_module_takes_its_own_alpha(folder, tmp_path):
         np.testing.assert_allclose(change, 0.5 * alpha / 4 * delta, atol=1e-6)
 
 
-def test_two_loras_add_up(folder, noise, tmp_path):
-    """Fusing two files is fusing each update: the same as one file holding both at their weights."""
+def kernels(pipe) -> dict:
+    return {c: traverse_util.flatten_dict(tree) for c, tree in
+            (("unet", pipe.unet_params), ("text_encoder", pipe.encoders[0].params),
+             ("text_encoder_2", pipe.encoders[1].params))}
+
+
+def test_two_loras_add_up_and_the_cache_keeps_the_weights_without_them(folder, tmp_path):
+    """Two files fused at once change exactly the kernels each names; a later plain load from the
+    same cache gives the model's own weights."""
     first, _ = kohya_file(tmp_path / "a.safetensors", {k: v for k, v in KOHYA_DIFFUSERS_NAMES.items()
                                                         if k not in TEXT_ENCODERS}, seed=2)
     second, _ = kohya_file(tmp_path / "b.safetensors", TEXT_ENCODERS, seed=3)
-    both = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None,
-                         loras=[(first, 0.5), (second, 1.5)])
-    single = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(first, 0.5)])
-    assert np.abs(both(**REQUEST, latents=noise) - single(**REQUEST, latents=noise)).max() > 1e-3
-
-
-def test_the_cache_keeps_the_weights_without_loras(folder, noise, plain, tmp_path):
-    path, _ = kohya_file(tmp_path / "k.safetensors", KOHYA_DIFFUSERS_NAMES, seed=4)
-    load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
-    again = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None)  # from the cache
-    np.testing.assert_array_equal(again(**REQUEST, latents=noise), plain)
+    plain = kernels(load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None))
+    both = kernels(load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None,
+                                 loras=[(first, 0.5), (second, 1.5)]))
+    again = kernels(load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None))
+    changed = {(c, path) for c in plain for path in plain[c] if not np.array_equal(plain[c][path], both[c][path])}
+    assert len(changed) == len(KOHYA_DIFFUSERS_NAMES)  # one kernel per module of the two files
+    assert {c for c, _ in changed} == {"unet", "text_encoder", "text_encoder_2"}
+    for c in plain:
+        for path in plain[c]:
+            np.testing.assert_array_equal(again[c][path], plain[c][path])
 
 
 @pytest.mark.parametrize("tensors, message", [

@@ -218,15 +218,16 @@ def source_image():
     return np.random.default_rng(2).uniform(size=(1, HEIGHT, WIDTH, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize("scheduler, strength", [("euler", 0.5), ("euler", 0.8), ("dpmpp-2m", 0.8),
-                                                 ("euler-ancestral", 0.6)])
+# Two strengths; the stochastic sampler's noise counted from the first step that runs (dpmpp-2m's
+# first-order first step from an image: tests/test_schedulers.py).
+@pytest.mark.parametrize("scheduler, strength", [("euler", 0.5), ("euler", 0.8), ("euler-ancestral", 0.6)])
 def test_image_to_image_equals_diffusers(pipe, reference, noise, source_image, scheduler, strength):
     kwargs = dict(prompt="a red circle at the top left", negative_prompt="a blue square", guidance_scale=6.0)
     ours = pipe(**kwargs, image=source_image, strength=strength, num_inference_steps=STEPS, latents=noise,
                 scheduler=scheduler)
     ref = reference_img2img(reference, source_image, noise, strength, scheduler, **kwargs)
     assert ours.shape == ref.shape == (1, HEIGHT, WIDTH, 3)
-    assert np.abs(ours - ref).max() < 1e-4  # measured 3.9e-6 (dpmpp-2m) to 8.9e-6 (euler-ancestral)
+    assert np.abs(ours - ref).max() < 1e-4  # measured 4.7e-6 (euler) to 8.9e-6 (euler-ancestral)
     assert np.abs(ours - source_image).max() > 1e-2  # the image was changed
 
 
@@ -256,7 +257,7 @@ def test_sync_images_equal_single(pipe, tall_noise, tall_single, devices, cfg_pa
     assert np.abs(images - tall_single).max() < 5e-5  # measured 4.0e-6
 
 
-@pytest.mark.parametrize("scheduler, devices", [("euler-ancestral", 2), ("euler-ancestral", 4), ("lcm", 4)])
+@pytest.mark.parametrize("scheduler, devices", [("euler-ancestral", 2), ("lcm", 4)])
 def test_a_stochastic_sampler_in_sync_equals_single(pipe, tall_noise, scheduler, devices):
     """Each device adds its own rows of the whole image's step noise."""
     request = dict(PARALLEL_REQUEST, latents=tall_noise, scheduler=scheduler, seed=3)
