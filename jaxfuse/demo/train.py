@@ -339,26 +339,30 @@ def train(cfg: TrainConfig, workdir: Path, export: Path | None, log=print) -> No
         log(f"wrote the model to {export}")
 
 
-def parse_config(p: argparse.ArgumentParser, config: type, argv: list[str] | None) -> tuple[Any, argparse.Namespace]:
-    """`p` with a flag per field of the frozen dataclass `config` (`--unet-steps` for unet_steps),
-    parsed: (the config, the other arguments)."""
+def command(argv: list[str] | None, prog: str, doc: str, config: type, train_fn: Callable, workdir_help: str,
+            export_help: str, export_in_use: Callable[[Path], bool]) -> int:
+    """A trainer's command line: `--workdir`, `--export` (refused while `export_in_use`) and a flag
+    per field of the frozen dataclass `config` (`--unet-steps` for unet_steps); runs
+    `train_fn(config, workdir, export, log)`."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workdir", type=Path, required=True, help=workdir_help)
+    p.add_argument("--export", type=Path, help=export_help)
     for field in dataclasses.fields(config):
         p.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default, help=" ")
     args = p.parse_args(argv)
-    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)}), args
+    if args.export is not None and export_in_use(args.export):
+        print(f"error: --export {args.export} is in use; remove it or choose another path.", file=sys.stderr)
+        return 2
+    cfg = config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)})
+    train_fn(cfg, args.workdir, args.export, log=lambda line: print(line, flush=True))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxfuse.demo.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workdir", type=Path, required=True, help="checkpoints and the encoded data set")
-    p.add_argument("--export", type=Path, help="write the trained model here as a diffusers folder")
-    cfg, args = parse_config(p, TrainConfig, argv)
-    if args.export is not None and args.export.exists() and any(args.export.iterdir()):
-        print(f"error: --export {args.export} is not empty; remove it or choose another folder.", file=sys.stderr)
-        return 2
-    train(cfg, args.workdir, args.export, log=lambda line: print(line, flush=True))
-    return 0
+    return command(argv, "python -m jaxfuse.demo.train", __doc__, TrainConfig, train,
+                   "checkpoints and the encoded data set", "write the trained model here as a diffusers folder",
+                   lambda path: path.exists() and any(path.iterdir()))
 
 
 if __name__ == "__main__":

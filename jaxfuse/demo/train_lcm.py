@@ -24,7 +24,6 @@ diffusers' `load_lora_weights` both read; it is meant for `--scheduler lcm --gui
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -42,7 +41,7 @@ from safetensors.numpy import save_file
 from jaxfuse import lora, schedulers
 from jaxfuse.demo import DEMO_MODEL, scenes
 from jaxfuse.demo.architecture import IMAGE_SIZE
-from jaxfuse.demo.train import TIME_IDS, Checkpoint, adamw, parse_config, run_loop
+from jaxfuse.demo.train import TIME_IDS, Checkpoint, adamw, command, run_loop
 from jaxfuse.pipeline import SDXLPipeline, load_pipeline
 
 # The UNet layers that get a LoRA (by the end of their diffusers module name), as LCM-LoRA for SDXL.
@@ -197,16 +196,8 @@ def train(cfg: LCMConfig, workdir: Path, export: Path | None, log=print) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jaxfuse.demo.train_lcm", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--workdir", type=Path, required=True, help="checkpoints")
-    p.add_argument("--export", type=Path, help="write the LoRA here (.safetensors, diffusers/PEFT format)")
-    cfg, args = parse_config(p, LCMConfig, argv)
-    if args.export is not None and args.export.exists():
-        print(f"error: --export {args.export} exists; remove it or choose another file.", file=sys.stderr)
-        return 2
-    train(cfg, args.workdir, args.export, log=lambda line: print(line, flush=True))
-    return 0
+    return command(argv, "python -m jaxfuse.demo.train_lcm", __doc__, LCMConfig, train, "checkpoints",
+                   "write the LoRA here (.safetensors, diffusers/PEFT format)", Path.exists)
 
 
 if __name__ == "__main__":
