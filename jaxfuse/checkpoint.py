@@ -196,9 +196,9 @@ def match_checkpoint(shapes: Mapping[str, tuple[int, ...]], abstract: Any, buffe
     if missing or unused or wrong_shape:
         raise ConversionError(
             "the checkpoint does not match the model config:"
-            + _listing("missing in checkpoint (model parameters no tensor fills)", missing)
-            + _listing("unused in checkpoint (tensors the model has no parameter for)", unused)
-            + _listing("wrong shape", list(wrong_shape.values()))
+            + listing("missing in checkpoint (model parameters no tensor fills)", missing)
+            + listing("unused in checkpoint (tensors the model has no parameter for)", unused)
+            + listing("wrong shape", list(wrong_shape.values()))
         )
     return plan
 
@@ -216,7 +216,8 @@ def convert_checkpoint(checkpoint: SafetensorsCheckpoint, abstract: Any, buffers
     return traverse_util.unflatten_dict(params)
 
 
-def _listing(title: str, items: list[str]) -> str:
+def listing(title: str, items: list[str]) -> str:
+    """A titled, counted list of at most MAX_LISTED items for an error message ("" when empty)."""
     if not items:
         return ""
     shown = "".join(f"\n    {item}" for item in items[:MAX_LISTED])
@@ -388,10 +389,10 @@ def manifest_differences(entry: Path, manifest: dict[str, dict[str, int]]) -> st
         elif (size := path.stat().st_size) != record["size"]:
             wrong_size.append(f"{name}: {size} bytes, {record['size']} when written")
     if missing or wrong_size:
-        return _listing("missing", missing) + _listing("wrong size", wrong_size)
+        return listing("missing", missing) + listing("wrong size", wrong_size)
     crcs = crc32s(entry / name for name in manifest)
     wrong_crc = [name for (name, record), crc in zip(manifest.items(), crcs) if crc != record["crc32"]]
-    return _listing("wrong checksum (same size, other bytes)", wrong_crc)
+    return listing("wrong checksum (same size, other bytes)", wrong_crc)
 
 
 def read_cache(entry: Path, load: Callable[[Path], Any]) -> Any:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxfuse.checkpoint import PICKLE_SUFFIXES, checkpoint_name, open_safetensors
+from jaxfuse.checkpoint import PICKLE_SUFFIXES, checkpoint_name, listing, open_safetensors
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te": "text_encoder",
@@ -51,7 +51,6 @@ SGM_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed
            "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2",
            "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
            "mid_block.resnets.1": "middle_block.2"}
-MAX_LISTED = 20
 
 
 class LoraError(ValueError):
@@ -154,12 +153,6 @@ def pattern_value(pattern: Mapping[str, float], module: str, default: Any) -> An
     return default
 
 
-def _listing(title: str, items: list[str]) -> str:
-    shown = "".join(f"\n    {item}" for item in items[:MAX_LISTED])
-    more = f"\n    ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
-    return f"\n  {title} ({len(items)}):{shown}{more}" if items else ""
-
-
 def check_file(path: Path) -> None:
     """A LoRA file that exists and is not pickled (checked before anything loads)."""
     if path.suffix in PICKLE_SUFFIXES:
@@ -220,9 +213,9 @@ def plan_lora(path: Path, weight: float, abstract: Mapping[str, Any]) -> list[Lo
         updates.append(LoraUpdate(component, kernels[component][module], keys["down"], keys["up"], weight * scale))
     if unknown or unpaired or wrong:
         raise LoraError(f"LoRA {path} does not fit this model:"
-                        + _listing("tensors naming no module of the UNet or the text encoders", unknown)
-                        + _listing("halves without their pair", unpaired)
-                        + _listing("wrong shapes", wrong))
+                        + listing("tensors naming no module of the UNet or the text encoders", unknown)
+                        + listing("halves without their pair", unpaired)
+                        + listing("wrong shapes", wrong))
     if not updates:
         raise LoraError(f"LoRA {path} holds no LoRA tensors.")
     return updates

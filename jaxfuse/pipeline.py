@@ -12,7 +12,6 @@ encoders and the VAE are jitted on their own.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from transformers import CLIPTokenizer
 
 from jaxfuse import checkpoint, lora, schedulers
-from jaxfuse.config import Mode, ParallelConfig, TextEncoderConfig
+from jaxfuse.config import Mode, ParallelConfig
 from jaxfuse.models import clip as clip_model
 from jaxfuse.models import unet as unet_model
 from jaxfuse.models.clip import load_text_encoder
@@ -352,8 +351,7 @@ def plan_loras(spec: PipelineSpec, loras: Sequence[tuple[str | Path, float]]) ->
         return []
     abstract = {"unet": unet_model.abstract_params(spec.unet)}
     for component in ("text_encoder", "text_encoder_2"):
-        config = json.loads((spec.folder / component / checkpoint.CONFIG_NAME).read_text())
-        abstract[component] = clip_model.abstract_params(TextEncoderConfig.from_transformers(config))
+        abstract[component] = clip_model.abstract_params(clip_model.read_config(spec.folder / component))
     return [(Path(path), lora.plan_lora(Path(path), weight, abstract)) for path, weight in loras]
 
 

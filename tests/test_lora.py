@@ -248,16 +248,16 @@ def test_two_loras_add_up_and_the_cache_keeps_the_weights_without_them(folder, t
 
 @pytest.mark.parametrize("tensors, message", [
     ({"lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": (4, 64)},
-     r"tensors naming no module of the UNet or the text encoders \(1\):\n    lora_unet_down_blocks_9"),
+     r"tensors naming no module of the UNet or the text encoders: 1\n    lora_unet_down_blocks_9"),
     ({"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": (4, 64),
       "unet.down_blocks.1.attentions.0.proj_in.lora_magnitude_vector": (64,)},
      r"naming no module .*\n    unet.down_blocks.1.attentions.0.proj_in.lora_magnitude_vector"),
     ({"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": (4, 64)},
-     r"halves without their pair \(1\):\n    lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight "
+     r"halves without their pair: 1\n    lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight "
      r"\(its up half is missing\)"),
     ({"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": (4, 48),
       "lora_unet_down_blocks_1_attentions_0_proj_in.lora_up.weight": (64, 4)},
-     r"wrong shapes \(1\):\n    .*\(4, 48\) with .*\(64, 4\): down_blocks.1.attentions.0.proj_in needs \[r, 64\] "
+     r"wrong shapes: 1\n    .*\(4, 48\) with .*\(64, 4\): down_blocks.1.attentions.0.proj_in needs \[r, 64\] "
      r"and \[64, r\]"),
 ])
 def test_a_lora_that_does_not_fit_lists_its_tensors(folder, tmp_path, tensors, message):

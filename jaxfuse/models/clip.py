@@ -170,6 +170,11 @@ def abstract_params(cfg: TextEncoderConfig, dtype: Dtype = jnp.float32):
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), tree)
 
 
+def read_config(folder: Path) -> TextEncoderConfig:
+    """The config of a text encoder's folder (transformers' `config.json`)."""
+    return TextEncoderConfig.from_transformers(json.loads((folder / CONFIG_NAME).read_text()))
+
+
 def load_text_encoder(folder: str | Path, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None,
                       variant: str | None = None, component: str = "text_encoder",
                       ) -> tuple[CLIPTextEncoder, Any]:
@@ -181,6 +186,6 @@ def load_text_encoder(folder: str | Path, dtype: Dtype = jnp.float32, param_dtyp
     weight is read.
     """
     folder = component_folder(folder, component)
-    cfg = TextEncoderConfig.from_transformers(json.loads((folder / CONFIG_NAME).read_text()))
+    cfg = read_config(folder)
     params = load_params(folder, abstract_params(cfg, param_dtype or dtype), variant, WEIGHTS_NAME, BUFFERS, PREFIX)
     return CLIPTextEncoder(cfg, dtype), params
