@@ -400,17 +400,20 @@ def _dpmpp_2m(cfg: SchedulerConfig, n: int, spacing: TimestepSpacing, karras: bo
     )
 
 
-def _lcm(cfg: SchedulerConfig, n: int) -> Schedule:
-    """LCM: n of the `original_inference_steps` evenly spaced distillation timesteps, each step's x0
-    the boundary-conditioned c_skip x + c_out x0_model (sigma_data 0.5), noised to the next
-    timestep but for the last step, which returns it."""
+def _lcm_timesteps(cfg: SchedulerConfig, n: int) -> np.ndarray:
+    """LCM's n timesteps: evenly spaced picks of the `original_inference_steps` distillation ones."""
     original, t = cfg.original_inference_steps, cfg.num_train_timesteps
     if not 1 <= original <= t:
         raise ConfigError(f"original_inference_steps: {original} must be in [1, {t}].")
     if n > original:
         raise ConfigError(f"num_steps: LCM takes at most original_inference_steps = {original} steps, got {n}.")
     origin = (np.arange(1, original + 1) * (t // original) - 1)[::-1]
-    timesteps = origin[np.floor(np.linspace(0, original, n, endpoint=False)).astype(np.int64)]
+    return origin[np.floor(np.linspace(0, original, n, endpoint=False)).astype(np.int64)]
+
+
+def _lcm(cfg: SchedulerConfig, timesteps: np.ndarray) -> Schedule:
+    """LCM at `timesteps`: each step's x0 the boundary-conditioned c_skip x + c_out x0_model (sigma_data
+    0.5), noised to the next timestep but for the last step, which returns it."""
     alphas_cumprod = train_alphas_cumprod(cfg).astype(np.float64)
     alpha, sigma = np.sqrt(alphas_cumprod[timesteps]), np.sqrt(1 - alphas_cumprod[timesteps])
     p, q = _x0_coefficients(alpha, sigma, cfg.prediction_type)
@@ -452,7 +455,7 @@ def make_schedule(kind: SchedulerKind, cfg: SchedulerConfig, num_steps: int,
     if kind is SchedulerKind.EULER_ANCESTRAL:
         return _euler(cfg, num_steps, spacing, karras, ancestral=True)
     if kind is SchedulerKind.LCM:
-        return _lcm(cfg, num_steps)
+        return _lcm(cfg, _lcm_timesteps(cfg, num_steps))
     if cfg.clip_sample is None:
         raise ConfigError(
             "clip_sample: absent from the config, so diffusers' DDIM would clip x0 to [-1, 1] "
@@ -477,7 +480,26 @@ def tail(schedule: Schedule, start: int) -> Schedule:
     return rest
 
 
-# Device side: elementwise in the latents, any shape, float32, jit/scan-safe in the step index.
+def lcm_at(cfg: SchedulerConfig, num_steps: int, indices: Sequence[int]) -> Schedule:
+    """LCM stepping through the steps `indices` (ascending) of its `num_steps`-step schedule only,
+    each noised to the next listed step's timestep (StreamDiffusion's `t_index_list`)."""
+    cfg = cfg.for_sampler(SchedulerKind.LCM)
+    timesteps = _lcm_timesteps(cfg, num_steps)
+    if not indices or list(indices) != sorted(set(indices)) or not 0 <= indices[0] <= indices[-1] < num_steps:
+        raise ConfigError(f"t_index_list: {list(indices)} must be distinct steps of 0..{num_steps - 1} in "
+                          "ascending order, e.g. [32, 45].")
+    return _lcm(cfg, timesteps[np.asarray(indices)])
+
+
+# Device side: elementwise in the latents, any shape, float32, jit/scan-safe in the step index. The
+# step index i is a scalar, or [B] for one step per image (a stream batch, whose rows are at
+# different steps); `coefficient_at` then shapes the coefficients [B, 1, ...] to broadcast over each row.
+
+
+def coefficient_at(coefficients: jax.Array, i: jax.Array, like: jax.Array) -> jax.Array:
+    """Step i's coefficient: [] for a scalar i, [B, 1, ...] (as many dims as `like`) for i [B]."""
+    c = jnp.asarray(coefficients)[i]
+    return c.reshape(c.shape + (1,) * (like.ndim - c.ndim)) if c.ndim else c
 
 
 def init_state(schedule: Schedule, latents: jax.Array, noise_keys: jax.Array) -> SchedulerState:
@@ -504,14 +526,21 @@ def step_noise(key_data: jax.Array, i: jax.Array, shape: tuple[int, ...]) -> jax
     return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, i), shape[1:], jnp.float32))(keys)
 
 
-def noised_sample(schedule: Schedule, x0: jax.Array, noise: jax.Array, i: int) -> jax.Array:
+def noised_sample(schedule: Schedule, x0: jax.Array, noise: jax.Array, i: Any) -> jax.Array:
     """A clean x0 [...] at step i's noise level with unit `noise` [...] (diffusers' `add_noise`)."""
-    return schedule.sample_from_x0[i] * x0 + schedule.sample_from_noise[i] * noise
+    e, f = (coefficient_at(v, i, x0) for v in (schedule.sample_from_x0, schedule.sample_from_noise))
+    return e * x0 + f * noise
 
 
 def scale_model_input(schedule: Schedule, latents: jax.Array, i: jax.Array) -> jax.Array:
     """latents [...] -> the UNet's input [...] at step i (same dtype)."""
-    return (latents.astype(jnp.float32) * schedule.input_scale[i]).astype(latents.dtype)
+    return (latents.astype(jnp.float32) * coefficient_at(schedule.input_scale, i, latents)).astype(latents.dtype)
+
+
+def predicted_x0(schedule: Schedule, i: jax.Array, model_output: jax.Array, latents: jax.Array) -> jax.Array:
+    """The denoised estimate [...] float32 of `latents` [...] at step i from the UNet's output [...]."""
+    p, q = (coefficient_at(v, i, latents) for v in (schedule.x0_from_x, schedule.x0_from_output))
+    return p * latents.astype(jnp.float32) + q * model_output.astype(jnp.float32)
 
 
 def step(schedule: Schedule, state: SchedulerState, i: jax.Array, model_output: jax.Array,
@@ -522,9 +551,10 @@ def step(schedule: Schedule, state: SchedulerState, i: jax.Array, model_output: 
     if schedule.kind.stochastic and noise is None:
         raise ValueError(f"the {schedule.kind.value} sampler draws fresh noise every step: pass `noise`.")
     x = latents.astype(jnp.float32)
-    x0 = schedule.x0_from_x[i] * x + schedule.x0_from_output[i] * model_output.astype(jnp.float32)
-    x_next = (schedule.next_from_x[i] * x + schedule.next_from_x0[i] * x0
-              + schedule.next_from_prev_x0[i] * state.prev_x0)
+    x0 = predicted_x0(schedule, i, model_output, x)
+    a, b, c, d = (coefficient_at(v, i, x) for v in (schedule.next_from_x, schedule.next_from_x0,
+                                                   schedule.next_from_prev_x0, schedule.next_from_noise))
+    x_next = a * x + b * x0 + c * state.prev_x0
     if schedule.kind.stochastic:
-        x_next = x_next + schedule.next_from_noise[i] * noise
+        x_next = x_next + d * noise
     return x_next.astype(latents.dtype), state.replace(prev_x0=x0)

@@ -87,13 +87,15 @@ def guide(noise: jax.Array, guidance: Guidance, sampling: Sampling) -> jax.Array
 def predict_noise(unet: Any, params: Any, sampling: Sampling, patch: Patch, schedule: schedulers.Schedule,
                   i: jax.Array, latents: jax.Array, cond: Conditioning, guidance: Guidance,
                   stale: Any = None) -> tuple[jax.Array, Any]:
-    """Latents [B, C, h, w] at step i -> the guided noise prediction [B, C, h, w] float32 and the
-    stale context for the next step (this step's exchanges when `patch` writes them, `stale`
-    as given otherwise)."""
+    """Latents [B, C, h, w] at step i ([], or [B]: each image at its own step) -> the guided noise
+    prediction [B, C, h, w] float32 and the stale context for the next step (this step's exchanges
+    when `patch` writes them, `stale` as given otherwise)."""
     model_input = schedulers.scale_model_input(schedule, latents, i)
+    timesteps = jnp.asarray(schedule.timesteps)[i]  # [] or, with one step index per image, [B]
     if sampling.use_guidance and not sampling.parallel.cfg_parallel:
         model_input = jnp.concatenate([model_input, model_input])
-    noise, stale = apply_patched(unet, patch, params, stale, model_input, schedule.timesteps[i], cond.context,
+        timesteps = jnp.concatenate([timesteps, timesteps]) if timesteps.ndim else timesteps
+    noise, stale = apply_patched(unet, patch, params, stale, model_input, timesteps, cond.context,
                                  text_embeds=cond.text_embeds, time_ids=cond.time_ids)
     if sampling.parallel.cfg_parallel:
         noise = px.join_guidance_halves(noise)

@@ -1,0 +1,208 @@
+"""Stream batching (StreamDiffusion, Kodaira et al. 2023): one UNet batch holds the images in flight,
+each at its own step, so every call advances all of them by one step and one finished image leaves.
+
+    state = initial_state(config, schedule, latent_shape, seed)
+    state, finished = stream_step(unet, params, config, schedule, cond, guidance, state, frame)
+
+With `t_index_list` of n steps and f frames per call, slot s (0..n-1) holds f images at step s of
+the stream's schedule (`schedulers.lcm_at`): slot 0 the frames that enter this call, slots 1..n-1
+the images of the n-1 calls before, held in `StreamState.latents`. A call runs the UNet once on
+the n f rows, takes each row's denoised estimate, noises slots 0..n-2 to the next slot's timestep
+with that slot's fixed noise (the sampler's step with the slot's own coefficients) and hands out
+the last slot's estimate: an image entering at call k leaves at call k + n - 1, denoised exactly
+as it would be alone with the same noise (the first n - 1 calls hand out the zeros the buffer
+starts with, denoised). Image-to-image: the frame's latents noised to slot 0's level with slot 0's
+noise; text-to-image: fresh noise from the state's key.
+
+Residual classifier-free guidance (`RCFG`) replaces the unconditional prediction eps_u in
+eps = eps_u + scale (eps_c - eps_u) by:
+- `none`: no guidance, eps = eps_c (n f UNet rows);
+- `self`: delta times the residual noise of each image (self-negative; n f rows);
+- `initialize`: delta times the residual noise, whose slot-0 value is the unconditional prediction
+  of the entering frames (onetime-negative; (n + 1) f rows);
+- `full`: ordinary guidance, the unconditional prediction of every row (2 n f rows).
+The residual noise of an image is the noise its latents carry relative to the clean image the
+stream's estimates imply: the noise it entered with, then after each step
+z_next + a_next / b_next (x0(b r, eps)), x0(., .) the sampler's estimate, a_next and b_next the
+next slot's signal and noise levels and z_next its fixed noise (StreamDiffusion's update).
+
+What the reference implementation does differently, on purpose: every shift moves a whole slot of
+f rows (its `frame_buffer_size` > 1 works with one step only), the residual noise of an entering
+text-to-image frame is the noise it was drawn with, and a prompt is data (`cond`), so changing it
+compiles nothing for any guidance type.
+
+Legend: n slots (len(t_index_list)), f frames per call, R = n f rows, C latent channels, h/w the
+latent rows and columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from jaxfuse import schedulers
+from jaxfuse.config import ConfigError
+from jaxfuse.parallel.patch import Patch
+from jaxfuse.sampling.step import Conditioning, Guidance, Sampling, predict_noise
+
+
+class RCFG(str, enum.Enum):
+    NONE = "none"
+    SELF = "self"
+    INITIALIZE = "initialize"
+    FULL = "full"
+
+    @property
+    def uses_residual(self) -> bool:
+        return self in (RCFG.SELF, RCFG.INITIALIZE)
+
+    @property
+    def uses_negative_prompt(self) -> bool:
+        return self in (RCFG.INITIALIZE, RCFG.FULL)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    """The settings that shape the compiled stream call."""
+
+    t_index_list: tuple[int, ...] = (32, 45)  # the steps of the schedule each image goes through
+    frame_buffer_size: int = 1  # f: frames entering (and leaving) per call
+    rcfg: RCFG = RCFG.SELF
+
+    def __post_init__(self):
+        object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
+        object.__setattr__(self, "rcfg", RCFG(self.rcfg))
+        if self.frame_buffer_size < 1:
+            raise ConfigError(f"frame_buffer_size: {self.frame_buffer_size} must be at least 1.")
+
+    @property
+    def slots(self) -> int:
+        return len(self.t_index_list)
+
+    @property
+    def rows(self) -> int:
+        return self.slots * self.frame_buffer_size
+
+    def slot_of_row(self) -> jax.Array:
+        """[R] int32: the slot (the stream schedule's step) of each row."""
+        return jnp.repeat(jnp.arange(self.slots, dtype=jnp.int32), self.frame_buffer_size)
+
+
+@flax.struct.dataclass
+class StreamState:
+    """What one call hands the next."""
+
+    latents: jax.Array  # [R - f, C, h, w] float32: slots 1..n-1, the images in flight
+    residual: jax.Array  # [R - f, C, h, w] float32: their residual noise (RCFG self, initialize)
+    noise: jax.Array  # [R, C, h, w] float32: each slot's fixed unit noise
+    key: jax.Array  # [2] uint32 key data: text-to-image input noise, folded with `calls`
+    calls: jax.Array  # [] int32
+
+
+@flax.struct.dataclass
+class StreamGuidance:
+    """Guidance as data, so a new value compiles nothing."""
+
+    scale: jax.Array  # [] float32
+    delta: jax.Array  # [] float32: the residual noise's weight as the unconditional prediction
+
+
+def initial_state(config: StreamConfig, latent_shape: tuple[int, int, int], seed: int) -> StreamState:
+    """An empty stream: zero latents in flight, each slot's fixed noise drawn from `seed`.
+    `latent_shape`: (C, h, w)."""
+    key, noise_key = jax.random.split(jax.random.key(seed))
+    f, rows = config.frame_buffer_size, config.rows
+    zeros = jnp.zeros((rows - f, *latent_shape), jnp.float32)
+    return StreamState(latents=zeros, residual=zeros,
+                       noise=jax.random.normal(noise_key, (rows, *latent_shape), jnp.float32),
+                       key=jax.random.key_data(key), calls=jnp.zeros((), jnp.int32))
+
+
+def entering_latents(config: StreamConfig, schedule: schedulers.Schedule, state: StreamState,
+                     frame: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Slot 0's latents [f, C, h, w] and the noise they carry: image-to-image, `frame`'s clean
+    latents [f, C, h, w] noised to slot 0 with its fixed noise; text-to-image (None), fresh noise."""
+    f = config.frame_buffer_size
+    if frame is None:
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.calls)
+        noise = jax.random.normal(key, state.noise[:f].shape, jnp.float32)
+        return noise * schedule.init_noise_sigma, noise
+    noise = state.noise[:f]
+    return schedulers.noised_sample(schedule, frame.astype(jnp.float32), noise, 0), noise
+
+
+def rows_of(cond: Conditioning, index: int, count: int) -> Conditioning:
+    """Row `index` of `cond` ([1] a prompt, [2] negative then prompt) repeated `count` times."""
+    return jax.tree.map(lambda v: jnp.repeat(v[index:index + 1], count, axis=0), cond)
+
+
+def concat_rows(*conds: Conditioning) -> Conditioning:
+    return jax.tree.map(lambda *v: jnp.concatenate(v), *conds)
+
+
+def guided_noise(unet, params, config: StreamConfig, patch: Patch, schedule: schedulers.Schedule,
+                 slot: jax.Array, x: jax.Array, residual: jax.Array, cond: Conditioning,
+                 guidance: StreamGuidance) -> tuple[jax.Array, jax.Array]:
+    """The guided noise prediction [R, C, h, w] of the rows `x` at their slots `slot` [R], and the
+    residual noise the prediction used (slot 0's replaced by the unconditional prediction for
+    `initialize`). `cond`: [1] the prompt, or [2] negative prompt and prompt."""
+    rcfg, f, rows = config.rcfg, config.frame_buffer_size, config.rows
+    cond_rows = rows_of(cond, cond.context.shape[0] - 1, rows)
+    if rcfg is RCFG.FULL:
+        sampling = Sampling(use_guidance=True, use_rescale=False)
+        noise, _ = predict_noise(unet, params, sampling, patch, schedule, slot, x,
+                                 concat_rows(rows_of(cond, 0, rows), cond_rows),
+                                 Guidance(guidance.scale, jnp.zeros((), jnp.float32)))
+        return noise, residual
+    plain = Sampling(use_guidance=False, use_rescale=False)
+    if rcfg is RCFG.INITIALIZE:
+        both, _ = predict_noise(unet, params, plain, patch, schedule, jnp.concatenate([slot[:f], slot]),
+                                jnp.concatenate([x[:f], x]), concat_rows(rows_of(cond, 0, f), cond_rows), None)
+        negative, cond_noise = both[:f], both[f:]
+        residual = jnp.concatenate([negative, residual[f:]])
+    else:
+        cond_noise, _ = predict_noise(unet, params, plain, patch, schedule, slot, x, cond_rows, None)
+    if rcfg is RCFG.NONE:
+        return cond_noise, residual
+    negative = guidance.delta * residual
+    return negative + guidance.scale * (cond_noise - negative), residual
+
+
+def stream_step(unet, params, config: StreamConfig, schedule: schedulers.Schedule, cond: Conditioning,
+                guidance: StreamGuidance, state: StreamState, frame: jax.Array | None = None,
+                patch: Patch = Patch()) -> tuple[StreamState, jax.Array]:
+    """One call: the frames entering (`frame` [f, C, h, w] clean latents, or None for
+    text-to-image) join the images in flight, every row takes one step, and the f images of the
+    last slot leave: (the next state, their denoised latents [f, C, h, w] float32)."""
+    f = config.frame_buffer_size
+    entering, entering_noise = entering_latents(config, schedule, state, frame)
+    x = jnp.concatenate([entering, state.latents])  # [R, C, h, w]
+    slot = config.slot_of_row()
+    residual = jnp.concatenate([entering_noise, state.residual])
+    noise, residual = guided_noise(unet, params, config, patch, schedule, slot, x, residual, cond, guidance)
+    # Each row moves to the next slot's timestep with that slot's noise; the last slot's "next
+    # step" is the clean estimate (noise weight 0), which is the image that leaves.
+    next_noise = jnp.roll(state.noise, -f, axis=0)
+    stepped, _ = schedulers.step(schedule, schedulers.init_state(schedule, x, None), slot, noise, x,
+                                 next_noise)
+    if config.rcfg.uses_residual:
+        residual = next_residual(schedule, slot[:-f], noise[:-f], residual[:-f], next_noise[:-f])
+    else:
+        residual = state.residual
+    return StreamState(latents=stepped[:-f], residual=residual, noise=state.noise, key=state.key,
+                       calls=state.calls + 1), stepped[-f:]
+
+
+def next_residual(schedule: schedulers.Schedule, slot: jax.Array, noise: jax.Array, residual: jax.Array,
+                  next_noise: jax.Array) -> jax.Array:
+    """The residual noise [B, C, h, w] of rows at `slot` [B] after their step (module doc): the
+    next slot's fixed noise plus a_next / b_next times the estimate of the noised residual alone."""
+    level = schedulers.noised_sample(schedule, jnp.zeros_like(residual), residual, slot)  # b r
+    drift = schedulers.predicted_x0(schedule, slot, noise, level)
+    a_next, b_next = (schedulers.coefficient_at(c, slot, residual)
+                      for c in (schedule.next_from_x0, schedule.next_from_noise))
+    return next_noise + a_next / b_next * drift
