@@ -67,6 +67,11 @@ class Generation:
     timings: dict[str, float]
 
 
+def vae_mean(vae: AutoencoderKL, x: jax.Array) -> jax.Array:
+    """The VAE encoder's mean [B, 4, h, w] of images x [B, 3, H, W] (its posterior's first half)."""
+    return vae.encode(x)[0]
+
+
 def mesh_key(mesh: Mesh | None) -> Any:
     """What identifies a mesh for reuse of compiled programs and placed parameters."""
     return None if mesh is None else (mesh.axis_names, mesh.devices.shape, tuple(d.id for d in mesh.devices.flat))
@@ -251,14 +256,15 @@ class SDXLPipeline:
         """The images [B, H, W, 3] float32 in [0, 1]; see `generate` for the arguments."""
         return self.generate(prompt, negative_prompt, **kwargs).images
 
-    def conditioning(self, request: Request) -> Conditioning:
-        """Text embeddings and SDXL micro-conditioning, unconditional half first when guiding."""
+    def conditioning(self, request: Request, negative: bool | None = None) -> Conditioning:
+        """Text embeddings and SDXL micro-conditioning, unconditional half first when guiding (or
+        when `negative` asks for it whatever the guidance scale)."""
         context, pooled = self.encode_prompts(request.prompts)
         size = (request.height, request.width)
         time_ids = jnp.asarray([*(request.original_size or size), *request.crops_coords_top_left,
                                 *(request.target_size or size)], jnp.float32)
         time_ids = jnp.broadcast_to(time_ids, (request.batch, time_ids.shape[0]))
-        if request.use_guidance:
+        if request.use_guidance if negative is None else negative:
             if request.negative_prompts is None and self.spec.force_zeros_for_empty_prompt:
                 neg_context, neg_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
             else:
@@ -278,42 +284,55 @@ class SDXLPipeline:
             return mean, cfg.scaling_factor / std
         return 0.0, cfg.scaling_factor
 
+    def vae_function(self, method: Callable, patch: Patch = Patch()) -> Callable:
+        """`method` of the VAE as a function of (params, x [B, C, H, W]), under `patch`."""
+        vae = self.vae.clone(patch=patch)
+        return lambda params, x: vae.apply({"params": params}, x, method=method)
+
     def _vae_program(self, method: Callable, mesh: Mesh | None) -> tuple[Callable, Any]:
-        """`method` of the VAE as a function of (params, x [B, C, H, W]) and its parameters; on
-        `mesh`, each device runs its rows with synchronous patch parallelism."""
-        vae = self.vae if mesh is None else self.vae.clone(patch=Patch(Mode.SYNC))
-
-        def run(params, x):
-            return vae.apply({"params": params}, x, method=method)
-
+        """`vae_function(method)` and the VAE's parameters; on `mesh`, each device runs its rows with
+        synchronous patch parallelism."""
         if mesh is None:
-            return run, self.vae_params
+            return self.vae_function(method), self.vae_params
+        run = self.vae_function(method, Patch(Mode.SYNC))
         return (jax.shard_map(run, mesh=mesh, in_specs=(P(), ROWS), out_specs=ROWS),
                 self._replicated("vae", self.vae_params, mesh))
+
+    def vae_input(self, images: jax.Array) -> jax.Array:
+        """Images [B, H, W, 3] in [0, 1] -> the VAE encoder's input [B, 3, H, W] in [-1, 1]."""
+        return jnp.transpose(jnp.asarray(images) * 2 - 1, (0, 3, 1, 2)).astype(self.vae.dtype)
+
+    def unet_latents(self, mean: jax.Array) -> jax.Array:
+        """The VAE encoder's mean [B, 4, h, w] -> the UNet's latents, float32."""
+        shift, scale = self.latent_scaling()
+        return (mean.astype(jnp.float32) - shift) * scale
+
+    def vae_latents(self, latents: jax.Array) -> jax.Array:
+        """The UNet's latents [B, 4, h, w] -> the VAE decoder's input."""
+        shift, scale = self.latent_scaling()
+        return (latents / scale + shift).astype(self.vae.dtype)
+
+    @staticmethod
+    def images(decoded: jax.Array) -> jax.Array:
+        """The VAE decoder's output [B, 3, H, W] -> images [B, H, W, 3] float32 in [0, 1]."""
+        return jnp.clip(jnp.transpose(decoded.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
 
     def encode_image(self, images: np.ndarray, batch: int, mesh: Mesh | None = None) -> jax.Array:
         """Images [1 or B, H, W, 3] in [0, 1] -> the VAE encoder's mean [B, 4, h, w] as the UNet's
         latents (diffusers samples around the mean; SDXL's VAE's spread is about 1e-4 of it)."""
-        x = jnp.transpose(jnp.asarray(images) * 2 - 1, (0, 3, 1, 2)).astype(self.vae.dtype)
-        encode, params = self._vae_program(lambda vae, x: vae.encode(x)[0], mesh)
+        x = self.vae_input(images)
+        encode, params = self._vae_program(vae_mean, mesh)
         if mesh is not None:
             x = place(x, NamedSharding(mesh, ROWS))
         # The noising mixes it with host arrays: gathered, it is the same value in every process.
-        mean = gather(self._run(("vae_encode", mesh_key(mesh)), encode, params, x)).astype(np.float32)
-        shift, scale = self.latent_scaling()
-        latents = (mean - shift) * scale
+        latents = self.unet_latents(gather(self._run(("vae_encode", mesh_key(mesh)), encode, params, x)))
         return jnp.broadcast_to(latents, (batch, *latents.shape[1:]))
 
     def decode(self, latents: jax.Array, mesh: Mesh | None = None) -> jax.Array:
         """Latents [B, 4, h, w] -> images [B, H, W, 3] float32 in [0, 1]; on `mesh`, each device
         decodes its rows with synchronous patch parallelism."""
-        shift, scale = self.latent_scaling()
         decode, params = self._vae_program(AutoencoderKL.decode, mesh)
-        z = (latents / scale + shift).astype(self.vae.dtype)
-        image = self._run(("vae_decode", mesh_key(mesh)), decode, params, z)
-        return jnp.clip(jnp.transpose(image.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
-
-
+        return self.images(self._run(("vae_decode", mesh_key(mesh)), decode, params, self.vae_latents(latents)))
 
 
 # Set to 0 to keep `python -m jaxfuse.generate` from using the persistent compilation cache.

@@ -14,6 +14,8 @@ from jaxfuse.config import ConfigError
 from jaxfuse.pipeline import load_pipeline
 from jaxfuse.sampling import stream
 from jaxfuse.sampling.stream import RCFG, StreamConfig, StreamGuidance
+from jaxfuse.spec import PipelineError
+from jaxfuse.stream import Stream
 
 HEIGHT, WIDTH = 32, 48
 SCALE, DELTA = 1.8, 0.7
@@ -123,3 +125,36 @@ def test_a_prompt_change_compiles_nothing(pipe, cond):
 def test_a_wrong_t_index_list_is_named(pipe, t_index, message):
     with pytest.raises(ConfigError, match=message):
         schedulers.lcm_at(pipe.spec.scheduler, 50, t_index)
+
+
+def test_a_clip_in_one_scan_equals_its_calls_one_by_one(pipe):
+    clip = np.random.default_rng(2).uniform(0, 1, (3, 2, HEIGHT, WIDTH, 3)).astype(np.float32)
+    config = StreamConfig((32, 45), 2, "self")
+    streams = [Stream(pipe, "a red circle", config=config, height=HEIGHT, width=WIDTH, seed=5) for _ in range(2)]
+    scanned = streams[0].run(clip)
+    called = np.stack([streams[1](frames) for frames in clip])
+    assert scanned.shape == (3, 2, HEIGHT, WIDTH, 3)
+    assert np.abs(scanned - called).max() < 1e-5  # measured 1.4e-6
+    assert np.abs(scanned[1] - scanned[2]).max() > 1e-3  # each call hands out other images
+
+
+def test_a_text_stream_takes_a_new_prompt_without_compiling(pipe):
+    live = Stream(pipe, "a red circle", config=StreamConfig((32, 45), 1, "initialize"), image_to_image=False,
+                  height=HEIGHT, width=WIDTH, guidance_scale=SCALE)
+    before = [live() for _ in range(3)]
+    live.update_prompt("a green star", "a red circle")
+    after = [live() for _ in range(3)]
+    assert live._call._cache_size() == 1
+    assert all(np.isfinite(image).all() and image.shape == (1, HEIGHT, WIDTH, 3) for image in before + after)
+    assert np.abs(after[-1] - before[-1]).max() > 1e-2
+
+
+def test_frames_that_do_not_fit_the_stream_are_named(pipe):
+    live = Stream(pipe, "a red circle", height=HEIGHT, width=WIDTH)
+    with pytest.raises(PipelineError, match=r"frames must be \[1, 32, 48, 3\]"):
+        live(np.zeros((1, HEIGHT, 2 * WIDTH, 3), np.float32))
+    with pytest.raises(PipelineError, match="pass frames"):
+        live()
+    text = Stream(pipe, "a red circle", image_to_image=False, height=HEIGHT, width=WIDTH)
+    with pytest.raises(PipelineError, match="pass no frames"):
+        text(np.zeros((1, HEIGHT, WIDTH, 3), np.float32))

@@ -116,8 +116,9 @@ def initial_state(config: StreamConfig, latent_shape: tuple[int, int, int], seed
     `latent_shape`: (C, h, w)."""
     key, noise_key = jax.random.split(jax.random.key(seed))
     f, rows = config.frame_buffer_size, config.rows
-    zeros = jnp.zeros((rows - f, *latent_shape), jnp.float32)
-    return StreamState(latents=zeros, residual=zeros,
+    in_flight = (rows - f, *latent_shape)
+    # Two buffers, not one twice: a call that donates the state gives each its own.
+    return StreamState(latents=jnp.zeros(in_flight, jnp.float32), residual=jnp.zeros(in_flight, jnp.float32),
                        noise=jax.random.normal(noise_key, (rows, *latent_shape), jnp.float32),
                        key=jax.random.key_data(key), calls=jnp.zeros((), jnp.int32))
 
