@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxfuse.stream.host import DropOldestQueue, SimilarityFilter, run_threaded
+from jaxfuse.stream.host import CLOSED, FrameQueue, SimilarityFilter, run_threaded
 
 
 def at_cosine(frame: np.ndarray, cosine: float, rng) -> np.ndarray:
@@ -55,12 +55,12 @@ def test_a_changed_frame_goes_through_once_the_budget_is_spent():
     assert similarity(changed) and np.array_equal(similarity.previous, changed)
 
 
-def test_a_full_queue_drops_its_oldest_item():
-    queue = DropOldestQueue(2)
+def test_a_full_live_queue_drops_its_oldest_item():
+    queue = FrameQueue(2)
     for item in range(5):
         queue.put(item)
     queue.close()
-    assert [queue.get(), queue.get(), queue.get(), queue.get()] == [3, 4, None, None]
+    assert [queue.get(), queue.get(), queue.get(), queue.get()] == [3, 4, CLOSED, CLOSED]
     assert queue.dropped == 3
 
 
@@ -95,3 +95,14 @@ def test_a_paced_source_loses_no_frame_and_skips_repeat_the_last_output():
     assert (counts.calls, counts.skipped) == (6, 24)  # per scene: its first frame, then the one after 4 skips
     assert all(np.array_equal(w, 2 * scenes[i // 10]) for i, w in enumerate(written))
     assert step_threads == {threading.get_ident()}  # the device loop runs in the caller's thread
+
+
+def test_files_through_a_slow_device_lose_no_frame():
+    def slow_step(frame):
+        time.sleep(0.005)
+        return frame
+
+    written = []
+    counts = run_threaded(slow_step, range(40), written.append, queue_size=2, live=False)
+    assert (counts.read, counts.calls, counts.dropped_in, counts.dropped_out) == (40, 40, 0, 0)
+    assert written == list(range(40))

@@ -1,8 +1,8 @@
 """The stream's host side: the stochastic similarity filter, drop-oldest queues, and the threads
 that keep pre- and post-processing off the device's path.
 
-    filter = SimilarityFilter(threshold=0.98, max_skips=10, seed=0)
-    run_threaded(stream, frames, write, filter, queue_size=2)  # -> RunCounts
+    similarity = SimilarityFilter(threshold=0.98, max_skips=10, seed=0)
+    run_threaded(stream, frames, write, similarity, queue_size=2)  # -> RunCounts
 """
 
 from __future__ import annotations
@@ -50,42 +50,46 @@ class SimilarityFilter:
         return not skip
 
 
-_CLOSED = object()
+CLOSED = object()  # what `FrameQueue.get` returns once the queue is closed (None is a frame: text to image)
 
 
-class DropOldestQueue:
-    """A bounded first-in first-out queue whose `put` never blocks: when it is full the oldest item
-    is dropped and counted, so a slow consumer sees the newest items. `close` ends `get`s."""
+class FrameQueue:
+    """A bounded first-in first-out queue between two threads. With `drop_oldest` (a live source)
+    `put` never waits: when the queue is full the oldest item is dropped and counted, so a slow
+    consumer sees the newest items; without it (files) `put` waits for room and nothing is lost.
+    `close` ends the `get`s once the items before it are taken: they return `CLOSED`."""
 
-    def __init__(self, maxsize: int):
+    def __init__(self, maxsize: int, drop_oldest: bool = True):
         if maxsize < 1:
             raise ValueError(f"maxsize must be at least 1, got {maxsize}.")
         self.items: collections.deque = collections.deque()
-        self.maxsize, self.dropped = maxsize, 0
-        self.ready = threading.Condition()
+        self.maxsize, self.drop_oldest, self.dropped = maxsize, drop_oldest, 0
+        self.changed = threading.Condition()
 
     def put(self, item: Any) -> None:
-        with self.ready:
-            if len(self.items) == self.maxsize:
-                self.items.popleft()
-                self.dropped += 1
+        with self.changed:
+            if len(self.items) >= self.maxsize:
+                if self.drop_oldest:
+                    self.items.popleft()
+                    self.dropped += 1
+                else:
+                    self.changed.wait_for(lambda: len(self.items) < self.maxsize)
             self.items.append(item)
-            self.ready.notify()
+            self.changed.notify_all()
 
     def close(self) -> None:
-        """`get` returns None once the items before this call are taken."""
-        with self.ready:
-            self.items.append(_CLOSED)
-            self.ready.notify_all()
+        with self.changed:
+            self.items.append(CLOSED)
+            self.changed.notify_all()
 
     def get(self) -> Any:
-        """The oldest item, waiting for one; None after `close`."""
-        with self.ready:
-            self.ready.wait_for(lambda: self.items)
+        """The oldest item, waiting for one; `CLOSED` after `close`."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.items)
             item = self.items.popleft()
-            if item is _CLOSED:
-                self.items.appendleft(_CLOSED)  # every later get ends too
-                return None
+            if item is CLOSED:
+                self.items.appendleft(CLOSED)  # every later get ends too
+            self.changed.notify_all()
             return item
 
 
@@ -101,13 +105,14 @@ class RunCounts:
 
 def run_threaded(step: Callable[[Any], np.ndarray], frames: Iterable[Any], write: Callable[[np.ndarray], None],
                  similarity: SimilarityFilter | None = None, queue_size: int = 2,
-                 prepare: Callable[[Any], Any] = lambda frame: frame) -> RunCounts:
+                 prepare: Callable[[Any], Any] = lambda frame: frame, live: bool = True) -> RunCounts:
     """Feeds `frames` through `step` (a `Stream` call) with reading and `prepare` in one thread
-    and `write` in another, each behind a drop-oldest queue of `queue_size`, so that the device
-    loop in this thread waits on neither; a frame the filter skips repeats the last output.
-    Returns what was read, dropped, skipped, called and written."""
+    and `write` in another, each behind a `FrameQueue` of `queue_size` (dropping the oldest item
+    when `live`; waiting, for files), so that the device loop in this thread waits on neither; a
+    frame the filter skips repeats the last output. Returns what was read, dropped, skipped,
+    called and written."""
     counts = RunCounts()
-    inputs, outputs = DropOldestQueue(queue_size), DropOldestQueue(queue_size)
+    inputs, outputs = FrameQueue(queue_size, live), FrameQueue(queue_size, live)
     stop = threading.Event()  # the device loop ended early: a live source stops being read
 
     def read():
@@ -119,7 +124,7 @@ def run_threaded(step: Callable[[Any], np.ndarray], frames: Iterable[Any], write
         inputs.close()
 
     def drain():
-        while (images := outputs.get()) is not None:
+        while (images := outputs.get()) is not CLOSED:
             write(images)
             counts.written += 1
 
@@ -128,7 +133,7 @@ def run_threaded(step: Callable[[Any], np.ndarray], frames: Iterable[Any], write
         thread.start()
     last = None
     try:
-        while (frame := inputs.get()) is not None:
+        while (frame := inputs.get()) is not CLOSED:
             if similarity is None or similarity(frame) or last is None:
                 last = step(frame)
                 counts.calls += 1

@@ -1,0 +1,5 @@
+import sys
+
+from jaxfuse.stream.cli import main
+
+sys.exit(main())
