@@ -7,6 +7,8 @@ The public API, imported on first use (so `import jaxfuse` stays light):
     load_unet                        jaxfuse.models.unet
     ParallelConfig, Mode, GroupNormMode, UNetConfig, VAEConfig, TextEncoderConfig   jaxfuse.config
     SchedulerKind                    jaxfuse.schedulers
+    Stream                           jaxfuse.stream (live generation, StreamDiffusion)
+    StreamConfig, RCFG               jaxfuse.sampling.stream
 """
 
 import importlib
@@ -24,6 +26,9 @@ _PUBLIC = {
     "VAEConfig": "jaxfuse.config",
     "TextEncoderConfig": "jaxfuse.config",
     "SchedulerKind": "jaxfuse.schedulers",
+    "Stream": "jaxfuse.stream",
+    "StreamConfig": "jaxfuse.sampling.stream",
+    "RCFG": "jaxfuse.sampling.stream",
 }
 __all__ = sorted(_PUBLIC)
 
