@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from jaxfuse import schedulers
 from jaxfuse.config import ConfigError
@@ -16,6 +17,7 @@ from jaxfuse.sampling import stream
 from jaxfuse.sampling.stream import RCFG, StreamConfig, StreamGuidance
 from jaxfuse.spec import PipelineError
 from jaxfuse.stream import Stream
+from jaxfuse.stream.cli import main as stream_main
 
 HEIGHT, WIDTH = 32, 48
 SCALE, DELTA = 1.8, 0.7
@@ -158,3 +160,31 @@ def test_frames_that_do_not_fit_the_stream_are_named(pipe):
     text = Stream(pipe, "a red circle", image_to_image=False, height=HEIGHT, width=WIDTH)
     with pytest.raises(PipelineError, match="pass no frames"):
         text(np.zeros((1, HEIGHT, WIDTH, 3), np.float32))
+
+
+def test_the_command_writes_one_image_per_frame_equal_to_the_stream(pipe, tiny_sdxl_folder, tmp_path):
+    frames = np.random.default_rng(6).integers(0, 256, (3, HEIGHT, WIDTH, 3), dtype=np.uint8)
+    (tmp_path / "in").mkdir()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / "in" / f"frame{i}.png")
+    args = ["--model", str(tiny_sdxl_folder), "--cache-dir", str(tmp_path / "cache"), "--prompt", "a red circle",
+            "--rcfg", "self", "--guidance-scale", "1.5"]
+    assert stream_main([*args, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 0
+    written = np.stack([np.asarray(Image.open(tmp_path / "out" / f"{i:06d}.png")) for i in range(3)])
+    live = Stream(pipe, "a red circle", config=StreamConfig((32, 45), 1, "self"), height=HEIGHT, width=WIDTH,
+                  guidance_scale=1.5)
+    expected = live.run(np.concatenate([frames, frames[-1:]])[:, None])[1:, 0]  # fed once more to let the last out
+    assert np.abs(written / 255 - expected).max() <= 0.5 / 255 + 1e-5  # PNG rounding
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+
+
+def test_the_command_keeps_earlier_images_and_names_a_bad_input(tiny_sdxl_folder, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "000000.png").write_bytes(b"earlier")
+    (tmp_path / "empty").mkdir()
+    base = ["--model", str(tiny_sdxl_folder), "--cache-dir", str(tmp_path / "cache")]
+    assert stream_main([*base, "--output", str(tmp_path / "out"), "--frames", "2"]) == 2
+    assert "holds images already" in capsys.readouterr().err
+    assert (tmp_path / "out" / "000000.png").read_bytes() == b"earlier"
+    assert stream_main([*base, "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "new")]) == 2
+    assert "holds no PNG or JPEG frames" in capsys.readouterr().err
