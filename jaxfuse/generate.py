@@ -34,6 +34,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -44,7 +45,7 @@ from jax import monitoring
 
 from jaxfuse import lora, schedulers
 from jaxfuse.config import GroupNormMode, Mode, ParallelConfig, ParallelError
-from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
+from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT, NAMED_LORAS
 from jaxfuse.outputs import ImageFiles, check_outputs, image_files, write_image
 from jaxfuse.parallel.mesh import (
     DEFAULT_CPU_DEVICES,
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"steps from the image noised to that level; 1 redraws it all (default: {DEFAULT_STRENGTH})")
     p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                    help="a LoRA (.safetensors, diffusers/PEFT or kohya format) fused into the weights at WEIGHT "
-                        "(default 1); give it once per LoRA")
+                        "(default 1); give it once per LoRA. demo-lcm: the demo model's few-step LoRA (with "
+                        "--scheduler lcm --steps 4 --guidance-scale 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--output", type=Path, default=Path("jaxfuse.png"),
@@ -186,14 +188,15 @@ def read_image(path: Path) -> np.ndarray:
 
 def lora_weights(values: list[str] | None) -> list[tuple[Path, float]]:
     """--lora FILE[:WEIGHT] values -> (file, weight) pairs, each file checked to exist and not be a
-    pickle."""
+    pickle; FILE is a path or one of `NAMED_LORAS`."""
     pairs = []
     for value in values or []:
         name, _, weight = value.rpartition(":")
         try:
-            path, weight = (Path(name), float(weight)) if name else (Path(value), 1.0)
+            name, weight = (name, float(weight)) if name else (value, 1.0)
         except ValueError:  # a colon that is part of the path
-            path, weight = Path(value), 1.0
+            name, weight = value, 1.0
+        path = NAMED_LORAS.get(name, Path(name))
         if not math.isfinite(weight):
             raise PipelineError(f"--lora {value}: the weight must be a finite number.")
         lora.check_file(path)
@@ -354,10 +357,11 @@ def generate(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(str(f.png) for f in plan.files)}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_command(work: Callable[[], None]) -> int:
+    """A command's `work` and its exit code (module doc): 0 done, 2 an input that cannot work,
+    1 the environment failed, 130 interrupted; an error is one line on stderr."""
     try:
-        generate(args)
+        work()
     except ValueError as e:  # the input: PipelineError, ParallelError, OutputError, ConfigError, ConversionError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -368,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted.", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_command(lambda: generate(args))
 
 
 if __name__ == "__main__":

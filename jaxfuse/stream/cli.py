@@ -10,6 +10,9 @@ JPEG frames in name order; each frame's image is written under the frame's index
 holds `len(--t-index)` images in flight, so the first image leaves that many calls after it
 entered; the command feeds the last frame again to let the final ones out. The default model is
 the built-in demo with its few-step LCM-LoRA (`--lora demo-lcm`), which runs on a laptop CPU.
+Every argument is checked before the model loads; images already in `--output` are kept unless
+`--overwrite` is given. Exit codes as `python -m jaxfuse.generate`'s: 0 done, 2 an input that
+cannot work, 1 the environment failed.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import PIL.Image
 
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
-from jaxfuse.generate import lora_weights
+from jaxfuse.generate import lora_weights, run_command
 from jaxfuse.pipeline import load_pipeline
 from jaxfuse.sampling.stream import RCFG, StreamConfig
 from jaxfuse.spec import PipelineError, checked_image
@@ -180,15 +183,4 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted.", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: run(args))
