@@ -4,6 +4,7 @@ asks for; and the training script that made it runs end to end. How well it foll
 over many captions is measured by benchmarks/quality.py."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,7 +14,7 @@ from conftest import our_step_noise
 from PIL import Image
 
 from jaxfuse.config import ParallelConfig
-from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
+from jaxfuse.demo import DEMO_LCM_LORA, DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.demo.architecture import IMAGE_SIZE, demo_architecture
 from jaxfuse.demo.detect import prompt_accuracy
 from jaxfuse.demo.train import TrainConfig, train
@@ -22,6 +23,7 @@ from jaxfuse.pipeline import load_pipeline
 from jaxfuse.spec import PipelineSpec
 
 MB = 2**20
+LCM_REQUEST = dict(prompt=DEMO_PROMPT, num_inference_steps=4, guidance_scale=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def pipe(tmp_path_factory):
 
 def test_shipped_model_is_small_and_an_sdxl_pipeline_folder():
     size = sum(p.stat().st_size for p in DEMO_MODEL.rglob("*") if p.is_file())
-    assert size <= 30 * MB
+    assert size <= 30 * MB and DEMO_LCM_LORA.stat().st_size <= 4 * MB
     spec = PipelineSpec.read(DEMO_MODEL)
     arch = demo_architecture(spec.vae.scaling_factor)
     assert (spec.unet, spec.vae) == (arch.unet, arch.vae)
@@ -94,8 +96,6 @@ def test_lcm_distillation_runs_and_exports_a_lora_diffusers_reads(tmp_path):
     """Two steps (resuming is `demo.train`'s loop, tested above); the exported LoRA gives
     diffusers' LCM image on the demo model. The first step's loss is the teacher's one-step
     consistency gap: positive and small."""
-    from diffusers import LCMScheduler, StableDiffusionXLPipeline
-
     from jaxfuse.demo.train_lcm import LCMConfig
     from jaxfuse.demo.train_lcm import train as train_lcm
 
@@ -106,15 +106,40 @@ def test_lcm_distillation_runs_and_exports_a_lora_diffusers_reads(tmp_path):
     first = next(line for line in lines if line.startswith("lcm step 1/2"))
     assert 0 < float(first.split("loss ")[1].split()[0]) < 1
 
-    request = dict(prompt=DEMO_PROMPT, num_inference_steps=4, guidance_scale=1.0)
     noise = np.random.default_rng(0).standard_normal((1, 4, 32, 32)).astype(np.float32)
     pipe = load_pipeline(DEMO_MODEL, cache_dir=tmp_path / "run" / "cache", log=lambda _: None,
                          loras=[(tmp_path / "lcm.safetensors", 1.0)])
-    ours = pipe(**request, scheduler="lcm", latents=noise)
+    ours = pipe(**LCM_REQUEST, scheduler="lcm", latents=noise)
+    assert np.abs(ours - diffusers_lcm_image(tmp_path / "lcm.safetensors", noise)).max() < 2e-5  # measured 1.3e-6
+
+
+def test_shipped_lcm_lora_equals_diffusers_and_draws_the_default_prompt(tmp_path):
+    """The shipped few-step LoRA, read by jaxfuse and by diffusers: the same 4-step image, which
+    draws the default prompt."""
+    noise = np.random.default_rng(0).standard_normal((1, 4, 32, 32)).astype(np.float32)
+    pipe = load_pipeline(DEMO_MODEL, cache_dir=tmp_path, log=lambda _: None, loras=[(DEMO_LCM_LORA, 1.0)])
+    ours = pipe(**LCM_REQUEST, scheduler="lcm", latents=noise)
+    assert np.abs(ours - diffusers_lcm_image(DEMO_LCM_LORA, noise)).max() < 2e-5  # measured 1.9e-6
+    assert prompt_accuracy(DEMO_PROMPT, np.round(ours[0] * 255).astype(np.uint8)) == 1.0
+
+
+@pytest.mark.slow
+def test_few_step_command_draws_the_default_prompt(tmp_path):
+    out = tmp_path / "lcm.png"
+    args = ["--lora", "demo-lcm", "--scheduler", "lcm", "--steps", "4", "--guidance-scale", "1"]
+    assert main([*args, "--output", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["lora"] == ["demo-lcm"]
+    assert prompt_accuracy(DEMO_PROMPT, np.asarray(Image.open(out))) == 1.0
+
+
+def diffusers_lcm_image(lora: Path, noise: np.ndarray) -> np.ndarray:
+    """diffusers' image for `LCM_REQUEST` on the demo model with the LoRA file `lora` fused, from
+    the initial noise `noise` and jaxfuse's per-step noise."""
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
     reference = StableDiffusionXLPipeline.from_pretrained(DEMO_MODEL, torch_dtype=torch.float32)
     reference.scheduler = LCMScheduler.from_config(reference.scheduler.config)
-    reference.load_lora_weights(str(tmp_path), weight_name="lcm.safetensors")
+    reference.load_lora_weights(str(lora.parent), weight_name=lora.name)
     reference.fuse_lora()
     with our_step_noise(reference.scheduler):
-        expected = reference(**request, latents=torch.from_numpy(noise), output_type="np").images
-    assert np.abs(ours - expected).max() < 2e-5  # measured 1.3e-6
+        return reference(**LCM_REQUEST, latents=torch.from_numpy(noise), output_type="np").images

@@ -3,6 +3,10 @@ that enters at call k leaves at call k + n - 1 as the same image denoised alone,
 timesteps, with the same noise, under each residual guidance type."""
 
 import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -188,3 +192,16 @@ def test_the_command_keeps_earlier_images_and_names_a_bad_input(tiny_sdxl_folder
     assert (tmp_path / "out" / "000000.png").read_bytes() == b"earlier"
     assert stream_main([*base, "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "new")]) == 2
     assert "holds no PNG or JPEG frames" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stream_speed_script_quick(tmp_path):
+    run = subprocess.run([sys.executable, "benchmarks/stream_speed.py", "--quick", "--json", str(tmp_path / "s.json")],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert [(r["n"], r["rcfg"]) for r in report["rows"]] == [(1, "none"), (1, "full"), (2, "none"), (2, "full")]
+    assert all(r["stream_call_s"] > 0 and r["plain_image_s"] > 0 for r in report["rows"])
+    # 100 still frames: the first, then one after every 10 skips.
+    assert report["still"] == {"frames": 100, "calls": 10, "skipped": 90}
+    assert "| 2 | full |" in run.stdout
