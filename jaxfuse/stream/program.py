@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxfuse import schedulers
 from jaxfuse.models.vae import AutoencoderKL
+from jaxfuse.parallel.slots import slots_mesh
 from jaxfuse.pipeline import SDXLPipeline, check_finite, vae_mean
 from jaxfuse.sampling import stream
 from jaxfuse.sampling.stream import StreamConfig, StreamGuidance
@@ -27,12 +28,13 @@ class Stream:
     """A running stream: `stream(frames)` takes f frames [f, H, W, 3] (image-to-image; None for
     text-to-image) and returns the f images [f, H, W, 3] float32 in [0, 1] of the frames that
     entered `config.slots - 1` calls before (the first calls return the empty buffer's images).
-    `update_prompt` changes the prompt from the next call on, compiling nothing."""
+    `update_prompt` changes the prompt from the next call on, compiling nothing. `slot_parallel`:
+    one slot per device, the first `config.slots` devices."""
 
     def __init__(self, pipe: SDXLPipeline, prompt: str, negative_prompt: str | None = None, *,
                  config: StreamConfig = StreamConfig(), image_to_image: bool = True, height: int | None = None,
                  width: int | None = None, guidance_scale: float = 1.2, delta: float = 1.0, seed: int = 0,
-                 schedule_steps: int = STREAM_SCHEDULE_STEPS):
+                 schedule_steps: int = STREAM_SCHEDULE_STEPS, slot_parallel: bool = False):
         if config.rcfg.uses_residual and pipe.spec.scheduler.prediction_type is not PredictionType.EPSILON:
             raise PipelineError(f"rcfg {config.rcfg.value!r} takes the residual noise for the model's negative "
                                 "prediction, which needs an epsilon-prediction model; use rcfg 'full' or 'none'.")
@@ -43,6 +45,11 @@ class Stream:
         self.cond = pipe.conditioning(self.request, negative=True)
         latent_shape = pipe.spec.latent_shape(1, self.request.height, self.request.width)[1:]
         self.state = stream.initial_state(config, latent_shape, seed)
+        if slot_parallel and len(jax.devices()) < config.slots:
+            raise PipelineError(f"slot_parallel puts each of the {config.slots} slots on its own device; "
+                                f"{len(jax.devices())} are present.")
+        mesh = slots_mesh(config.slots) if slot_parallel else None
+        self._program = stream.stream_program(pipe.unet, config, self.schedule, mesh)
         self._call = jax.jit(self._images, donate_argnums=2)
         self._clip = jax.jit(self._scan, donate_argnums=2)
 
@@ -63,8 +70,7 @@ class Stream:
         latents = None
         if frames is not None:
             latents = pipe.unet_latents(pipe.vae_function(vae_mean)(vae_params, pipe.vae_input(frames)))
-        state, finished = stream.stream_step(pipe.unet, unet_params, self.config, self.schedule, cond, guidance,
-                                             state, latents)
+        state, finished = self._program(unet_params, state, cond, guidance, latents)
         decoded = pipe.vae_function(AutoencoderKL.decode)(vae_params, pipe.vae_latents(finished))
         return state, pipe.images(decoded)
 
