@@ -81,9 +81,11 @@ def alone(unet, config: StreamConfig, schedule, cond, entering, entering_noise, 
         x = a_next * x0 + b_next * slot_noise[s + 1]
 
 
-CASES = [  # (n, f, image-to-image, rcfg): every n, f, input and guidance type at least once
-    (1, 1, True, "none"), (1, 2, False, "self"), (2, 1, False, "full"), (2, 2, True, "initialize"),
-    (4, 2, True, "self"), (4, 1, False, "initialize"), (2, 2, True, "full"), (4, 1, True, "none"),
+SLOW = pytest.mark.slow
+CASES = [  # (n, f, image-to-image, rcfg): every n, f, input and guidance type at least once, in the quick run too
+    (1, 1, True, "none"), (2, 1, False, "full"), (2, 2, True, "initialize"), (4, 2, True, "self"),
+    pytest.param(1, 2, False, "self", marks=SLOW), pytest.param(4, 1, False, "initialize", marks=SLOW),
+    pytest.param(2, 2, True, "full", marks=SLOW), pytest.param(4, 1, True, "none", marks=SLOW),
 ]
 
 
@@ -167,6 +169,7 @@ def test_frames_that_do_not_fit_the_stream_are_named(pipe):
         text(np.zeros((1, HEIGHT, WIDTH, 3), np.float32))
 
 
+@pytest.mark.slow
 def test_the_command_writes_one_image_per_frame_equal_to_the_stream(pipe, tiny_sdxl_folder, tmp_path):
     frames = np.random.default_rng(6).integers(0, 256, (3, HEIGHT, WIDTH, 3), dtype=np.uint8)
     (tmp_path / "in").mkdir()
@@ -208,7 +211,8 @@ def test_stream_speed_script_quick(tmp_path):
     assert "| 2 | full |" in run.stdout
 
 
-@pytest.mark.parametrize("n, f, rcfg, image", [(2, 1, "initialize", True), (4, 2, "self", False)])
+@pytest.mark.parametrize("n, f, rcfg, image", [pytest.param(2, 1, "initialize", True, marks=SLOW),
+                                                (4, 2, "self", False)])
 def test_one_slot_per_device_equals_one_device(pipe, cond, n, f, rcfg, image):
     config = StreamConfig(T_INDEX[n], f, rcfg)
     schedule = schedulers.lcm_at(pipe.spec.scheduler, 50, config.t_index_list)
