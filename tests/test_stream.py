@@ -167,6 +167,8 @@ def test_frames_that_do_not_fit_the_stream_are_named(pipe):
     text = Stream(pipe, "a red circle", image_to_image=False, height=HEIGHT, width=WIDTH)
     with pytest.raises(PipelineError, match="pass no frames"):
         text(np.zeros((1, HEIGHT, WIDTH, 3), np.float32))
+    with pytest.raises(PipelineError, match="each of the 9 slots on its own device; 8 are present"):
+        Stream(pipe, "a red circle", config=StreamConfig(tuple(range(0, 45, 5))), slot_parallel=True)
 
 
 @pytest.mark.slow

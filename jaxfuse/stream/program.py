@@ -35,6 +35,9 @@ class Stream:
                  config: StreamConfig = StreamConfig(), image_to_image: bool = True, height: int | None = None,
                  width: int | None = None, guidance_scale: float = 1.2, delta: float = 1.0, seed: int = 0,
                  schedule_steps: int = STREAM_SCHEDULE_STEPS, slot_parallel: bool = False):
+        if slot_parallel and len(jax.devices()) < config.slots:
+            raise PipelineError(f"slot_parallel puts each of the {config.slots} slots on its own device; "
+                                f"{len(jax.devices())} are present; list fewer steps in t_index_list or set slot_parallel=False.")
         if config.rcfg.uses_residual and pipe.spec.scheduler.prediction_type is not PredictionType.EPSILON:
             raise PipelineError(f"rcfg {config.rcfg.value!r} takes the residual noise for the model's negative "
                                 "prediction, which needs an epsilon-prediction model; use rcfg 'full' or 'none'.")
@@ -45,9 +48,6 @@ class Stream:
         self.cond = pipe.conditioning(self.request, negative=True)
         latent_shape = pipe.spec.latent_shape(1, self.request.height, self.request.width)[1:]
         self.state = stream.initial_state(config, latent_shape, seed)
-        if slot_parallel and len(jax.devices()) < config.slots:
-            raise PipelineError(f"slot_parallel puts each of the {config.slots} slots on its own device; "
-                                f"{len(jax.devices())} are present.")
         mesh = slots_mesh(config.slots) if slot_parallel else None
         self._program = stream.stream_program(pipe.unet, config, self.schedule, mesh)
         self._call = jax.jit(self._images, donate_argnums=2)
