@@ -37,7 +37,8 @@ class Stream:
                  schedule_steps: int = STREAM_SCHEDULE_STEPS, slot_parallel: bool = False):
         if slot_parallel and len(jax.devices()) < config.slots:
             raise PipelineError(f"slot_parallel puts each of the {config.slots} slots on its own device; "
-                                f"{len(jax.devices())} are present; list fewer steps in t_index_list or set slot_parallel=False.")
+                                f"{len(jax.devices())} are present; list fewer steps in t_index_list or set "
+                                "slot_parallel=False.")
         if config.rcfg.uses_residual and pipe.spec.scheduler.prediction_type is not PredictionType.EPSILON:
             raise PipelineError(f"rcfg {config.rcfg.value!r} takes the residual noise for the model's negative "
                                 "prediction, which needs an epsilon-prediction model; use rcfg 'full' or 'none'.")
