@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from jaxfuse import schedulers
+from jaxfuse.analysis.hlo import collective_bytes
 from jaxfuse.config import ConfigError
 from jaxfuse.parallel.slots import slots_mesh
 from jaxfuse.pipeline import load_pipeline
@@ -231,3 +232,19 @@ def test_one_slot_per_device_equals_one_device(pipe, cond, n, f, rcfg, image):
         state_spread, got = spread(pipe.unet_params, state_spread, cond, guidance, frame)
         worst = max(worst, float(np.abs(np.asarray(got) - np.asarray(expected)).max() / np.abs(expected).max()))
     assert worst < 1e-5  # of the images' max; measured 1.5e-6
+
+
+@pytest.mark.parametrize("rcfg, handed_over", [("none", 1), ("self", 2)])
+def test_one_slot_per_device_exchanges_only_the_images_it_hands_over(pipe, cond, rcfg, handed_over):
+    """Per call and device: the latents (and for `self` the residual noise) handed to the next
+    slot's device, plus moving the leaving image off the last device (a permute and an
+    all-reduce of one image's latents); nothing of the UNet's activations."""
+    config = StreamConfig(T_INDEX[4], 1, rcfg)
+    schedule = schedulers.lcm_at(pipe.spec.scheduler, 50, config.t_index_list)
+    shape = (4, HEIGHT // 8, WIDTH // 8)
+    program = jax.jit(stream.stream_program(pipe.unet, config, schedule, slots_mesh(4)))
+    hlo = program.lower(pipe.unet_params, stream.initial_state(config, shape, seed=0), cond,
+                        StreamGuidance(jnp.float32(SCALE), jnp.float32(DELTA)), jnp.zeros((1, *shape))).compile()
+    latent = 4 * int(np.prod(shape))
+    received = collective_bytes(hlo.as_text())
+    assert received == {"collective-permute": (handed_over + 1) * latent, "all-reduce": latent * 3 // 2}
