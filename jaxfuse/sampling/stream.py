@@ -70,10 +70,6 @@ class RCFG(str, enum.Enum):
     def uses_residual(self) -> bool:
         return self in (RCFG.SELF, RCFG.INITIALIZE)
 
-    @property
-    def uses_negative_prompt(self) -> bool:
-        return self in (RCFG.INITIALIZE, RCFG.FULL)
-
 
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
@@ -162,7 +158,7 @@ def concat_rows(*conds: Conditioning) -> Conditioning:
     return jax.tree.map(lambda *v: jnp.concatenate(v), *conds)
 
 
-def guided_noise(unet, params, config: StreamConfig, slots: Slots, patch: Patch, schedule: schedulers.Schedule,
+def guided_noise(unet, params, config: StreamConfig, slots: Slots, schedule: schedulers.Schedule,
                  slot: jax.Array, x: jax.Array, residual: jax.Array, cond: Conditioning,
                  guidance: StreamGuidance) -> tuple[jax.Array, jax.Array]:
     """The guided noise prediction [r, C, h, w] of the rows held `x` at their slots `slot` [r],
@@ -172,18 +168,18 @@ def guided_noise(unet, params, config: StreamConfig, slots: Slots, patch: Patch,
     cond_rows = rows_of(cond, cond.context.shape[0] - 1, rows)
     if rcfg is RCFG.FULL:
         sampling = Sampling(use_guidance=True, use_rescale=False)
-        noise, _ = predict_noise(unet, params, sampling, patch, schedule, slot, x,
+        noise, _ = predict_noise(unet, params, sampling, Patch(), schedule, slot, x,
                                  concat_rows(rows_of(cond, 0, rows), cond_rows),
                                  Guidance(guidance.scale, jnp.zeros((), jnp.float32)))
         return noise, residual
     plain = Sampling(use_guidance=False, use_rescale=False)
     if rcfg is RCFG.INITIALIZE:  # the first f rows held: slot 0's where it is held (the others unused)
-        both, _ = predict_noise(unet, params, plain, patch, schedule, jnp.concatenate([slot[:f], slot]),
+        both, _ = predict_noise(unet, params, plain, Patch(), schedule, jnp.concatenate([slot[:f], slot]),
                                 jnp.concatenate([x[:f], x]), concat_rows(rows_of(cond, 0, f), cond_rows), None)
         negative, cond_noise = both[:f], both[f:]
         residual = slots.with_first(residual, negative)
     else:
-        cond_noise, _ = predict_noise(unet, params, plain, patch, schedule, slot, x, cond_rows, None)
+        cond_noise, _ = predict_noise(unet, params, plain, Patch(), schedule, slot, x, cond_rows, None)
     if rcfg is RCFG.NONE:
         return cond_noise, residual
     negative = guidance.delta * residual
@@ -191,8 +187,8 @@ def guided_noise(unet, params, config: StreamConfig, slots: Slots, patch: Patch,
 
 
 def advance(unet, params, config: StreamConfig, schedule: schedulers.Schedule, cond: Conditioning,
-            guidance: StreamGuidance, state: StreamState, frame: jax.Array | None, slots: Slots,
-            patch: Patch = Patch()) -> tuple[StreamState, jax.Array]:
+            guidance: StreamGuidance, state: StreamState, frame: jax.Array | None,
+            slots: Slots) -> tuple[StreamState, jax.Array]:
     """One call on the rows held (`slots`): the frames entering (`frame` [f, C, h, w] clean latents,
     or None for text-to-image) take slot 0, every row takes one step, and each slot's result moves
     to the next slot: (the next state, the stepped rows [r, C, h, w], whose last slot's are the
@@ -201,7 +197,7 @@ def advance(unet, params, config: StreamConfig, schedule: schedulers.Schedule, c
     x = slots.with_first(state.latents, entering)
     residual = slots.with_first(state.residual, entering_noise)
     slot = slots.of_rows()
-    noise, residual = guided_noise(unet, params, config, slots, patch, schedule, slot, x, residual, cond, guidance)
+    noise, residual = guided_noise(unet, params, config, slots, schedule, slot, x, residual, cond, guidance)
     # Each row moves to the next slot's timestep with that slot's noise; the last slot's "next
     # step" is the clean estimate (noise weight 0), which is the image that leaves.
     stepped, _ = schedulers.step(schedule, schedulers.init_state(schedule, x, None), slot, noise, x, state.next_noise)
@@ -242,7 +238,7 @@ def next_residual(schedule: schedulers.Schedule, slot: jax.Array, noise: jax.Arr
                   next_noise: jax.Array) -> jax.Array:
     """The residual noise [B, C, h, w] of rows at `slot` [B] after their step (module doc): the
     next slot's fixed noise plus a_next / b_next times the estimate of the noised residual alone."""
-    level = schedulers.noised_sample(schedule, jnp.zeros_like(residual), residual, slot)  # b r
+    level = schedulers.coefficient_at(schedule.sample_from_noise, slot, residual) * residual  # b r
     drift = schedulers.predicted_x0(schedule, slot, noise, level)
     a_next, b_next = (schedulers.coefficient_at(c, slot, residual)
                       for c in (schedule.next_from_x0, schedule.next_from_noise))
