@@ -106,3 +106,39 @@ def test_files_through_a_slow_device_lose_no_frame():
     counts = run_threaded(slow_step, range(40), written.append, queue_size=2, live=False)
     assert (counts.read, counts.calls, counts.dropped_in, counts.dropped_out) == (40, 40, 0, 0)
     assert written == list(range(40))
+
+
+def finished_within(seconds, fn):
+    """fn() run in a thread: its result or what it raised; fails if it is still running after `seconds`."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = fn()
+        except Exception as e:  # noqa: BLE001 -- compared by the test
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the run hangs"
+    return outcome
+
+
+def test_an_error_in_reading_writing_or_the_device_ends_the_run_and_is_raised():
+    def broken_source():
+        yield from range(3)
+        raise OSError("frame 3 cannot be read")
+
+    def broken_writer(_):
+        raise OSError("the disk is full")
+
+    def broken_step(_):
+        raise RuntimeError("the device failed")
+
+    for kwargs, message in [(dict(frames=broken_source(), write=lambda _: None), "frame 3"),
+                            (dict(frames=range(50), write=broken_writer), "disk is full"),
+                            (dict(frames=range(50), write=lambda _: None, step=broken_step), "device failed")]:
+        kwargs.setdefault("step", lambda frame: frame)
+        outcome = finished_within(10, lambda: run_threaded(queue_size=2, live=False, **kwargs))  # noqa: B023
+        assert message in str(outcome.get("error")), outcome

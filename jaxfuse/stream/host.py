@@ -57,38 +57,38 @@ class FrameQueue:
     """A bounded first-in first-out queue between two threads. With `drop_oldest` (a live source)
     `put` never waits: when the queue is full the oldest item is dropped and counted, so a slow
     consumer sees the newest items; without it (files) `put` waits for room and nothing is lost.
-    `close` ends the `get`s once the items before it are taken: they return `CLOSED`."""
+    After `close`, `get` returns the items put before it, then `CLOSED`, and `put` (a waiting one
+    too) drops its item: a side that stops never leaves the other waiting."""
 
     def __init__(self, maxsize: int, drop_oldest: bool = True):
         if maxsize < 1:
             raise ValueError(f"maxsize must be at least 1, got {maxsize}.")
         self.items: collections.deque = collections.deque()
-        self.maxsize, self.drop_oldest, self.dropped = maxsize, drop_oldest, 0
+        self.maxsize, self.drop_oldest, self.dropped, self.closed = maxsize, drop_oldest, 0, False
         self.changed = threading.Condition()
 
     def put(self, item: Any) -> None:
         with self.changed:
-            if len(self.items) >= self.maxsize:
+            if len(self.items) >= self.maxsize and not self.closed:
                 if self.drop_oldest:
                     self.items.popleft()
                     self.dropped += 1
                 else:
-                    self.changed.wait_for(lambda: len(self.items) < self.maxsize)
-            self.items.append(item)
+                    self.changed.wait_for(lambda: len(self.items) < self.maxsize or self.closed)
+            if not self.closed:
+                self.items.append(item)
             self.changed.notify_all()
 
     def close(self) -> None:
         with self.changed:
-            self.items.append(CLOSED)
+            self.closed = True
             self.changed.notify_all()
 
     def get(self) -> Any:
-        """The oldest item, waiting for one; `CLOSED` after `close`."""
+        """The oldest item, waiting for one; `CLOSED` once the queue is closed and empty."""
         with self.changed:
-            self.changed.wait_for(lambda: self.items)
-            item = self.items.popleft()
-            if item is CLOSED:
-                self.items.appendleft(CLOSED)  # every later get ends too
+            self.changed.wait_for(lambda: self.items or self.closed)
+            item = self.items.popleft() if self.items else CLOSED
             self.changed.notify_all()
             return item
 
@@ -110,30 +110,38 @@ def run_threaded(step: Callable[[Any], np.ndarray], frames: Iterable[Any], write
     and `write` in another, each behind a `FrameQueue` of `queue_size` (dropping the oldest item
     when `live`; waiting, for files), so that the device loop in this thread waits on neither; a
     frame the filter skips repeats the last output. Returns what was read, dropped, skipped,
-    called and written."""
+    called and written; an error in reading or writing ends the run and is raised here."""
     counts = RunCounts()
     inputs, outputs = FrameQueue(queue_size, live), FrameQueue(queue_size, live)
-    stop = threading.Event()  # the device loop ended early: a live source stops being read
+    failures: list[BaseException] = []  # what a thread raised: it ends the run and is raised here
 
     def read():
-        for frame in frames:
-            if stop.is_set():
-                break
-            counts.read += 1
-            inputs.put(prepare(frame))
-        inputs.close()
+        try:
+            for frame in frames:
+                if inputs.closed:  # the device loop ended early: a live source stops being read
+                    break
+                counts.read += 1
+                inputs.put(prepare(frame))
+        except BaseException as e:  # handed to the caller's thread
+            failures.append(e)
+        finally:
+            inputs.close()
 
     def drain():
-        while (images := outputs.get()) is not CLOSED:
-            write(images)
-            counts.written += 1
+        try:
+            while (images := outputs.get()) is not CLOSED:
+                write(images)
+                counts.written += 1
+        except BaseException as e:  # handed to the caller's thread
+            failures.append(e)
+            outputs.close()
 
     threads = [threading.Thread(target=read, daemon=True), threading.Thread(target=drain, daemon=True)]
     for thread in threads:
         thread.start()
     last = None
     try:
-        while (frame := inputs.get()) is not CLOSED:
+        while not outputs.closed and (frame := inputs.get()) is not CLOSED:
             if similarity is None or similarity(frame) or last is None:
                 last = step(frame)
                 counts.calls += 1
@@ -141,9 +149,11 @@ def run_threaded(step: Callable[[Any], np.ndarray], frames: Iterable[Any], write
                 counts.skipped += 1
             outputs.put(last)
     finally:
-        stop.set()
+        inputs.close()
         outputs.close()
         for thread in threads:
             thread.join()
         counts.dropped_in, counts.dropped_out = inputs.dropped, outputs.dropped
+    if failures:
+        raise failures[0]
     return counts
