@@ -107,6 +107,11 @@ def write_atomically(path: Path, write: Callable[[Any], None], overwrite: bool) 
         Path(temporary).unlink(missing_ok=True)
 
 
+def pil_image(image: np.ndarray) -> Image.Image:
+    """An image [H, W, 3] float32 in [0, 1] as 8-bit RGB."""
+    return Image.fromarray(np.round(image * 255).astype(np.uint8))
+
+
 def write_image(files: ImageFiles, image: np.ndarray, settings: dict[str, Any], timings: dict[str, float],
                 overwrite: bool = False) -> None:
     """The image [H, W, 3] float32 in [0, 1] as PNG (with `settings` in a text chunk), the JSON of
@@ -118,7 +123,7 @@ def write_image(files: ImageFiles, image: np.ndarray, settings: dict[str, Any], 
     if isinstance(settings.get("prompt"), str):
         info.add_text("Description", settings["prompt"])
     info.add_text("Software", "jaxfuse")
-    pixels = Image.fromarray(np.round(image * 255).astype(np.uint8))
+    pixels = pil_image(image)
     write_atomically(files.png, lambda f: pixels.save(f, format="PNG", pnginfo=info), overwrite)
     record = {"settings": settings, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
     write_atomically(files.json, lambda f: f.write(json.dumps(record, indent=2, allow_nan=False).encode()), overwrite)

@@ -248,3 +248,61 @@ def test_one_slot_per_device_exchanges_only_the_images_it_hands_over(pipe, cond,
     latent = 4 * int(np.prod(shape))
     received = collective_bytes(hlo.as_text())
     assert received == {"collective-permute": (handed_over + 1) * latent, "all-reduce": latent * 3 // 2}
+
+
+def write_video(path: Path, frames: np.ndarray, rate: int) -> None:
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=rate)
+        video.height, video.width, video.pix_fmt = frames.shape[1], frames.shape[2], "yuv420p"
+        for frame in frames:
+            container.mux(video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(video.encode())
+
+
+def read_video(path: Path) -> tuple[np.ndarray, float]:
+    """Every frame [T, H, W, 3] float in [0, 1], and the rate."""
+    import av
+
+    with av.open(str(path)) as container:
+        rate = float(container.streams.video[0].average_rate)
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]) / 255, rate
+
+
+@pytest.mark.slow
+def test_the_command_streams_a_video_into_a_video(pipe, tiny_sdxl_folder, tmp_path):
+    rows, columns = np.mgrid[:HEIGHT, :WIDTH]
+    frames = np.stack([np.stack([(rows * 4 + 40 * t) % 256, (columns * 5) % 256, np.full_like(rows, 60 * t)], -1)
+                       for t in range(5)]).astype(np.uint8)  # smooth frames: the codec keeps them nearly as they are
+    write_video(tmp_path / "in.mp4", frames, rate=12)
+    decoded, _ = read_video(tmp_path / "in.mp4")  # what the stream is fed
+    args = ["--model", str(tiny_sdxl_folder), "--cache-dir", str(tmp_path / "cache"), "--prompt", "a red circle"]
+    assert stream_main([*args, "--input", str(tmp_path / "in.mp4"), "--output", str(tmp_path / "out.mp4")]) == 0
+    written, rate = read_video(tmp_path / "out.mp4")
+    live = Stream(pipe, "a red circle", config=StreamConfig((32, 45), 1, "none"), height=HEIGHT, width=WIDTH,
+                  guidance_scale=1.0)
+    expected = live.run(np.concatenate([decoded, decoded[-1:]])[:, None].astype(np.float32))[1:, 0]
+    assert rate == 12 and written.shape == expected.shape == (5, HEIGHT, WIDTH, 3)
+    # The same images through the same codec: H.264 loses much on the tiny model's noise-like images
+    # (0.05 mean absolute difference), the same way each time.
+    write_video(tmp_path / "expected.mp4", np.round(expected * 255).astype(np.uint8), rate=12)
+    assert np.abs(written - read_video(tmp_path / "expected.mp4")[0]).max() <= 1 / 255  # measured: 0, bit for bit
+    assert not list(tmp_path.glob(".*partial*"))  # the temporary file was moved into place
+
+
+def test_the_command_keeps_an_existing_video_and_names_misplaced_arguments(tiny_sdxl_folder, tmp_path, capsys):
+    (tmp_path / "out.mp4").write_bytes(b"earlier")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (WIDTH, HEIGHT)).save(tmp_path / "in" / "0.png")
+    base = ["--model", str(tiny_sdxl_folder), "--cache-dir", str(tmp_path / "cache")]
+    assert stream_main([*base, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out.mp4")]) == 2
+    assert "out.mp4 exists; choose another name or give --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out.mp4").read_bytes() == b"earlier"
+    assert stream_main([*base, "--serve", "--input", str(tmp_path / "in")]) == 2
+    assert "--serve takes its frames from the page's camera" in capsys.readouterr().err
+    assert stream_main(base) == 2
+    assert "give --output (a folder or a video file), or --serve" in capsys.readouterr().err
+    (tmp_path / "not-a-video.mp4").write_bytes(b"no video here")
+    assert stream_main([*base, "--input", str(tmp_path / "not-a-video.mp4"), "--output", str(tmp_path / "o")]) == 2
+    assert "is not a video FFmpeg can read" in capsys.readouterr().err

@@ -2,39 +2,44 @@
 
     python -m jaxfuse.stream --output out/                          # text to image: the demo, 16 images
     python -m jaxfuse.stream --input frames/ --output out/ --prompt "a blue square at the top left"
+    python -m jaxfuse.stream --input clip.mp4 --output styled.mp4   # video in and out: jaxfuse[video]
     python -m jaxfuse.stream --prompts prompts.txt --output out/    # text to image, one prompt a call in turn
+    python -m jaxfuse.stream --serve                                # a live web page: jaxfuse[serve]
 
-Writes one PNG per image, out/000000.png, ..., and prints the images per second and the latency
-(from a frame read to its image written) as they come. Image to image reads a folder of PNG or
-JPEG frames in name order; each frame's image is written under the frame's index. The stream
-holds `len(--t-index)` images in flight, so the first image leaves that many calls after it
-entered; the command feeds the last frame again to let the final ones out. The default model is
-the built-in demo with its few-step LCM-LoRA (`--lora demo-lcm`), which runs on a laptop CPU.
-Every argument is checked before the model loads; images already in `--output` are kept unless
-`--overwrite` is given. Exit codes as `python -m jaxfuse.generate`'s: 0 done, 2 an input that
-cannot work, 1 the environment failed.
+Writes one PNG per image, out/000000.png, ..., or a video when `--output` ends in .mp4, .mov,
+.mkv or .webm (at the input video's rate, else `--fps`), and prints the images per second and the
+latency (from a frame read to its image written) as they come. Image to image reads a folder of
+PNG or JPEG frames in name order, or a video file; each frame's image is written under the
+frame's index. The stream holds `len(--t-index)` images in flight, so the first image leaves that
+many calls after it entered; the command feeds the last frame again to let the final ones out.
+`--serve` serves a page (`jaxfuse.stream.serve`) that streams the browser's camera through the
+stream, with a prompt box. The default model is the built-in demo with its few-step LCM-LoRA
+(`--lora demo-lcm`), which runs on a laptop CPU. Every argument is checked before the model
+loads; images already in `--output` are kept unless `--overwrite` is given. Exit codes as
+`python -m jaxfuse.generate`'s: 0 done, 2 an input that cannot work, 1 the environment failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.generate import lora_weights, run_command
 from jaxfuse.pipeline import load_pipeline
 from jaxfuse.sampling.stream import RCFG, StreamConfig
-from jaxfuse.spec import PipelineError, checked_image
+from jaxfuse.spec import PipelineError
+from jaxfuse.stream import media
 from jaxfuse.stream.host import SimilarityFilter, run_threaded
 from jaxfuse.stream.program import Stream
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--prompts", type=Path, help="a text file, one prompt a line: each call takes the next")
     p.add_argument("--negative-prompt", help="for --rcfg initialize and full")
-    p.add_argument("--input", type=Path, help="a folder of frames (image to image); none: text to image")
+    p.add_argument("--input", type=Path,
+                   help="a folder of frames or a video file (image to image); none: text to image")
     p.add_argument("--frames", type=int, default=16, help="text to image: how many images")
-    p.add_argument("--output", type=Path, required=True, help="the folder the images go to")
+    p.add_argument("--output", type=Path, help="the folder the images go to, or a video file")
+    p.add_argument("--fps", type=float, default=8.0, help="an output video's rate when the input is not a video")
     p.add_argument("--overwrite", action="store_true", help="replace images already in --output")
     p.add_argument("--t-index", type=int, nargs="+",
                    help="the steps of the 50-step LCM schedule each image goes through (default: 32 45 for "
@@ -63,29 +70,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve", action="store_true", help="serve the live page instead (camera in, images out)")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on")
+    p.add_argument("--port", type=int, default=8765, help="--serve: the port to listen on")
     p.add_argument("--cache-dir", type=Path, help="where converted weights are kept (default ~/.cache/jaxfuse)")
     return p
 
 
-def read_frame(path: Path) -> np.ndarray:
-    try:
-        with PIL.Image.open(path) as image:
-            return checked_image(np.asarray(image.convert("RGB")), 1)[0]
-    except PIL.UnidentifiedImageError as e:
-        raise PipelineError(f"--input: {path} is not an image PIL can read.") from e
-
-
-def check_args(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
-    """The frames to read and the prompts, every argument checked before the model loads."""
-    frames = []
+def check_args(args: argparse.Namespace) -> tuple[media.FrameSource | None, list[str]]:
+    """The frame source (None: text to image) and the prompts, every argument checked before the
+    model loads."""
+    if args.serve:
+        given = [name for name in ("input", "output", "prompts") if getattr(args, name) is not None]
+        if given:
+            raise PipelineError(f"--serve takes its frames from the page's camera and shows the images there: "
+                                f"drop --{', --'.join(given)}.")
+        if args.frame_buffer != 1:
+            raise PipelineError("--serve streams one camera frame a call: drop --frame-buffer.")
+        if not 0 < args.port < 65536:
+            raise PipelineError(f"--port {args.port} is not a TCP port.")
+        try:
+            import aiohttp  # noqa: F401
+        except ImportError as e:
+            raise PipelineError('--serve needs aiohttp: pip install "jaxfuse[serve]".') from e
+        return None, [args.prompt]
+    if args.output is None:
+        raise PipelineError("give --output (a folder or a video file), or --serve for the live page.")
+    source = None
     if args.input is not None:
-        if not args.input.is_dir():
-            raise PipelineError(f"--input {args.input} is not a folder of frames.")
-        frames = sorted(p for p in args.input.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not frames:
-            raise PipelineError(f"--input {args.input} holds no PNG or JPEG frames.")
+        source = media.frame_source(args.input)
     elif args.frames < 1:
         raise PipelineError(f"--frames {args.frames}: make at least one image.")
+    if not args.fps > 0:
+        raise PipelineError(f"--fps {args.fps} must be positive.")
     prompts = [args.prompt]
     if args.prompts is not None:
         if not args.prompts.is_file():
@@ -93,12 +110,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
         prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
         if not prompts:
             raise PipelineError(f"--prompts {args.prompts} holds no prompt.")
-    if args.output.exists() and not args.overwrite and any(args.output.glob("*.png")):
-        raise PipelineError(f"--output {args.output} holds images already; choose another folder or give "
-                            "--overwrite.")
-    if args.frame_buffer != 1 and args.input is not None and len(frames) % args.frame_buffer:
-        raise PipelineError(f"--frame-buffer {args.frame_buffer} must divide the {len(frames)} frames.")
-    return frames, prompts
+    media.check_output(args.output, args.overwrite)
+    return source, prompts
 
 
 class LiveReport:
@@ -127,33 +140,40 @@ class LiveReport:
 
 
 def run(args: argparse.Namespace) -> None:
-    frame_files, prompts = check_args(args)
-    image_to_image = bool(frame_files)
+    source, prompts = check_args(args)
+    image_to_image = source is not None or args.serve
     t_index = args.t_index or ((32, 45) if image_to_image else (0, 16, 32, 45))
     config = StreamConfig(tuple(t_index), args.frame_buffer, args.rcfg)
     loras = lora_weights(args.lora if args.lora is not None or args.model != DEMO_MODEL else ["demo-lcm"])
-    height, width = args.height, args.width
-    if image_to_image:
-        height, width = read_frame(frame_files[0]).shape[:2]
+    height, width = source.size if source is not None else (args.height, args.width)
     pipe = load_pipeline(args.model, cache_dir=args.cache_dir, loras=loras,
                          log=lambda line: print(line, file=sys.stderr))
     stream = Stream(pipe, prompts[0], args.negative_prompt, config=config, image_to_image=image_to_image,
                     height=height, width=width, guidance_scale=args.guidance_scale, delta=args.delta, seed=args.seed)
-    f, lag = config.frame_buffer_size, config.slots - 1
-    total = len(frame_files) if image_to_image else args.frames
-    calls = -(-total // f)
-    args.output.mkdir(parents=True, exist_ok=True)
-    report, count = LiveReport(), {"calls": 0, "written": 0, "saved": 0}
+    similarity = None if args.similarity_threshold is None else SimilarityFilter(args.similarity_threshold,
+                                                                                   args.max_skips, args.seed)
+    if args.serve:
+        from jaxfuse.stream.serve import serve  # aiohttp: the optional extra
 
-    def sources():  # each call's frames, then the last ones again until the final images are out
-        for call in range(calls + lag):
-            if call < calls:
-                report.read()
-            if image_to_image:
-                first = min(call, calls - 1) * f
-                yield np.stack([read_frame(path) for path in frame_files[first:first + f]])
-            else:
-                yield None
+        print(f"compiling the stream at {stream.request.width}x{stream.request.height}...", file=sys.stderr)
+        serve(stream, args.host, args.port, similarity)
+        return
+    f, lag = config.frame_buffer_size, config.slots - 1
+    report, count = LiveReport(), {"calls": 0, "written": 0, "saved": 0, "total": None}
+
+    def calls() -> Iterator[np.ndarray | None]:
+        """Each call's f frames (the last call's filled up with its last frame), then the last
+        frames again until the final images are out; `count["total"]` set at the input's end."""
+        if source is None:
+            count["total"] = args.frames
+            groups = itertools.repeat(None, -(-args.frames // f))
+        else:
+            groups = frame_groups(source.frames(), f, count)
+        last = None
+        for last in groups:
+            report.read()
+            yield last
+        yield from itertools.repeat(last, lag)
 
     def step(frames):
         if len(prompts) > 1:
@@ -164,21 +184,37 @@ def run(args: argparse.Namespace) -> None:
     def write(images):
         index = count["written"] - lag * f  # the first `lag` calls hand out the empty buffer's images
         count["written"] += len(images)
-        if not 0 <= index < total:
+        if index < 0:
             return
-        for i, image in enumerate(images[:total - index]):
-            PIL.Image.fromarray(np.round(image * 255).astype(np.uint8)).save(args.output / f"{index + i:06d}.png")
+        for i, image in enumerate(images[:count["total"] - index]):
+            sink.write(index + i, image)
             count["saved"] += 1
         report.written(len(images))
 
-    similarity = None if args.similarity_threshold is None else SimilarityFilter(args.similarity_threshold,
-                                                                                   args.max_skips, args.seed)
-    source = f"the {total} frames of {args.input}" if image_to_image else f"{total} images from text"
-    print(f"streaming {source} at {stream.request.width}x{stream.request.height}, {config.slots} steps in flight, "
+    what = f"the frames of {args.input}" if source is not None else f"{args.frames} images from text"
+    print(f"streaming {what} at {stream.request.width}x{stream.request.height}, {config.slots} steps in flight, "
           f"rcfg {config.rcfg.value}; compiling first...", file=sys.stderr)
-    counts = run_threaded(step, sources(), write, similarity, queue_size=4, live=False)
+    rate = source.rate if source is not None and source.rate else Fraction(args.fps).limit_denominator(1001)
+    with media.image_sink(args.output, rate, args.overwrite) as sink:
+        counts = run_threaded(step, calls(), write, similarity, queue_size=4, live=False)
     print(f"\nwrote {count['saved']} images to {args.output}: {counts.calls} stream calls, {counts.skipped} "
           "frames skipped as alike", file=sys.stderr)
+
+
+def frame_groups(frames: Iterator[np.ndarray], f: int, count: dict) -> Iterator[np.ndarray]:
+    """Frames in groups [f, H, W, 3], the last filled up with its last frame; `count["total"]`
+    the number of frames, set before the last group is handed on."""
+    total, group = 0, list(itertools.islice(frames, f))
+    if not group:
+        raise PipelineError("--input holds no frames.")
+    while group:
+        total += len(group)
+        following = list(itertools.islice(frames, f))  # one group ahead: the last one is known as such
+        if not following:
+            count["total"] = total
+            group += [group[-1]] * (f - len(group))
+        yield np.stack(group)
+        group = following
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,7 @@ class Stream:
         request = self.pipe.spec.request(prompt, negative_prompt, height=self.request.height,
                                          width=self.request.width)
         self.cond = self.pipe.conditioning(request, negative=True)
+        self.request = request
 
     def _images(self, unet_params, vae_params, state, cond, guidance, frames):
         """One call: frames [f, H, W, 3] (or None) -> (the next state, images [f, H, W, 3])."""
