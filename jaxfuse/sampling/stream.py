@@ -46,17 +46,20 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxfuse import schedulers
-from jaxfuse.config import ConfigError
-from jaxfuse.parallel.patch import Patch
-from jaxfuse.parallel.slots import SLOT_ROWS, Slots
+from jaxfuse.config import ConfigError, Mode, ParallelConfig
+from jaxfuse.parallel.mesh import ROWS
+from jaxfuse.parallel.patch import PATCH, Patch, own_rows, vary_like, zeros_like_shapes
+from jaxfuse.parallel.slots import SLOT_ROWS, SLOTS, Slots
 from jaxfuse.sampling.step import Conditioning, Guidance, Sampling, predict_noise
 
 
@@ -71,6 +74,14 @@ class RCFG(str, enum.Enum):
         return self in (RCFG.SELF, RCFG.INITIALIZE)
 
 
+class FirstStep(str, enum.Enum):
+    """How an entering image's first step sees the other patches of a displaced patch-parallel
+    stream, where it has no stale context of its own yet."""
+
+    SYNC = "sync"  # a synchronous step of the entering rows alone, recording their context
+    PREVIOUS = "previous"  # the stale context the previous entering frame left at the same step
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
     """The settings that shape the compiled stream call."""
@@ -78,10 +89,12 @@ class StreamConfig:
     t_index_list: tuple[int, ...] = (32, 45)  # the steps of the schedule each image goes through
     frame_buffer_size: int = 1  # f: frames entering (and leaving) per call
     rcfg: RCFG = RCFG.SELF
+    first_step: FirstStep = FirstStep.SYNC  # patch-parallel displaced streams only
 
     def __post_init__(self):
         object.__setattr__(self, "t_index_list", tuple(int(t) for t in self.t_index_list))
         object.__setattr__(self, "rcfg", RCFG(self.rcfg))
+        object.__setattr__(self, "first_step", FirstStep(self.first_step))
         if self.frame_buffer_size < 1:
             raise ConfigError(f"frame_buffer_size: {self.frame_buffer_size} must be at least 1.")
 
@@ -108,6 +121,7 @@ class StreamState:
     next_noise: jax.Array  # [R, C, h, w] float32: the next slot's (a row's step noises it to that slot)
     key: jax.Array  # [2] uint32 key data: text-to-image input noise, folded with `calls`
     calls: jax.Array  # [] int32
+    stale: Any = None  # displaced patch parallelism: each image's context from its previous step
 
 
 @flax.struct.dataclass
@@ -130,20 +144,26 @@ def initial_state(config: StreamConfig, latent_shape: tuple[int, int, int], seed
                        calls=jnp.zeros((), jnp.int32))
 
 
-def state_specs() -> StreamState:
-    """How a `StreamState` crosses a `shard_map` over `SLOTS`: rows by slot, the rest replicated."""
-    return StreamState(SLOT_ROWS, SLOT_ROWS, SLOT_ROWS, SLOT_ROWS, P(), P())
+def state_specs(mesh: Mesh, stale: bool) -> StreamState:
+    """How a `StreamState` crosses a `shard_map` over `mesh`: along `SLOTS` rows by slot, along
+    `PATCH` every latent by its rows and the stale context stacked; keys and counts replicated."""
+    rows = SLOT_ROWS if SLOTS in mesh.axis_names else ROWS
+    return StreamState(rows, rows, rows, rows, P(), P(), P(PATCH) if stale else None)
 
 
 def entering_latents(config: StreamConfig, schedule: schedulers.Schedule, state: StreamState,
-                     frame: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+                     frame: jax.Array | None, split: bool = False) -> tuple[jax.Array, jax.Array]:
     """Slot 0's latents [f, C, h, w] and the noise they carry: image-to-image, `frame`'s clean
     latents [f, C, h, w] noised to slot 0 with its fixed noise (the first f rows held: slot 0's
-    where it is held); text-to-image (None), fresh noise."""
+    where it is held); text-to-image (None), fresh noise (this device's rows of the whole
+    image's when the rows are `split` over patches)."""
     f = config.frame_buffer_size
     if frame is None:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.calls)
-        noise = jax.random.normal(key, state.noise[:f].shape, jnp.float32)
+        def draw(shape):
+            return jax.random.normal(key, shape, jnp.float32)
+
+        noise = own_rows(draw, state.noise[:f].shape, axis=2) if split else draw(state.noise[:f].shape)
         return noise * schedule.init_noise_sigma, noise
     noise = state.noise[:f]
     return schedulers.noised_sample(schedule, frame.astype(jnp.float32), noise, 0), noise
@@ -158,46 +178,123 @@ def concat_rows(*conds: Conditioning) -> Conditioning:
     return jax.tree.map(lambda *v: jnp.concatenate(v), *conds)
 
 
-def guided_noise(unet, params, config: StreamConfig, slots: Slots, schedule: schedulers.Schedule,
-                 slot: jax.Array, x: jax.Array, residual: jax.Array, cond: Conditioning,
-                 guidance: StreamGuidance) -> tuple[jax.Array, jax.Array]:
-    """The guided noise prediction [r, C, h, w] of the rows held `x` at their slots `slot` [r],
-    and the residual noise the prediction used (slot 0's replaced by the unconditional prediction
-    for `initialize`). `cond`: [1] the prompt, or [2] negative prompt and prompt."""
+def guided_noise(unet, params, config: StreamConfig, schedule: schedulers.Schedule, patch: Patch,
+                 slot: jax.Array, x: jax.Array, residual: jax.Array, cond: Conditioning, guidance: StreamGuidance,
+                 stale: Any, entering: Slots | None) -> tuple[jax.Array, jax.Array, Any]:
+    """The guided noise prediction [r, C, h, w] of the rows `x` at their slots `slot` [r], the
+    residual noise it used, and the UNet's stale context after it (`patch`: how it sees the other
+    patches; None when not kept). `entering`: where these rows hold the entering frames (the
+    first f), whose residual `initialize` replaces by their unconditional prediction; None: they
+    hold none. `cond`: [1] the prompt, or [2] negative prompt and prompt. UNet batch rows:
+    `full` [unconditional r; conditional r], `initialize` [unconditional f; conditional r]."""
     rcfg, f, rows = config.rcfg, config.frame_buffer_size, x.shape[0]
     cond_rows = rows_of(cond, cond.context.shape[0] - 1, rows)
     if rcfg is RCFG.FULL:
         sampling = Sampling(use_guidance=True, use_rescale=False)
-        noise, _ = predict_noise(unet, params, sampling, Patch(), schedule, slot, x,
-                                 concat_rows(rows_of(cond, 0, rows), cond_rows),
-                                 Guidance(guidance.scale, jnp.zeros((), jnp.float32)))
-        return noise, residual
+        noise, stale = predict_noise(unet, params, sampling, patch, schedule, slot, x,
+                                     concat_rows(rows_of(cond, 0, rows), cond_rows),
+                                     Guidance(guidance.scale, jnp.zeros((), jnp.float32)), stale)
+        return noise, residual, stale
     plain = Sampling(use_guidance=False, use_rescale=False)
-    if rcfg is RCFG.INITIALIZE:  # the first f rows held: slot 0's where it is held (the others unused)
-        both, _ = predict_noise(unet, params, plain, Patch(), schedule, jnp.concatenate([slot[:f], slot]),
-                                jnp.concatenate([x[:f], x]), concat_rows(rows_of(cond, 0, f), cond_rows), None)
+    if rcfg is RCFG.INITIALIZE and entering is not None:
+        both, stale = predict_noise(unet, params, plain, patch, schedule, jnp.concatenate([slot[:f], slot]),
+                                    jnp.concatenate([x[:f], x]), concat_rows(rows_of(cond, 0, f), cond_rows),
+                                    None, stale)
         negative, cond_noise = both[:f], both[f:]
-        residual = slots.with_first(residual, negative)
+        residual = entering.with_first(residual, negative)
     else:
-        cond_noise, _ = predict_noise(unet, params, plain, Patch(), schedule, slot, x, cond_rows, None)
+        cond_noise, stale = predict_noise(unet, params, plain, patch, schedule, slot, x, cond_rows, None, stale)
     if rcfg is RCFG.NONE:
-        return cond_noise, residual
+        return cond_noise, residual, stale
     negative = guidance.delta * residual
-    return negative + guidance.scale * (cond_noise - negative), residual
+    return negative + guidance.scale * (cond_noise - negative), residual, stale
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a call's rows are spread: `slots` (all on one device, or one slot per device), and
+    `patch`, how the UNet sees the other patches when every image is split by rows (`PATCH`)."""
+
+    slots: Slots
+    patch: Patch = Patch()
+
+    @property
+    def keeps_stale(self) -> bool:
+        return self.patch.reads_stale
+
+    def entering_first(self, config: StreamConfig) -> bool:
+        """The entering rows take a synchronous step of their own (`FirstStep.SYNC`)."""
+        return self.keeps_stale and config.first_step is FirstStep.SYNC and config.slots > 1
+
+    def predict(self, unet, params, config: StreamConfig, schedule: schedulers.Schedule, slot: jax.Array,
+                x: jax.Array, residual: jax.Array, cond: Conditioning, guidance: StreamGuidance,
+                stale: Any) -> tuple[jax.Array, jax.Array, Any]:
+        """`guided_noise` of every row held, and the stale context each image takes to its next
+        step: it moves with the image to the next slot (`stale_sources`)."""
+        def run(patch, rows, stale, entering):
+            return guided_noise(unet, params, config, schedule, patch, slot[rows], x[rows], residual[rows], cond,
+                                guidance, stale, entering)
+
+        everything = slice(None)
+        if not self.keeps_stale:
+            return run(self.patch, everything, None, self.slots)
+        if not self.entering_first(config):
+            noise, residual, written = run(self.patch, everything, stale, self.slots)
+            return noise, residual, take_rows(written, stale_sources(config, FirstStep.PREVIOUS))
+        f = config.frame_buffer_size
+        first = run(dataclasses.replace(self.patch, mode=Mode.SYNC, record=True), slice(0, f), None, Slots(1, f))
+        rest = run(self.patch, slice(f, None), stale, None)
+        joined = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first[2], rest[2])
+        return (jnp.concatenate([first[0], rest[0]]), jnp.concatenate([first[1], rest[1]]),
+                take_rows(joined, stale_sources(config, FirstStep.SYNC)))
+
+
+def stale_sources(config: StreamConfig, first_step: FirstStep) -> np.ndarray:
+    """For each UNet batch row whose stale context a displaced call reads, the row of this call's
+    written context it takes: the same image's, one slot back. `PREVIOUS`: one call on every row
+    (`guided_noise`'s batch layout); the entering rows keep their own (the previous frame's at
+    the same step). `SYNC`: rows of slots 1..n-1 read it, from this call's written context of the
+    entering rows' synchronous call followed by the others' (their unconditional rows too for
+    `full`; for `initialize`, the entering call's negative rows come first and are left)."""
+    f, rows = config.frame_buffer_size, config.rows
+    halves = 2 if config.rcfg is RCFG.FULL else 1
+    if first_step is FirstStep.PREVIOUS:
+        image = np.arange(rows)
+        image = np.where(image < f, image, image - f)  # slot s > 0 takes slot s - 1's row
+        sources = np.concatenate([image + half * rows for half in range(halves)])
+        if config.rcfg is RCFG.INITIALIZE:  # the negative rows first, each keeping its own
+            sources = np.concatenate([np.arange(f), sources + f])
+        return sources
+    entering_halves = 2 if config.rcfg in (RCFG.FULL, RCFG.INITIALIZE) else 1
+    entering, rest = entering_halves * f, rows - f
+    sources = []
+    for half in range(halves):
+        within = np.arange(rest)  # rows of slots 1..n-1 in this half
+        from_entering = (entering_halves - halves + half) * f + within  # slot 1: the entering call's rows
+        from_rest = entering + half * rest + within - f  # slot s > 1: slot s - 1's, of the other call
+        sources.append(np.where(within < f, from_entering, from_rest))
+    return np.concatenate(sources)
+
+
+def take_rows(stale: Any, sources: np.ndarray) -> Any:
+    """Each stale leaf [B, ...] (the batch leads) -> [len(sources), ...], its rows `sources`."""
+    return jax.tree.map(lambda leaf: jnp.take(leaf, jnp.asarray(sources), axis=0), stale)
 
 
 def advance(unet, params, config: StreamConfig, schedule: schedulers.Schedule, cond: Conditioning,
             guidance: StreamGuidance, state: StreamState, frame: jax.Array | None,
-            slots: Slots) -> tuple[StreamState, jax.Array]:
-    """One call on the rows held (`slots`): the frames entering (`frame` [f, C, h, w] clean latents,
-    or None for text-to-image) take slot 0, every row takes one step, and each slot's result moves
-    to the next slot: (the next state, the stepped rows [r, C, h, w], whose last slot's are the
-    denoised images that leave)."""
-    entering, entering_noise = entering_latents(config, schedule, state, frame)
+            layout: Layout) -> tuple[StreamState, jax.Array]:
+    """One call on the rows held (`layout`): the frames entering (`frame` [f, C, h, w] clean
+    latents, or None for text-to-image) take slot 0, every row takes one step, and each slot's
+    result moves to the next slot: (the next state, the stepped rows [r, C, h, w], whose last
+    slot's are the denoised images that leave)."""
+    slots = layout.slots
+    entering, entering_noise = entering_latents(config, schedule, state, frame, layout.patch.split)
     x = slots.with_first(state.latents, entering)
     residual = slots.with_first(state.residual, entering_noise)
     slot = slots.of_rows()
-    noise, residual = guided_noise(unet, params, config, slots, schedule, slot, x, residual, cond, guidance)
+    noise, residual, stale = layout.predict(unet, params, config, schedule, slot, x, residual, cond, guidance,
+                                            state.stale)
     # Each row moves to the next slot's timestep with that slot's noise; the last slot's "next
     # step" is the clean estimate (noise weight 0), which is the image that leaves.
     stepped, _ = schedulers.step(schedule, schedulers.init_state(schedule, x, None), slot, noise, x, state.next_noise)
@@ -205,7 +302,10 @@ def advance(unet, params, config: StreamConfig, schedule: schedulers.Schedule, c
         residual = slots.to_next(next_residual(schedule, slot, noise, residual, state.next_noise))
     else:
         residual = state.residual
-    return state.replace(latents=slots.to_next(stepped), residual=residual, calls=state.calls + 1), stepped
+    if stale is not None:
+        stale = vary_like(stale, state.stale)
+    return state.replace(latents=slots.to_next(stepped), residual=residual, calls=state.calls + 1,
+                         stale=stale), stepped
 
 
 def stream_step(unet, params, config: StreamConfig, schedule: schedulers.Schedule, cond: Conditioning,
@@ -215,23 +315,76 @@ def stream_step(unet, params, config: StreamConfig, schedule: schedulers.Schedul
     return stream_program(unet, config, schedule, None)(params, state, cond, guidance, frame)
 
 
-def stream_program(unet, config: StreamConfig, schedule: schedulers.Schedule, mesh: Mesh | None) -> Callable:
-    """`stream_step` as a function of (params, state, cond, guidance, frame); on `mesh` (axis
-    `SLOTS`, one device a slot), each device steps its slot and hands its images to the next."""
-    slots = Slots(config.slots, config.frame_buffer_size, spread=mesh is not None)
+def layout_of(config: StreamConfig, mesh: Mesh | None, parallel: ParallelConfig) -> Layout:
+    """One device (no mesh), one slot per device (a `SLOTS` mesh), or every image split by rows
+    (a `PATCH` mesh, the patches seeing each other as `parallel` says)."""
+    if mesh is not None and SLOTS in mesh.axis_names:
+        return Layout(Slots(config.slots, config.frame_buffer_size, spread=True))
+    here = config.slots_here()
+    if mesh is None:
+        return Layout(here)
+    return Layout(here, Patch.of(parallel))
+
+
+def stream_program(unet, config: StreamConfig, schedule: schedulers.Schedule, mesh: Mesh | None,
+                   parallel: ParallelConfig = ParallelConfig()) -> Callable:
+    """`stream_step` as a function of (params, state, cond, guidance, frame); on a `SLOTS` mesh
+    each device steps its slot and hands its images to the next; on a `PATCH` mesh every device
+    steps its rows of every image, as `parallel.mode` says (a displaced stream's state carries
+    the stale context: start it with `on_mesh`)."""
+    layout = layout_of(config, mesh, parallel)
 
     def run(params, state, cond, guidance, frame):
-        return advance(unet, params, config, schedule, cond, guidance, state, frame, slots)
+        return advance(unet, params, config, schedule, cond, guidance, state, frame, layout)
 
     if mesh is not None:
-        run = jax.shard_map(run, mesh=mesh, in_specs=(P(), state_specs(), P(), P(), P()),
-                            out_specs=(state_specs(), SLOT_ROWS))
+        specs = state_specs(mesh, layout.keeps_stale)
+        rows, frame_spec = (SLOT_ROWS, P()) if layout.slots.spread else (ROWS, ROWS)
+        run = jax.shard_map(run, mesh=mesh, in_specs=(P(), specs, P(), P(), frame_spec), out_specs=(specs, rows))
 
     def program(params, state, cond, guidance, frame):
         state, stepped = run(params, state, cond, guidance, frame)
         return state, stepped[-config.frame_buffer_size:]
 
     return program
+
+
+def on_mesh(unet, params, config: StreamConfig, schedule: schedulers.Schedule, cond: Conditioning,
+            guidance: StreamGuidance, state: StreamState, mesh: Mesh, parallel: ParallelConfig) -> StreamState:
+    """`state` laid out on `mesh` as the stream program's calls hand it on (so the first call
+    compiles the same program as the others), with zero stale context for a displaced
+    patch-parallel stream (its shapes traced abstractly)."""
+    layout = layout_of(config, mesh, parallel)
+    specs = state_specs(mesh, layout.keeps_stale)
+    if layout.keeps_stale:
+        def zeros(params, state, cond, guidance):
+            # What the displaced call reads is shaped as what a recording synchronous call on the
+            # same rows writes: every row (`PREVIOUS`), or those of slots 1..n-1 (`SYNC`).
+            entering_first = layout.entering_first(config)
+            rows = slice(config.frame_buffer_size if entering_first else 0, None)
+            recording = dataclasses.replace(layout.patch, mode=Mode.SYNC, record=True)
+            shapes = jax.eval_shape(lambda: guided_noise(
+                unet, params, config, schedule, recording, layout.slots.of_rows()[rows], state.latents[rows],
+                state.residual[rows], cond, guidance, None, None if entering_first else layout.slots)[2])
+            return zeros_like_shapes(shapes)
+
+        stale = jax.jit(jax.shard_map(zeros, mesh=mesh, in_specs=(P(), state_specs(mesh, False), P(), P()),
+                                      out_specs=P(PATCH)))(params, state, cond, guidance)
+        state = state.replace(stale=stale)
+    # The specs as the program's outputs carry them (no trailing None), which the compiled call
+    # tells apart from the same layout spelled longer.
+    def sharding(spec: P) -> NamedSharding:
+        axes = list(spec)
+        while axes and axes[-1] is None:
+            axes.pop()
+        return NamedSharding(mesh, P(*axes))
+
+    shardings = jax.tree.map(sharding, specs, is_leaf=lambda x: isinstance(x, P))
+    state = jax.device_put(state, shardings)
+    # An empty stale leaf (a stride-2 convolution's halo below) comes out of the program replicated.
+    replicated = NamedSharding(mesh, P())
+    return state.replace(stale=jax.tree.map(lambda x: jax.device_put(x, replicated) if x.size == 0 else x,
+                                            state.stale))
 
 
 def next_residual(schedule: schedulers.Schedule, slot: jax.Array, noise: jax.Array, residual: jax.Array,
