@@ -328,16 +328,34 @@ def test_each_image_takes_its_own_stale_context_to_its_next_slot(rcfg, first_ste
 PATCH_HEIGHT = 64  # 8 latent rows: 2 patches of 4 rows the tiny UNet can halve
 
 
-@pytest.mark.parametrize("n, f, rcfg, image", [(4, 2, "full", False),
-                                                pytest.param(2, 1, "initialize", True, marks=SLOW)])
-def test_rows_split_in_sync_equal_one_device(pipe, n, f, rcfg, image):
+@pytest.mark.parametrize("n, f, rcfg, image, mode", [
+    (4, 2, "full", False, "sync"),
+    pytest.param(2, 1, "initialize", True, "sync", marks=SLOW),
+    # One step: every step is an image's first, synchronous (`FirstStep.SYNC`) however displaced.
+    pytest.param(1, 2, "self", True, "displaced", marks=SLOW),
+])
+def test_rows_split_in_sync_equal_one_device(pipe, n, f, rcfg, image, mode):
     config = StreamConfig(T_INDEX[n], f, rcfg)
     streams = [Stream(pipe, "a red circle", "a blue square", config=config, image_to_image=image,
                       height=PATCH_HEIGHT, width=WIDTH, guidance_scale=SCALE, delta=DELTA, seed=4,
-                      patch_parallel=parallel) for parallel in (None, ParallelConfig(2, "sync"))]
+                      patch_parallel=parallel) for parallel in (None, ParallelConfig(2, mode))]
     clip = np.random.default_rng(8).uniform(size=(n + 2, f, PATCH_HEIGHT, WIDTH, 3)).astype(np.float32)
     one, split = (s.run(clip) if image else s.run(calls=n + 2) for s in streams)
     assert np.abs(split - one).max() < 5e-5  # images in [0, 1]; measured 4.6e-6
+
+
+@pytest.mark.slow
+def test_the_command_splits_rows_over_devices(tiny_sdxl_folder, tmp_path):
+    frames = np.random.default_rng(10).integers(0, 256, (3, PATCH_HEIGHT, WIDTH, 3), dtype=np.uint8)
+    (tmp_path / "in").mkdir()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / "in" / f"frame{i}.png")
+    args = ["--model", str(tiny_sdxl_folder), "--cache-dir", str(tmp_path / "cache"), "--input", str(tmp_path / "in")]
+    assert stream_main([*args, "--output", str(tmp_path / "one")]) == 0
+    assert stream_main([*args, "--output", str(tmp_path / "split"), "--devices", "2", "--mode", "sync"]) == 0
+    for i in range(3):
+        one, split = (np.asarray(Image.open(tmp_path / out / f"{i:06d}.png"), float) for out in ("one", "split"))
+        assert np.abs(one - split).max() <= 1  # PNG rounding of images equal to 5e-5
 
 
 def alone_displaced(pipe, config, schedule, cond, mesh):

@@ -16,9 +16,16 @@ alone with the same noise (the first n - 1 calls hand out the zeros the buffer s
 denoised). Image-to-image: the frame's latents noised to slot 0's level with slot 0's noise;
 text-to-image: fresh noise from the state's key.
 
-Over devices (`stream_program` on a mesh along `parallel.slots.SLOTS`) each device holds one
-slot: the stream is a pipeline over denoising steps, and moving the images to the next slot is
-one `ppermute` of f latents a call (and of their residual noise for `self` and `initialize`).
+Over devices, two ways (`stream_program` on a mesh, the state laid out on it by `on_mesh`):
+- along `parallel.slots.SLOTS` each device holds one slot: the stream is a pipeline over
+  denoising steps, and moving the images to the next slot is one `ppermute` of f latents a call
+  (and of their residual noise for `self` and `initialize`);
+- along `parallel.patch.PATCH` every image is split by rows, as the image loop splits one
+  (`ParallelConfig.mode`). In displaced (and pcpp) mode the state carries each row's stale
+  context, and it moves with its image to the next slot (`stale_sources`), so every image sees the
+  other patches as they were at its own previous step. An entering image has none yet
+  (`FirstStep`): its first step gets a synchronous exchange of its own (a second UNet call on
+  the f entering rows, recording their context), or reads what the previous entering frame left.
 
 Residual classifier-free guidance (`RCFG`) replaces the unconditional prediction eps_u in
 eps = eps_u + scale (eps_c - eps_u) by:
@@ -224,7 +231,7 @@ class Layout:
 
     def entering_first(self, config: StreamConfig) -> bool:
         """The entering rows take a synchronous step of their own (`FirstStep.SYNC`)."""
-        return self.keeps_stale and config.first_step is FirstStep.SYNC and config.slots > 1
+        return self.keeps_stale and config.first_step is FirstStep.SYNC
 
     def predict(self, unet, params, config: StreamConfig, schedule: schedulers.Schedule, slot: jax.Array,
                 x: jax.Array, residual: jax.Array, cond: Conditioning, guidance: StreamGuidance,
@@ -323,7 +330,10 @@ def layout_of(config: StreamConfig, mesh: Mesh | None, parallel: ParallelConfig)
     here = config.slots_here()
     if mesh is None:
         return Layout(here)
-    return Layout(here, Patch.of(parallel))
+    patch = Patch.of(parallel)
+    if patch.reads_stale and config.first_step is FirstStep.SYNC and config.slots == 1:
+        patch = dataclasses.replace(patch, mode=Mode.SYNC)  # every step is an image's first
+    return Layout(here, patch)
 
 
 def stream_program(unet, config: StreamConfig, schedule: schedulers.Schedule, mesh: Mesh | None,

@@ -32,10 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxfuse.config import ParallelConfig
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.generate import lora_weights, run_command
+from jaxfuse.parallel.mesh import emulate_cpu_devices
 from jaxfuse.pipeline import load_pipeline
-from jaxfuse.sampling.stream import RCFG, StreamConfig
+from jaxfuse.sampling.stream import RCFG, FirstStep, StreamConfig
 from jaxfuse.spec import PipelineError
 from jaxfuse.stream import media
 from jaxfuse.stream.host import SimilarityFilter, run_threaded
@@ -67,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--similarity-threshold", type=float,
                    help="skip frames this similar to the last one that went through (e.g. 0.98; default: off)")
     p.add_argument("--max-skips", type=int, default=10, help="skips in a row before a frame goes through")
+    p.add_argument("--devices", type=int, default=1,
+                   help="split every image by rows over this many devices (on a CPU, emulated ones)")
+    p.add_argument("--mode", choices=["sync", "displaced", "pcpp", "naive"], default="displaced",
+                   help="with --devices: how the patches see each other (sync equals one device)")
+    p.add_argument("--first-step", choices=[s.value for s in FirstStep], default="sync",
+                   help="displaced: an entering image's first step synchronous, or on the previous frame's context")
+    p.add_argument("--slot-parallel", action="store_true",
+                   help="instead of splitting rows, one step of the stream per device (len(--t-index) devices)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -94,6 +104,11 @@ def check_args(args: argparse.Namespace) -> tuple[media.FrameSource | None, list
         except ImportError as e:
             raise PipelineError('--serve needs aiohttp: pip install "jaxfuse[serve]".') from e
         return None, [args.prompt]
+    if args.devices < 1:
+        raise PipelineError(f"--devices {args.devices}: give 1 or more.")
+    if args.slot_parallel and args.devices > 1:
+        raise PipelineError("--slot-parallel puts one step on each device; it does not split rows too: drop "
+                            "--devices or --slot-parallel.")
     if args.output is None:
         raise PipelineError("give --output (a folder or a video file), or --serve for the live page.")
     source = None
@@ -143,13 +158,18 @@ def run(args: argparse.Namespace) -> None:
     source, prompts = check_args(args)
     image_to_image = source is not None or args.serve
     t_index = args.t_index or ((32, 45) if image_to_image else (0, 16, 32, 45))
-    config = StreamConfig(tuple(t_index), args.frame_buffer, args.rcfg)
+    config = StreamConfig(tuple(t_index), args.frame_buffer, args.rcfg, args.first_step)
+    patch_parallel = ParallelConfig(args.devices, args.mode) if args.devices > 1 else None
+    emulate_cpu_devices(config.slots if args.slot_parallel else args.devices)  # before JAX starts; not on GPU
     loras = lora_weights(args.lora if args.lora is not None or args.model != DEMO_MODEL else ["demo-lcm"])
     height, width = source.size if source is not None else (args.height, args.width)
     pipe = load_pipeline(args.model, cache_dir=args.cache_dir, loras=loras,
                          log=lambda line: print(line, file=sys.stderr))
     stream = Stream(pipe, prompts[0], args.negative_prompt, config=config, image_to_image=image_to_image,
-                    height=height, width=width, guidance_scale=args.guidance_scale, delta=args.delta, seed=args.seed)
+                    height=height, width=width, guidance_scale=args.guidance_scale, delta=args.delta, seed=args.seed,
+                    slot_parallel=args.slot_parallel, patch_parallel=patch_parallel)
+    spread = (f", one step per device on {config.slots}" if args.slot_parallel else
+              f", rows split over {args.devices} devices ({args.mode})" if patch_parallel else "")
     similarity = None if args.similarity_threshold is None else SimilarityFilter(args.similarity_threshold,
                                                                                    args.max_skips, args.seed)
     if args.serve:
@@ -193,7 +213,7 @@ def run(args: argparse.Namespace) -> None:
 
     what = f"the frames of {args.input}" if source is not None else f"{args.frames} images from text"
     print(f"streaming {what} at {stream.request.width}x{stream.request.height}, {config.slots} steps in flight, "
-          f"rcfg {config.rcfg.value}; compiling first...", file=sys.stderr)
+          f"rcfg {config.rcfg.value}{spread}; compiling first...", file=sys.stderr)
     rate = source.rate if source is not None and source.rate else Fraction(args.fps).limit_denominator(1001)
     with media.image_sink(args.output, rate, args.overwrite) as sink:
         counts = run_threaded(step, calls(), write, similarity, queue_size=4, live=False)

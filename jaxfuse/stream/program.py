@@ -65,7 +65,7 @@ class Stream:
         mesh = slots_mesh(config.slots) if slot_parallel else make_mesh(parallel) if patch_parallel else None
         # On a mesh, what the calls read lives on its devices (replicated; the state as it is split).
         self._placed = (lambda tree: tree) if mesh is None else (lambda tree: place(tree, NamedSharding(mesh, P())))
-        self.unet_params = self._placed(pipe.unet_params)
+        self.unet_params, self.vae_params = self._placed(pipe.unet_params), self._placed(pipe.vae_params)
         self.cond = self._placed(pipe.conditioning(self.request, negative=True))
         latent_shape = pipe.spec.latent_shape(1, self.request.height, self.request.width)[1:]
         self.state = stream.initial_state(config, latent_shape, seed)
@@ -123,7 +123,7 @@ class Stream:
         return frames
 
     def __call__(self, frames: Any = None) -> np.ndarray:
-        self.state, images = self._call(self.unet_params, self.pipe.vae_params, self.state, self.cond,
+        self.state, images = self._call(self.unet_params, self.vae_params, self.state, self.cond,
                                         self.guidance, self._frames(frames))
         return self._checked(images)
 
@@ -138,7 +138,7 @@ class Stream:
             if clip is not None or calls is None:
                 raise PipelineError("this stream draws from text alone: pass calls=T and no clip.")
             xs = np.arange(calls, dtype=np.int32)
-        self.state, images = self._clip(self.unet_params, self.pipe.vae_params, self.state, self.cond,
+        self.state, images = self._clip(self.unet_params, self.vae_params, self.state, self.cond,
                                         self.guidance, xs)
         return self._checked(images)
 
