@@ -13,7 +13,10 @@ layout the images are compared with the one-device stream's (PSNR, dB, over the 
 stream has filled) and read by the demo's detector (prompt accuracy). Layouts: `sync` (equal to
 one device), `displaced` with the first step synchronous (`--first-step sync`), and `displaced`
 with the first step on the previous entering frame's context (`previous`). On a CPU the devices
-are emulated: this measures what stale context costs, not time.
+are emulated: this measures what stale context costs, not time; beside it, the bytes a device
+receives in one stream call's UNet work, read from the compiled program (`collective_bytes`):
+displaced steps exchange as much as synchronous ones, but do not wait for it (on an
+accelerator), and a synchronous first step adds the entering rows' exchange, waited for.
 """
 
 from __future__ import annotations
@@ -64,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     devices, calls = ((2,), 6) if args.quick else (tuple(args.devices), args.calls)
     emulate_cpu_devices(max(devices))
 
+    import jax
     import numpy as np
 
+    from jaxfuse.analysis.hlo import collective_bytes
     from jaxfuse.config import ParallelConfig
     from jaxfuse.demo import DEMO_LCM_LORA, DEMO_MODEL, DEMO_PROMPT
     from jaxfuse.demo.architecture import IMAGE_SIZE
@@ -83,27 +88,34 @@ def main(argv: list[str] | None = None) -> int:
         lag = len(t_index) - 1
 
         def run(parallel, first_step="sync"):
+            """(the images of the frames that entered, past the empty buffer's; the bytes a device
+            receives in one call's UNet work, from the compiled program)."""
             stream = Stream(pipe, prompt, config=StreamConfig(t_index, 1, "none", first_step),
                             image_to_image=frames is not None, guidance_scale=1.0, seed=3, patch_parallel=parallel)
+            latents = None if frames is None else np.zeros((1, *stream.state.latents.shape[1:]), np.float32)
+            hlo = jax.jit(stream._program).lower(stream.unet_params, stream.state, stream.cond, stream.guidance,
+                                                 latents).compile().as_text()
             images = stream.run(frames) if frames is not None else stream.run(calls=calls)
-            return images[lag:, 0]  # the images of the frames that entered, past the empty buffer's
+            return images[lag:, 0], sum(collective_bytes(hlo).values())
 
-        one = run(None)
+        one, _ = run(None)
         one_accuracy = float(np.mean([prompt_accuracy(prompt, image) for image in one]))
         rows.append({"task": task, "devices": 1, "mode": "one device", "first_step": "-", "psnr_db": float("inf"),
-                     "accuracy": one_accuracy})
+                     "accuracy": one_accuracy, "received_kb": 0.0})
         for n in devices:
             for mode, first_step in LAYOUTS:
-                images = run(ParallelConfig(n, mode), first_step)
+                images, received = run(ParallelConfig(n, mode), first_step)
                 rows.append({"task": task, "devices": n, "mode": mode,
                              "first_step": first_step if mode == "displaced" else "-",
                              "psnr_db": float(np.mean([psnr(a, b) for a, b in zip(images, one)])),
-                             "accuracy": float(np.mean([prompt_accuracy(prompt, image) for image in images]))})
+                             "accuracy": float(np.mean([prompt_accuracy(prompt, image) for image in images])),
+                             "received_kb": received / 1024})
                 print(f"{task}, N={n}, {mode} {first_step}: {rows[-1]['psnr_db']:.1f} dB", file=sys.stderr)
-    print("| task | N | mode | first step | PSNR vs one device (dB) | prompt accuracy |\n|---|---|---|---|---|---|")
+    print("| task | N | mode | first step | PSNR vs one device (dB) | prompt accuracy | received per device and "
+          "call (KB) |\n|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['task']} | {row['devices']} | {row['mode']} | {row['first_step']} | "
-              f"{row['psnr_db']:.1f} | {row['accuracy']:.1%} |")
+              f"{row['psnr_db']:.1f} | {row['accuracy']:.1%} | {row['received_kb']:.0f} |")
     if args.json:
         args.json.write_text(json.dumps({"calls": calls, "rows": rows}, indent=2))
     return 0
