@@ -54,6 +54,7 @@ def test_writes_png_json_and_array(folder, tmp_path):
     assert Image.open(out).text["Description"] == "a blue triangle"
 
 
+@pytest.mark.slow
 def test_several_images_are_one_batch_with_numbered_files(folder, tmp_path, capsys):
     out = tmp_path / "x.png"
     assert run(folder, tmp_path, "--output", str(out), "--num-images", "2", "--seed", "5", "--guidance-scale", "1") == 0

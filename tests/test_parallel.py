@@ -156,7 +156,8 @@ def step_jaxpr(unet, patch, params, inputs, stale=None):
     return outer.params["jaxpr"]
 
 
-@pytest.mark.parametrize("parallel", [ParallelConfig(4, Mode.DISPLACED), ParallelConfig(4, Mode.PCPP)],
+@pytest.mark.parametrize("parallel", [ParallelConfig(4, Mode.DISPLACED),
+                                      pytest.param(ParallelConfig(4, Mode.PCPP), marks=pytest.mark.slow)],
                          ids=["displaced", "pcpp"])
 def test_displaced_noise_prediction_waits_on_no_exchange_of_its_step(unet, params, inputs, parallel):
     """Asynchrony is real: of everything a displaced (or pcpp) step exchanges, only the first
@@ -351,6 +352,7 @@ def test_pcpp_without_context_is_naive_attention_with_displaced_convolutions(une
     assert relative(partial, local_attention) <= 1e-6  # measured 0 (two programs: may round differently)
 
 
+@pytest.mark.slow
 def test_pcpp_bytes_match_the_formula(unet, params, inputs):
     """Counted from the compiled HLO against displaced: each self-attention receives, instead of
     (N - 1) x T tokens' keys and values by all-gather, two windows of window(p, T) tokens by

@@ -278,7 +278,7 @@ def test_image_encode_on_four_devices_equals_one(pipe, tall_noise):
     assert np.abs(images - pipe(**request)).max() < 5e-5  # measured 5.1e-6
 
 
-@pytest.mark.parametrize("mode", [Mode.DISPLACED, Mode.PCPP])
+@pytest.mark.parametrize("mode", [Mode.DISPLACED, pytest.param(Mode.PCPP, marks=pytest.mark.slow)])
 def test_warmup_covering_every_step_equals_single(pipe, tall_noise, tall_single, mode):
     parallel = ParallelConfig(4, mode, warmup_steps=4, gn=GroupNormMode.SYNC)
     images = pipe(**PARALLEL_REQUEST, latents=tall_noise, parallel=parallel)

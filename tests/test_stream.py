@@ -218,8 +218,8 @@ def test_stream_speed_script_quick(tmp_path):
     assert "| 2 | full |" in run.stdout
 
 
-@pytest.mark.parametrize("n, f, rcfg, image", [pytest.param(2, 1, "initialize", True, marks=SLOW),
-                                                (4, 2, "self", False)])
+@pytest.mark.slow
+@pytest.mark.parametrize("n, f, rcfg, image", [(2, 1, "initialize", True), (4, 2, "self", False)])
 def test_one_slot_per_device_equals_one_device(pipe, cond, n, f, rcfg, image):
     config = StreamConfig(T_INDEX[n], f, rcfg)
     schedule = schedulers.lcm_at(pipe.spec.scheduler, 50, config.t_index_list)
