@@ -119,20 +119,33 @@ def test_each_image_leaves_as_if_denoised_alone(pipe, unet, cond, n, f, image, r
     assert worst < 1e-5  # of the image's max; measured 2.5e-6
 
 
-def test_a_prompt_change_compiles_nothing(pipe, cond):
-    config = StreamConfig((32, 45), 1, "initialize")
+@pytest.mark.parametrize("rcfg", [r.value for r in RCFG])
+def test_a_prompt_change_compiles_nothing_and_reaches_what_each_type_reads(pipe, cond, rcfg):
+    """A new prompt changes every type's images; a new negative prompt those of the types with a
+    negative prediction (`initialize`, `full`) and no other; neither compiles anything."""
+    config = StreamConfig((32, 45), 1, rcfg)
     schedule = schedulers.lcm_at(pipe.spec.scheduler, 50, config.t_index_list)
     guidance = StreamGuidance(jnp.float32(SCALE), jnp.float32(DELTA))
     call = jax.jit(functools.partial(stream.stream_step, pipe.unet, config=config, schedule=schedule,
                                      guidance=guidance))
     state = stream.initial_state(config, (4, HEIGHT // 8, WIDTH // 8), seed=0)
-    other = pipe.conditioning(pipe.spec.request("a green star", "a red circle", height=HEIGHT, width=WIDTH,
-                                                guidance_scale=SCALE))
     frame = jnp.ones((1, 4, HEIGHT // 8, WIDTH // 8))
-    first = call(pipe.unet_params, state=state, cond=cond, frame=frame)[1]
-    second = call(pipe.unet_params, state=state, cond=other, frame=frame)[1]
+
+    def images(prompt, negative):
+        """The image of the first frame, out at the second call."""
+        other = pipe.conditioning(pipe.spec.request(prompt, negative, height=HEIGHT, width=WIDTH,
+                                                    guidance_scale=SCALE))
+        after_first, _ = call(pipe.unet_params, state=state, cond=other, frame=frame)
+        return np.asarray(call(pipe.unet_params, state=after_first, cond=other, frame=frame)[1])
+
+    first = images("a red circle", "a blue square")
+    new_prompt, new_negative = images("a green star", "a blue square"), images("a red circle", "a green star")
     assert call._cache_size() == 1
-    assert np.abs(np.asarray(first) - np.asarray(second)).max() > 1e-3
+    assert np.abs(first - new_prompt).max() > 1e-3
+    if RCFG(rcfg) in (RCFG.INITIALIZE, RCFG.FULL):
+        assert np.abs(first - new_negative).max() > 1e-3
+    else:
+        assert np.array_equal(first, new_negative)
 
 
 @pytest.mark.parametrize("t_index, message", [((45, 32), "ascending"), ((0, 50), "0..49"), ((), "distinct")])
