@@ -1,0 +1,91 @@
+"""Views of a canvas larger than the model's native size (MultiDiffusion, Bar-Tal et al. 2023):
+windows of the native latent size at a stride, each denoised as an image of its own, the canvas
+set to the weighted average of what the views make of it. Pure functions for the view boxes,
+the crop and the merge; uniform weights (MultiDiffusion) or Gaussian ones centred on each window
+(Mixture of Diffusers, Jiménez 2023), which fade a view out towards its borders.
+
+    boxes = view_boxes((H, W), window=(h, w), stride=(sh, sw))   # [V, 2] top-left corners
+    views = crop(canvas, boxes, (h, w))                          # [V, B, C, h, w]
+    canvas = merge(views, boxes, (H, W), window_weights((h, w), Weighting.GAUSSIAN))
+
+Merging the views' noise predictions and then stepping the canvas once equals MultiDiffusion's
+average of the views' stepped latents for every sampler here: a step is, per pixel, linear in
+the noise prediction with coefficients the same in every view.
+
+Legend: B images, C channels, H/W the canvas's latent rows and columns, h/w a window's, V views.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfuse.config import ConfigError
+
+GAUSSIAN_VARIANCE = 0.01  # Mixture of Diffusers' variance, on coordinates scaled to the window's side
+
+
+class Weighting(str, enum.Enum):
+    UNIFORM = "uniform"  # every pixel of a view counts the same (MultiDiffusion)
+    GAUSSIAN = "gaussian"  # a view counts less towards its borders (Mixture of Diffusers)
+
+
+def view_starts(size: int, window: int, stride: int) -> list[int]:
+    """The first row (or column) of each view along one side: 0, stride, 2 stride, ..., and the
+    last view flush with the end, so that every row is in some view."""
+    if not 0 < window <= size:
+        raise ConfigError(f"a view of {window} does not fit a canvas of {size}; make the canvas at least the "
+                          "model's native size.")
+    if not 0 < stride <= window:
+        raise ConfigError(f"stride {stride} must be in [1, {window}] (the window): a larger one leaves gaps.")
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+def view_boxes(canvas: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]) -> np.ndarray:
+    """(H, W), (h, w), (sh, sw) -> [V, 2] int: each view's (top, left), row by row."""
+    rows, columns = (view_starts(*sides) for sides in zip(canvas, window, stride))
+    return np.asarray([(top, left) for top in rows for left in columns], np.int32)
+
+
+def window_weights(window: tuple[int, int], weighting: Weighting) -> np.ndarray:
+    """[h, w] float32 weights of a view's pixels: ones, or the product of two Gaussians over the
+    rows and columns, centred on the window, variance `GAUSSIAN_VARIANCE` in units of its side."""
+    if Weighting(weighting) is Weighting.UNIFORM:
+        return np.ones(window, np.float32)
+
+    def gaussian(side: int) -> np.ndarray:
+        x = (np.arange(side) - (side - 1) / 2) / side
+        return np.exp(-x**2 / (2 * GAUSSIAN_VARIANCE)) / np.sqrt(2 * np.pi * GAUSSIAN_VARIANCE)
+
+    return np.outer(*(gaussian(side) for side in window)).astype(np.float32)
+
+
+def crop(canvas: jnp.ndarray, boxes: np.ndarray, window: tuple[int, int]) -> jnp.ndarray:
+    """[B, C, H, W], [V, 2] -> [V, B, C, h, w]: each view's window of the canvas."""
+    h, w = window
+    return jnp.stack([canvas[..., top:top + h, left:left + w] for top, left in boxes.tolist()])
+
+
+def merge(views: jnp.ndarray, boxes: np.ndarray, canvas: tuple[int, int], weights: np.ndarray) -> jnp.ndarray:
+    """[V, B, C, h, w] views, [V, 2] boxes, (H, W), [h, w] weights -> [B, C, H, W]: at each pixel
+    the weighted average of the views that cover it."""
+    total, weight = merge_sums(views, boxes, canvas, weights)
+    return total / weight
+
+
+def merge_sums(views: jnp.ndarray, boxes: np.ndarray, canvas: tuple[int, int],
+               weights: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The two sums `merge` divides: the weighted views placed on the canvas [B, C, H, W] and the
+    weight at each pixel [H, W]. Views spread over devices add their sums (one `psum`) first."""
+    h, w = weights.shape
+    total = jnp.zeros((*views.shape[1:3], *canvas), jnp.float32)
+    weight = np.zeros(canvas, np.float32)
+    for view, (top, left) in zip(views, boxes.tolist()):
+        total = total.at[..., top:top + h, left:left + w].add(view.astype(jnp.float32) * weights)
+        weight[top:top + h, left:left + w] += weights
+    return total, jnp.asarray(weight)

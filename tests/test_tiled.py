@@ -1,0 +1,77 @@
+"""The views of a large canvas (`jaxfuse.sampling.tiled`): boxes that cover it, a crop and a merge
+that agree with averages written out by hand."""
+
+import numpy as np
+import pytest
+
+from jaxfuse.config import ConfigError
+from jaxfuse.sampling.tiled import Weighting, crop, merge, view_boxes, view_starts, window_weights
+
+
+@pytest.mark.parametrize("size, window, stride, expected", [
+    (10, 4, 3, [0, 3, 6]),
+    (11, 4, 3, [0, 3, 6, 7]),  # the last view flush with the end
+    (8, 8, 4, [0]),  # one view covers the canvas
+    (12, 4, 4, [0, 4, 8]),  # stride = window: views that do not overlap
+])
+def test_views_start_every_stride_and_end_at_the_edge(size, window, stride, expected):
+    starts = view_starts(size, window, stride)
+    assert starts == expected
+    covered = np.zeros(size, bool)
+    for start in starts:
+        covered[start:start + window] = True
+    assert covered.all()
+
+
+@pytest.mark.parametrize("size, window, stride, message", [
+    (6, 8, 4, "does not fit a canvas of 6"),
+    (16, 8, 9, "stride 9 must be in \\[1, 8\\]"),
+    (16, 8, 0, "stride 0 must be in"),
+])
+def test_views_that_cannot_cover_are_named(size, window, stride, message):
+    with pytest.raises(ConfigError, match=message):
+        view_starts(size, window, stride)
+
+
+def test_the_merge_of_known_views_is_their_average_written_out():
+    # A 1 x 1 x 3 x 5 canvas, windows 3 x 3 at stride 2: views at columns 0 and 2, overlapping in column 2.
+    boxes = view_boxes((3, 5), (3, 3), (1, 2))
+    assert boxes.tolist() == [[0, 0], [0, 2]]
+    a, b = np.full((1, 1, 3, 3), 1.0, np.float32), np.full((1, 1, 3, 3), 4.0, np.float32)
+    weights = np.array([[1, 2, 1], [1, 2, 1], [1, 2, 1]], np.float32)
+    merged = np.asarray(merge(np.stack([a, b]), boxes, (3, 5), weights))[0, 0]
+    # Column 2 is a's last column (weight 1) and b's first (weight 1): (1 + 4) / 2.
+    assert merged[:, 0].tolist() == [1, 1, 1] and merged[:, 1].tolist() == [1, 1, 1]
+    assert merged[:, 2].tolist() == [2.5, 2.5, 2.5]
+    assert merged[:, 3].tolist() == [4, 4, 4] and merged[:, 4].tolist() == [4, 4, 4]
+    unequal = np.asarray(merge(np.stack([a, b]), boxes, (3, 5), np.array([[1, 1, 3]] * 3, np.float32)))[0, 0]
+    assert unequal[0, 2] == pytest.approx((3 * 1 + 1 * 4) / 4)  # a's weight 3 there, b's 1
+
+
+@pytest.mark.parametrize("weighting", list(Weighting))
+def test_crop_then_merge_gives_the_canvas_back(weighting):
+    canvas = np.random.default_rng(0).standard_normal((2, 4, 12, 20)).astype(np.float32)
+    boxes = view_boxes((12, 20), (8, 8), (3, 5))
+    views = crop(canvas, boxes, (8, 8))
+    assert views.shape == (len(boxes), 2, 4, 8, 8)
+    merged = merge(views, boxes, (12, 20), window_weights((8, 8), weighting))
+    assert np.abs(np.asarray(merged) - canvas).max() < 4e-6  # measured 2.4e-7 (uniform), 3.6e-7 (Gaussian)
+
+
+def test_views_that_do_not_overlap_are_placed_as_they_are():
+    views = np.random.default_rng(1).standard_normal((6, 1, 4, 4, 4)).astype(np.float32)
+    boxes = view_boxes((8, 12), (4, 4), (4, 4))
+    merged = np.asarray(merge(views, boxes, (8, 12), window_weights((4, 4), Weighting.GAUSSIAN)))
+    for view, (top, left) in zip(views, boxes.tolist()):
+        np.testing.assert_allclose(merged[..., top:top + 4, left:left + 4], view, rtol=1e-6)
+
+
+def test_gaussian_weights_fall_off_from_the_centre_as_the_formula_says():
+    weights = window_weights((8, 6), Weighting.GAUSSIAN)
+    assert weights.shape == (8, 6)
+    np.testing.assert_allclose(weights, weights[::-1, ::-1], rtol=1e-6)  # symmetric about the centre
+    row = (0 - 3.5) / 8  # the first row's distance from the centre, in units of the side
+    column = (2 - 2.5) / 6
+    expected = np.exp(-(row**2 + column**2) / (2 * 0.01)) / (2 * np.pi * 0.01)
+    assert weights[0, 2] == pytest.approx(expected, rel=1e-5)
+    assert weights[3:5, 2:4].min() > weights[0].max()
