@@ -1,11 +1,28 @@
 """The views of a large canvas (`jaxfuse.sampling.tiled`): boxes that cover it, a crop and a merge
 that agree with averages written out by hand."""
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxfuse import schedulers
 from jaxfuse.config import ConfigError
-from jaxfuse.sampling.tiled import Weighting, crop, merge, view_boxes, view_starts, window_weights
+from jaxfuse.pipeline import load_pipeline
+from jaxfuse.sampling.image import denoise
+from jaxfuse.sampling.step import Guidance, Sampling, predict_noise
+from jaxfuse.sampling.tiled import (
+    Tiling,
+    Weighting,
+    crop,
+    merge,
+    view_boxes,
+    view_predictor,
+    view_starts,
+    window_weights,
+)
 
 
 @pytest.mark.parametrize("size, window, stride, expected", [
@@ -75,3 +92,47 @@ def test_gaussian_weights_fall_off_from_the_centre_as_the_formula_says():
     expected = np.exp(-(row**2 + column**2) / (2 * 0.01)) / (2 * np.pi * 0.01)
     assert weights[0, 2] == pytest.approx(expected, rel=1e-5)
     assert weights[3:5, 2:4].min() > weights[0].max()
+
+
+HEIGHT, WIDTH = 64, 96  # latents 8 x 12: two 8 x 6 windows side by side
+WINDOW = (8, 6)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sdxl_folder, tmp_path_factory):
+    return load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path_factory.mktemp("cache"), log=lambda _: None)
+
+
+def loop(pipe, latents, cond, predict=predict_noise):
+    """The image loop (4 Euler steps, guidance 5) on `latents` with noise prediction `predict`."""
+    schedule = schedulers.make_schedule("euler", pipe.spec.scheduler, 4)
+    run = jax.jit(functools.partial(denoise, pipe.unet, sampling=Sampling(True, False), predict=predict))
+    return np.asarray(run(pipe.unet_params, latents, cond, schedule, Guidance(jnp.float32(5.0), jnp.float32(0.0)),
+                          schedulers.noise_keys([0])))
+
+
+def canvas_cond(pipe, height, width):
+    return pipe.conditioning(pipe.spec.request("a red circle", "a blue square", height=height, width=width))
+
+
+def test_one_view_of_the_whole_canvas_is_the_image_loop(pipe):
+    latents = np.random.default_rng(2).standard_normal((1, 4, 8, 6)).astype(np.float32)
+    cond = canvas_cond(pipe, 64, 48)
+    plain = loop(pipe, latents, cond)
+    tiled = loop(pipe, latents, cond, view_predictor(Tiling(WINDOW, WINDOW), (8, 6), pipe.spec.vae_factor))
+    assert np.abs(tiled - plain).max() <= 1e-6 * np.abs(plain).max()  # measured 0: the same program
+
+
+@pytest.mark.parametrize("weighting", list(Weighting))
+def test_views_that_do_not_overlap_are_tiles_denoised_alone(pipe, weighting):
+    """Each tile as its own image, its crop micro-conditioning at its place in the canvas."""
+    latents = np.random.default_rng(3).standard_normal((1, 4, 8, 12)).astype(np.float32)
+    cond = canvas_cond(pipe, HEIGHT, WIDTH)
+    tiled = loop(pipe, latents, cond, view_predictor(Tiling(WINDOW, WINDOW, weighting), (8, 12),
+                                                     pipe.spec.vae_factor))
+    worst = 0.0
+    for left in (0, 6):
+        tile_cond = cond.replace(time_ids=cond.time_ids.at[:, 3].set(left * pipe.spec.vae_factor))
+        alone = loop(pipe, latents[..., left:left + 6], tile_cond)
+        worst = max(worst, float(np.abs(tiled[..., left:left + 6] - alone).max() / np.abs(alone).max()))
+    assert worst <= 2e-5  # of the tile's max; measured 0 (uniform), 1.9e-6 (Gaussian: w x / w)

@@ -55,13 +55,16 @@ def sampler_noise(state: schedulers.SchedulerState, i: jax.Array, latents: jax.A
 
 
 def run_steps(unet: Any, sampling: Sampling, patch: Patch, params: Any, carry: ImageCarry, cond: Conditioning,
-              schedule: schedulers.Schedule, guidance: Guidance, start: Any, stop: Any) -> ImageCarry:
+              schedule: schedulers.Schedule, guidance: Guidance, start: Any, stop: Any,
+              predict: Callable = predict_noise) -> ImageCarry:
     """Steps start..stop-1, each layer seeing the other patches as `patch` says. With Python int
-    bounds the loop is a `lax.scan`; with traced ones one compiled program serves every range."""
+    bounds the loop is a `lax.scan`; with traced ones one compiled program serves every range.
+    `predict`: the noise prediction, `predict_noise` or one of its signature (the views of a
+    large canvas merged, `tiled.view_predictor`)."""
 
     def step(i, carry: ImageCarry) -> ImageCarry:
-        noise, stale = predict_noise(unet, params, sampling, patch, schedule, i, carry.latents, cond, guidance,
-                                     carry.stale)
+        noise, stale = predict(unet, params, sampling, patch, schedule, i, carry.latents, cond, guidance,
+                               carry.stale)
         fresh = sampler_noise(carry.scheduler, i, carry.latents, patch) if schedule.kind.stochastic else None
         x, state = schedulers.step(schedule, carry.scheduler, i, noise, carry.latents, fresh)
         return ImageCarry(x, state, vary_like(stale, carry.stale))
@@ -70,11 +73,12 @@ def run_steps(unet: Any, sampling: Sampling, patch: Patch, params: Any, carry: I
 
 
 def denoise(unet: Any, params: Any, latents: jax.Array, cond: Conditioning, schedule: schedulers.Schedule,
-            guidance: Guidance, noise_keys: jax.Array, sampling: Sampling) -> jax.Array:
+            guidance: Guidance, noise_keys: jax.Array, sampling: Sampling,
+            predict: Callable = predict_noise) -> jax.Array:
     """The whole sampling loop: latents [B, C, h, w] -> denoised latents."""
     carry = initial_carry(unet, params, latents, cond, schedule, guidance, noise_keys, sampling)
     for patch, start, stop in sampling.phases(schedule.timesteps.shape[0]):
-        carry = run_steps(unet, sampling, patch, params, carry, cond, schedule, guidance, start, stop)
+        carry = run_steps(unet, sampling, patch, params, carry, cond, schedule, guidance, start, stop, predict)
     return carry.latents
 
 

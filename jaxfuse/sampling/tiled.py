@@ -7,6 +7,7 @@ the crop and the merge; uniform weights (MultiDiffusion) or Gaussian ones centre
     boxes = view_boxes((H, W), window=(h, w), stride=(sh, sw))   # [V, 2] top-left corners
     views = crop(canvas, boxes, (h, w))                          # [V, B, C, h, w]
     canvas = merge(views, boxes, (H, W), window_weights((h, w), Weighting.GAUSSIAN))
+    denoise(..., predict=view_predictor(Tiling((h, w), (sh, sw)), (H, W), vae_factor))  # the image loop on views
 
 Merging the views' noise predictions and then stepping the canvas once equals MultiDiffusion's
 average of the views' stepped latents for every sampler here: a step is, per pixel, linear in
@@ -17,12 +18,18 @@ Legend: B images, C channels, H/W the canvas's latent rows and columns, h/w a wi
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from collections.abc import Callable
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jaxfuse.config import ConfigError
+from jaxfuse.sampling.step import predict_noise
 
 GAUSSIAN_VARIANCE = 0.01  # Mixture of Diffusers' variance, on coordinates scaled to the window's side
 
@@ -89,3 +96,35 @@ def merge_sums(views: jnp.ndarray, boxes: np.ndarray, canvas: tuple[int, int],
         total = total.at[..., top:top + h, left:left + w].add(view.astype(jnp.float32) * weights)
         weight[top:top + h, left:left + w] += weights
     return total, jnp.asarray(weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How a canvas is cut into views, in latent rows and columns."""
+
+    window: tuple[int, int]  # (h, w): the model's native latent size
+    stride: tuple[int, int]
+    weighting: Weighting = Weighting.UNIFORM
+
+
+def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int) -> Callable:
+    """A noise prediction with `predict_noise`'s signature for a canvas [B, C, H, W]: every view
+    predicted as an image of its own, one view at a time (`lax.map`: the memory of one), with
+    SDXL's crop micro-conditioning set to the view's top-left corner in pixels, and the
+    predictions merged. The image loop (`sampling.image`) runs it as it runs `predict_noise`."""
+    boxes = view_boxes(canvas, tiling.window, tiling.stride)
+    weights = window_weights(tiling.window, tiling.weighting)
+    corners = jnp.asarray(boxes * vae_factor, jnp.float32)  # [V, 2] (top, left) in pixels
+
+    def predict(unet: Any, params: Any, sampling: Any, patch: Any, schedule: Any, i: jax.Array,
+                latents: jax.Array, cond: Any, guidance: Any, stale: Any = None) -> tuple[jax.Array, Any]:
+        def one(view_and_corner):
+            view, corner = view_and_corner
+            # time_ids: (original size, crop top-left, target size), per conditioning row.
+            view_cond = cond.replace(time_ids=cond.time_ids.at[:, 2:4].set(corner))
+            return predict_noise(unet, params, sampling, patch, schedule, i, view, view_cond, guidance)[0]
+
+        noises = lax.map(one, (crop(latents, boxes, tiling.window), corners))
+        return merge(noises, boxes, canvas, weights), stale
+
+    return predict
