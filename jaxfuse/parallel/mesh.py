@@ -70,6 +70,16 @@ def make_mesh(cfg: ParallelConfig, devices: list | None = None) -> Mesh:
 
 # Latents and images, NCHW, split by rows over the patches (replicated over the CFG groups).
 ROWS = PartitionSpec(None, None, PATCH, None)
+VIEWS = "views"  # mesh axis over which the views of a large canvas are spread (`sampling.tiled`)
+
+
+def axis_mesh(axis: str, count: int, devices: list | None = None) -> Mesh:
+    """A one-axis mesh of the first `count` devices (default: `jax.devices()`) along `axis`: a
+    stream's slots, a canvas's views."""
+    devices = jax.devices() if devices is None else devices
+    if len(devices) < count:
+        raise ParallelError(f"{count} devices asked for along {axis!r}, {len(devices)} present.")
+    return Mesh(np.asarray(devices[:count]), (axis,), axis_types=(AxisType.Auto,))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
+from jaxfuse.parallel.mesh import axis_mesh
+
 SLOTS = "slots"  # mesh axis over which a stream's slots are spread
 
 
@@ -51,8 +53,7 @@ class Slots:
 
 def slots_mesh(count: int, devices: list | None = None) -> Mesh:
     """A one-axis mesh of `count` devices along SLOTS."""
-    devices = jax.devices() if devices is None else devices
-    return jax.make_mesh((count,), (SLOTS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:count])
+    return axis_mesh(SLOTS, count, devices)
 
 
 SLOT_ROWS = PartitionSpec(SLOTS)  # a stream's rows split by slot

@@ -7,7 +7,7 @@ the crop and the merge; uniform weights (MultiDiffusion) or Gaussian ones centre
     boxes = view_boxes((H, W), window=(h, w), stride=(sh, sw))   # [V, 2] top-left corners
     views = crop(canvas, boxes, (h, w))                          # [V, B, C, h, w]
     canvas = merge(views, boxes, (H, W), window_weights((h, w), Weighting.GAUSSIAN))
-    denoise(..., predict=view_predictor(Tiling((h, w), (sh, sw)), (H, W), vae_factor))  # the image loop on views
+    loop = views_loop(unet, sampling, Tiling((h, w), (sh, sw)), (H, W), vae_factor, mesh)  # the image loop on views
 
 Merging the views' noise predictions and then stepping the canvas once equals MultiDiffusion's
 average of the views' stepped latents for every sampler here: a step is, per pixel, linear in
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,8 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jaxfuse.config import ConfigError
+from jaxfuse.parallel.mesh import VIEWS
+from jaxfuse.sampling.image import denoise
 from jaxfuse.sampling.step import predict_noise
 
 GAUSSIAN_VARIANCE = 0.01  # Mixture of Diffusers' variance, on coordinates scaled to the window's side
@@ -72,30 +77,36 @@ def window_weights(window: tuple[int, int], weighting: Weighting) -> np.ndarray:
     return np.outer(*(gaussian(side) for side in window)).astype(np.float32)
 
 
-def crop(canvas: jnp.ndarray, boxes: np.ndarray, window: tuple[int, int]) -> jnp.ndarray:
-    """[B, C, H, W], [V, 2] -> [V, B, C, h, w]: each view's window of the canvas."""
-    h, w = window
-    return jnp.stack([canvas[..., top:top + h, left:left + w] for top, left in boxes.tolist()])
+def crop(canvas: jnp.ndarray, boxes: Any, window: tuple[int, int]) -> jnp.ndarray:
+    """[B, C, H, W], [V, 2] (numpy or traced) -> [V, B, C, h, w]: each view's window of the canvas."""
+    size = (*canvas.shape[:2], *window)
+    return jnp.stack([lax.dynamic_slice(canvas, (0, 0, boxes[v][0], boxes[v][1]), size) for v in range(len(boxes))])
 
 
-def merge(views: jnp.ndarray, boxes: np.ndarray, canvas: tuple[int, int], weights: np.ndarray) -> jnp.ndarray:
+def merge(views: jnp.ndarray, boxes: Any, canvas: tuple[int, int], weights: np.ndarray) -> jnp.ndarray:
     """[V, B, C, h, w] views, [V, 2] boxes, (H, W), [h, w] weights -> [B, C, H, W]: at each pixel
     the weighted average of the views that cover it."""
     total, weight = merge_sums(views, boxes, canvas, weights)
     return total / weight
 
 
-def merge_sums(views: jnp.ndarray, boxes: np.ndarray, canvas: tuple[int, int],
-               weights: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+def merge_sums(views: jnp.ndarray, boxes: Any, canvas: tuple[int, int], weights: np.ndarray,
+               counts: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The two sums `merge` divides: the weighted views placed on the canvas [B, C, H, W] and the
-    weight at each pixel [H, W]. Views spread over devices add their sums (one `psum`) first."""
+    weight at each pixel [H, W]. `counts` [V] (1 or 0) leaves out padding views. Views spread over
+    devices add their sums (one `psum`) before dividing."""
     h, w = weights.shape
     total = jnp.zeros((*views.shape[1:3], *canvas), jnp.float32)
-    weight = np.zeros(canvas, np.float32)
-    for view, (top, left) in zip(views, boxes.tolist()):
-        total = total.at[..., top:top + h, left:left + w].add(view.astype(jnp.float32) * weights)
-        weight[top:top + h, left:left + w] += weights
-    return total, jnp.asarray(weight)
+    weight = jnp.zeros(canvas, jnp.float32)
+    for v in range(views.shape[0]):
+        top, left = boxes[v][0], boxes[v][1]
+        view_weights = jnp.asarray(weights) if counts is None else weights * counts[v]
+        placed = lax.dynamic_slice(total, (0, 0, top, left), (*total.shape[:2], h, w))
+        total = lax.dynamic_update_slice(total, placed + views[v].astype(jnp.float32) * view_weights,
+                                         (0, 0, top, left))
+        weight = lax.dynamic_update_slice(weight, lax.dynamic_slice(weight, (top, left), (h, w)) + view_weights,
+                                          (top, left))
+    return total, weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,24 +118,48 @@ class Tiling:
     weighting: Weighting = Weighting.UNIFORM
 
 
-def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int) -> Callable:
+def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spread: bool = False) -> Callable:
     """A noise prediction with `predict_noise`'s signature for a canvas [B, C, H, W]: every view
     predicted as an image of its own, one view at a time (`lax.map`: the memory of one), with
     SDXL's crop micro-conditioning set to the view's top-left corner in pixels, and the
-    predictions merged. The image loop (`sampling.image`) runs it as it runs `predict_noise`."""
+    predictions merged. The image loop (`sampling.image`) runs it as it runs `predict_noise`.
+    `spread` (inside `shard_map` over `VIEWS`, the canvas replicated): each device predicts its
+    share of the views, padded to a multiple of the devices with views that count for nothing, and
+    one `psum` of the merge's two sums joins them."""
     boxes = view_boxes(canvas, tiling.window, tiling.stride)
     weights = window_weights(tiling.window, tiling.weighting)
-    corners = jnp.asarray(boxes * vae_factor, jnp.float32)  # [V, 2] (top, left) in pixels
 
     def predict(unet: Any, params: Any, sampling: Any, patch: Any, schedule: Any, i: jax.Array,
                 latents: jax.Array, cond: Any, guidance: Any, stale: Any = None) -> tuple[jax.Array, Any]:
+        devices = lax.axis_size(VIEWS) if spread else 1
+        share = -(-len(boxes) // devices)
+        padding = share * devices - len(boxes)
+        mine = jnp.asarray(np.concatenate([boxes, np.repeat(boxes[:1], padding, axis=0)]))  # [share x devices, 2]
+        counts = jnp.asarray(np.arange(len(mine)) < len(boxes), jnp.float32)
+        if spread:
+            mine, counts = (lax.dynamic_slice_in_dim(x, lax.axis_index(VIEWS) * share, share) for x in (mine, counts))
+
         def one(view_and_corner):
             view, corner = view_and_corner
             # time_ids: (original size, crop top-left, target size), per conditioning row.
             view_cond = cond.replace(time_ids=cond.time_ids.at[:, 2:4].set(corner))
             return predict_noise(unet, params, sampling, patch, schedule, i, view, view_cond, guidance)[0]
 
-        noises = lax.map(one, (crop(latents, boxes, tiling.window), corners))
-        return merge(noises, boxes, canvas, weights), stale
+        noises = lax.map(one, (crop(latents, mine, tiling.window), (mine * vae_factor).astype(jnp.float32)))
+        sums = merge_sums(noises, mine, canvas, weights, counts)
+        total, weight = lax.psum(sums, VIEWS) if spread else sums
+        return total / weight, stale
 
     return predict
+
+
+def views_loop(unet: Any, sampling: Any, tiling: Tiling, canvas: tuple[int, int], vae_factor: int,
+               mesh: Mesh | None) -> Callable:
+    """The image loop (`image.denoise`) on a canvas's views, as a function of (params, latents,
+    cond, schedule, guidance, noise_keys); on `mesh` (one axis, `VIEWS`) the views spread over its
+    devices and everything else replicated."""
+    loop = functools.partial(denoise, unet, sampling=sampling,
+                             predict=view_predictor(tiling, canvas, vae_factor, spread=mesh is not None))
+    if mesh is None:
+        return loop
+    return jax.shard_map(loop, mesh=mesh, in_specs=P(), out_specs=P())
