@@ -224,7 +224,7 @@ def test_stream_speed_script_quick(tmp_path):
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "s.json").read_text())
-    assert [(r["n"], r["rcfg"]) for r in report["rows"]] == [(1, "none"), (1, "full"), (2, "none"), (2, "full")]
+    assert [(r["n"], r["rcfg"]) for r in report["rows"]] == [(2, "none"), (2, "full")]
     assert all(r["stream_call_s"] > 0 and r["plain_image_s"] > 0 for r in report["rows"])
     # 100 still frames: the first, then one after every 10 skips.
     assert report["still"] == {"frames": 100, "calls": 10, "skipped": 90}
@@ -407,11 +407,11 @@ def alone_displaced(pipe, config, schedule, cond, mesh):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first_step", ["sync", "previous"])
-def test_a_displaced_split_stream_carries_each_images_context_with_it(pipe, cond, first_step):
+@pytest.mark.parametrize("first_step, n", [("sync", 4), ("previous", 2)])
+def test_a_displaced_split_stream_carries_each_images_context_with_it(pipe, cond, first_step, n):
     """Displaced, each image sees the other patches as the image loop's displaced steps would: its
     own previous step's context, moved with it from slot to slot through the batch."""
-    n, f = 4, 2
+    f = 2
     config = StreamConfig(T_INDEX[n], f, "none", first_step)
     parallel = ParallelConfig(2, "displaced")
     live = Stream(pipe, "a red circle", config=config, height=PATCH_HEIGHT, width=WIDTH, guidance_scale=1.0,
@@ -431,4 +431,4 @@ def test_a_displaced_split_stream_carries_each_images_context_with_it(pipe, cond
     for j in range(f):  # the images entering at call 1, after the first has left its context
         expected = np.asarray(alone(np.stack([e[j:j + 1] for e in entered[:2]]), slot_noise[:, j]))[0]
         worst = max(worst, float(np.abs(left[n][j] - expected).max() / np.abs(expected).max()))
-    assert worst < 1e-5  # of the image's max; measured 8.2e-7 (first step sync), 5.1e-7 (previous)
+    assert worst < 1e-5  # of the image's max; measured 8.2e-7 (first step sync, n = 4), 3.4e-7 (previous, n = 2)
