@@ -10,7 +10,7 @@ import pytest
 
 from jaxfuse import schedulers
 from jaxfuse.config import ConfigError
-from jaxfuse.parallel.mesh import VIEWS, axis_mesh
+from jaxfuse.parallel.views import views_mesh
 from jaxfuse.pipeline import load_pipeline
 from jaxfuse.sampling.image import denoise
 from jaxfuse.sampling.step import Guidance, Sampling
@@ -154,6 +154,6 @@ def overlapping(pipe):
 def test_views_over_devices_equal_one_device(pipe, overlapping, devices):
     """Two views a device, one, and one on half the devices (the other half padding)."""
     latents, cond, tiling, one = overlapping
-    spread = loop(pipe, latents, cond, tiling, (8, 12), axis_mesh(VIEWS, devices))
+    spread = loop(pipe, latents, cond, tiling, (8, 12), views_mesh(devices))
     # The sums are added in another order: measured 2.1e-6 (2 devices), 2.3e-6 (4 and 8).
     assert np.abs(spread - one).max() <= 2e-5 * np.abs(one).max()

@@ -70,7 +70,6 @@ def make_mesh(cfg: ParallelConfig, devices: list | None = None) -> Mesh:
 
 # Latents and images, NCHW, split by rows over the patches (replicated over the CFG groups).
 ROWS = PartitionSpec(None, None, PATCH, None)
-VIEWS = "views"  # mesh axis over which the views of a large canvas are spread (`sampling.tiled`)
 
 
 def axis_mesh(axis: str, count: int, devices: list | None = None) -> Mesh:

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxfuse.config import ConfigError
-from jaxfuse.parallel.mesh import VIEWS
+from jaxfuse.parallel.views import Views
 from jaxfuse.sampling.image import denoise
 from jaxfuse.sampling.step import predict_noise
 
@@ -128,17 +128,11 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
     one `psum` of the merge's two sums joins them."""
     boxes = view_boxes(canvas, tiling.window, tiling.stride)
     weights = window_weights(tiling.window, tiling.weighting)
+    layout = Views(spread)
 
     def predict(unet: Any, params: Any, sampling: Any, patch: Any, schedule: Any, i: jax.Array,
                 latents: jax.Array, cond: Any, guidance: Any, stale: Any = None) -> tuple[jax.Array, Any]:
-        devices = lax.axis_size(VIEWS) if spread else 1
-        share = -(-len(boxes) // devices)
-        padding = share * devices - len(boxes)
-        mine = jnp.asarray(np.concatenate([boxes, np.repeat(boxes[:1], padding, axis=0)]))  # [share x devices, 2]
-        counts = jnp.asarray(np.arange(len(mine)) < len(boxes), jnp.float32)
-        if spread:
-            mine, counts = (lax.dynamic_slice_in_dim(x, lax.axis_index(VIEWS) * share, share) for x in (mine, counts))
-
+        mine, counts = layout.mine(boxes)
         def one(view_and_corner):
             view, corner = view_and_corner
             # time_ids: (original size, crop top-left, target size), per conditioning row.
@@ -147,7 +141,7 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
 
         noises = lax.map(one, (crop(latents, mine, tiling.window), (mine * vae_factor).astype(jnp.float32)))
         sums = merge_sums(noises, mine, canvas, weights, counts)
-        total, weight = lax.psum(sums, VIEWS) if spread else sums
+        total, weight = layout.join(sums)
         return total / weight, stale
 
     return predict
