@@ -335,7 +335,7 @@ def test_the_command_keeps_an_existing_video_and_names_misplaced_arguments(tiny_
 ])
 def test_each_image_takes_its_own_stale_context_to_its_next_slot(rcfg, first_step, expected):
     config = StreamConfig((0, 20, 40), 1, rcfg, first_step)
-    assert stream.stale_sources(config, stream.FirstStep(first_step)).tolist() == expected
+    assert stream.stale_sources(config).tolist() == expected
 
 
 PATCH_HEIGHT = 64  # 8 latent rows: 2 patches of 4 rows the tiny UNet can halve

@@ -233,6 +233,19 @@ class Layout:
         """The entering rows take a synchronous step of their own (`FirstStep.SYNC`)."""
         return self.keeps_stale and config.first_step is FirstStep.SYNC
 
+    @property
+    def recording(self) -> Patch:
+        """A synchronous step that writes its exchanges, as the displaced steps after it read them."""
+        return dataclasses.replace(self.patch, mode=Mode.SYNC, record=True)
+
+    def displaced_rows(self, config: StreamConfig) -> tuple[slice, Slots | None]:
+        """The rows held that the displaced call steps, and where among them the entering frames
+        are: every row (`PREVIOUS`), or those of slots 1..n-1 (`SYNC`: the entering rows step on
+        their own)."""
+        if self.entering_first(config):
+            return slice(config.frame_buffer_size, None), None
+        return slice(None), self.slots
+
     def predict(self, unet, params, config: StreamConfig, schedule: schedulers.Schedule, slot: jax.Array,
                 x: jax.Array, residual: jax.Array, cond: Conditioning, guidance: StreamGuidance,
                 stale: Any) -> tuple[jax.Array, jax.Array, Any]:
@@ -242,21 +255,19 @@ class Layout:
             return guided_noise(unet, params, config, schedule, patch, slot[rows], x[rows], residual[rows], cond,
                                 guidance, stale, entering)
 
-        everything = slice(None)
         if not self.keeps_stale:
-            return run(self.patch, everything, None, self.slots)
-        if not self.entering_first(config):
-            noise, residual, written = run(self.patch, everything, stale, self.slots)
-            return noise, residual, take_rows(written, stale_sources(config, FirstStep.PREVIOUS))
-        f = config.frame_buffer_size
-        first = run(dataclasses.replace(self.patch, mode=Mode.SYNC, record=True), slice(0, f), None, Slots(1, f))
-        rest = run(self.patch, slice(f, None), stale, None)
-        joined = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first[2], rest[2])
-        return (jnp.concatenate([first[0], rest[0]]), jnp.concatenate([first[1], rest[1]]),
-                take_rows(joined, stale_sources(config, FirstStep.SYNC)))
+            return run(self.patch, slice(None), None, self.slots)
+        rows, entering = self.displaced_rows(config)
+        noise, residual, written = run(self.patch, rows, stale, entering)
+        if self.entering_first(config):
+            f = config.frame_buffer_size
+            first = run(self.recording, slice(0, f), None, Slots(1, f))
+            noise, residual = jnp.concatenate([first[0], noise]), jnp.concatenate([first[1], residual])
+            written = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first[2], written)
+        return noise, residual, take_rows(written, stale_sources(config))
 
 
-def stale_sources(config: StreamConfig, first_step: FirstStep) -> np.ndarray:
+def stale_sources(config: StreamConfig) -> np.ndarray:
     """For each UNet batch row whose stale context a displaced call reads, the row of this call's
     written context it takes: the same image's, one slot back. `PREVIOUS`: one call on every row
     (`guided_noise`'s batch layout); the entering rows keep their own (the previous frame's at
@@ -265,7 +276,7 @@ def stale_sources(config: StreamConfig, first_step: FirstStep) -> np.ndarray:
     `full`; for `initialize`, the entering call's negative rows come first and are left)."""
     f, rows = config.frame_buffer_size, config.rows
     halves = 2 if config.rcfg is RCFG.FULL else 1
-    if first_step is FirstStep.PREVIOUS:
+    if config.first_step is FirstStep.PREVIOUS:
         image = np.arange(rows)
         image = np.where(image < f, image, image - f)  # slot s > 0 takes slot s - 1's row
         sources = np.concatenate([image + half * rows for half in range(halves)])
@@ -368,14 +379,11 @@ def on_mesh(unet, params, config: StreamConfig, schedule: schedulers.Schedule, c
     specs = state_specs(mesh, layout.keeps_stale)
     if layout.keeps_stale:
         def zeros(params, state, cond, guidance):
-            # What the displaced call reads is shaped as what a recording synchronous call on the
-            # same rows writes: every row (`PREVIOUS`), or those of slots 1..n-1 (`SYNC`).
-            entering_first = layout.entering_first(config)
-            rows = slice(config.frame_buffer_size if entering_first else 0, None)
-            recording = dataclasses.replace(layout.patch, mode=Mode.SYNC, record=True)
+            # What the displaced call reads is shaped as what a recording call on its rows writes.
+            rows, entering = layout.displaced_rows(config)
             shapes = jax.eval_shape(lambda: guided_noise(
-                unet, params, config, schedule, recording, layout.slots.of_rows()[rows], state.latents[rows],
-                state.residual[rows], cond, guidance, None, None if entering_first else layout.slots)[2])
+                unet, params, config, schedule, layout.recording, layout.slots.of_rows()[rows], state.latents[rows],
+                state.residual[rows], cond, guidance, None, entering)[2])
             return zeros_like_shapes(shapes)
 
         stale = jax.jit(jax.shard_map(zeros, mesh=mesh, in_specs=(P(), state_specs(mesh, False), P(), P()),
