@@ -175,15 +175,15 @@ def seeds(args: argparse.Namespace) -> list[int]:
     return given if len(given) > 1 else [given[0] + i for i in range(args.num_images)]
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An image file as uint8 [H, W, 3] RGB."""
+def read_image(path: Path, flag: str = "--image") -> np.ndarray:
+    """An image file as uint8 [H, W, 3] RGB; errors name the argument `flag` it came from."""
     if not path.is_file():
-        raise PipelineError(f"--image {path}: no such file.")
+        raise PipelineError(f"{flag} {path}: no such file.")
     try:
         with PIL.Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except PIL.UnidentifiedImageError as e:
-        raise PipelineError(f"--image {path} is not an image file PIL can read (PNG, JPEG, ...).") from e
+        raise PipelineError(f"{flag} {path} is not an image file PIL can read (PNG, JPEG, ...).") from e
 
 
 def lora_weights(values: list[str] | None) -> list[tuple[Path, float]]:

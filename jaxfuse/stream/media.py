@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL.Image
 
+from jaxfuse.generate import read_image
 from jaxfuse.outputs import pil_image
 from jaxfuse.spec import PipelineError, checked_image
 
@@ -39,13 +39,9 @@ def pyav():
     return av
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_frame(path: Path) -> np.ndarray:
     """An image file -> [H, W, 3] float32 in [0, 1]."""
-    try:
-        with PIL.Image.open(path) as image:
-            return checked_image(np.asarray(image.convert("RGB")), 1)[0]
-    except PIL.UnidentifiedImageError as e:
-        raise PipelineError(f"{path} is not an image PIL can read.") from e
+    return checked_image(read_image(path, "--input"), 1)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +54,7 @@ class FrameSource:
     def frames(self) -> Iterator[np.ndarray]:
         """Every frame [H, W, 3] float32 in [0, 1], in order."""
         if self.files:
-            yield from (read_image(path) for path in self.files)
+            yield from (read_frame(path) for path in self.files)
             return
         with pyav().open(str(self.path)) as container:
             for frame in container.decode(video=0):
@@ -71,7 +67,7 @@ def frame_source(path: Path) -> FrameSource:
         files = tuple(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
         if not files:
             raise PipelineError(f"--input {path} holds no PNG or JPEG frames.")
-        return FrameSource(path, files, read_image(files[0]).shape[:2], None)
+        return FrameSource(path, files, read_frame(files[0]).shape[:2], None)
     if not path.is_file():
         raise PipelineError(f"--input {path} is neither a folder of frames nor a video file.")
     av = pyav()
