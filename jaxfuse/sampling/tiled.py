@@ -133,6 +133,7 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
     def predict(unet: Any, params: Any, sampling: Any, patch: Any, schedule: Any, i: jax.Array,
                 latents: jax.Array, cond: Any, guidance: Any, stale: Any = None) -> tuple[jax.Array, Any]:
         mine, counts = layout.mine(boxes)
+
         def one(view_and_corner):
             view, corner = view_and_corner
             # time_ids: (original size, crop top-left, target size), per conditioning row.

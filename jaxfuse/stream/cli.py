@@ -168,8 +168,6 @@ def run(args: argparse.Namespace) -> None:
     stream = Stream(pipe, prompts[0], args.negative_prompt, config=config, image_to_image=image_to_image,
                     height=height, width=width, guidance_scale=args.guidance_scale, delta=args.delta, seed=args.seed,
                     slot_parallel=args.slot_parallel, patch_parallel=patch_parallel)
-    spread = (f", one step per device on {config.slots}" if args.slot_parallel else
-              f", rows split over {args.devices} devices ({args.mode})" if patch_parallel else "")
     similarity = None if args.similarity_threshold is None else SimilarityFilter(args.similarity_threshold,
                                                                                    args.max_skips, args.seed)
     if args.serve:
@@ -178,6 +176,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"compiling the stream at {stream.request.width}x{stream.request.height}...", file=sys.stderr)
         serve(stream, args.host, args.port, similarity)
         return
+    spread = (f", one step per device on {config.slots}" if args.slot_parallel else
+              f", rows split over {args.devices} devices ({args.mode})" if patch_parallel else "")
     f, lag = config.frame_buffer_size, config.slots - 1
     report, count = LiveReport(), {"calls": 0, "written": 0, "saved": 0, "total": None}
 

@@ -104,12 +104,13 @@ class RunCounts:
 
 
 def run_threaded(step: Callable[[Any], np.ndarray], frames: Iterable[Any], write: Callable[[np.ndarray], None],
-                 similarity: SimilarityFilter | None = None, queue_size: int = 2,
+                 similarity: Callable[[Any], bool] | None = None, queue_size: int = 2,
                  prepare: Callable[[Any], Any] = lambda frame: frame, live: bool = True) -> RunCounts:
     """Feeds `frames` through `step` (a `Stream` call) with reading and `prepare` in one thread
     and `write` in another, each behind a `FrameQueue` of `queue_size` (dropping the oldest item
     when `live`; waiting, for files), so that the device loop in this thread waits on neither; a
-    frame the filter skips repeats the last output. Returns what was read, dropped, skipped,
+    frame `similarity` (a `SimilarityFilter`, or any test of a prepared frame) skips repeats the
+    last output. Returns what was read, dropped, skipped,
     called and written; an error in reading or writing ends the run and is raised here."""
     counts = RunCounts()
     inputs, outputs = FrameQueue(queue_size, live), FrameQueue(queue_size, live)
