@@ -27,16 +27,11 @@ import json
 import sys
 from pathlib import Path
 
+from quality import PSNR_CAP, psnr  # benchmarks/quality.py: per image, capped for identical images
+
 from jaxfuse.parallel.mesh import emulate_cpu_devices
 
 LAYOUTS = (("sync", "sync"), ("displaced", "sync"), ("displaced", "previous"))
-
-
-def psnr(a, b) -> float:
-    import numpy as np
-
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
 def moving_clip(calls: int, size: int, seed: int):
@@ -100,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
 
         one, _ = run(None)
         one_accuracy = float(np.mean([prompt_accuracy(prompt, image) for image in one]))
-        rows.append({"task": task, "devices": 1, "mode": "one device", "first_step": "-", "psnr_db": float("inf"),
+        rows.append({"task": task, "devices": 1, "mode": "one device", "first_step": "-", "psnr_db": PSNR_CAP,
                      "accuracy": one_accuracy, "received_kb": 0.0})
         for n in devices:
             for mode, first_step in LAYOUTS:
                 images, received = run(ParallelConfig(n, mode), first_step)
                 rows.append({"task": task, "devices": n, "mode": mode,
                              "first_step": first_step if mode == "displaced" else "-",
-                             "psnr_db": float(np.mean([psnr(a, b) for a, b in zip(images, one)])),
+                             "psnr_db": float(np.mean(psnr(images, one))),
                              "accuracy": float(np.mean([prompt_accuracy(prompt, image) for image in images])),
                              "received_kb": received / 1024})
                 print(f"{task}, N={n}, {mode} {first_step}: {rows[-1]['psnr_db']:.1f} dB", file=sys.stderr)
