@@ -38,34 +38,37 @@ class ImageCarry:
 
 
 def initial_carry(unet: Any, params: Any, latents: jax.Array, cond: Conditioning, schedule: schedulers.Schedule,
-                  guidance: Guidance, noise_keys: jax.Array, sampling: Sampling) -> ImageCarry:
+                  guidance: Guidance, noise_keys: jax.Array, sampling: Sampling,
+                  predict: Callable = predict_noise) -> ImageCarry:
     """The carry before step 0: the latents, a fresh sampler state drawing its step noise from
-    `noise_keys`, zero stale context."""
+    `noise_keys`, zero stale context shaped as `predict` writes it."""
     return ImageCarry(latents, schedulers.init_state(schedule, latents, noise_keys),
-                      initial_stale(unet, params, sampling, schedule, latents, cond, guidance))
+                      initial_stale(unet, params, sampling, schedule, latents, cond, guidance, predict))
 
 
-def sampler_noise(state: schedulers.SchedulerState, i: jax.Array, latents: jax.Array, patch: Patch) -> jax.Array:
-    """Step i's unit noise for `latents` [B, C, h, w], this device's rows: each device draws the
-    whole image's and keeps its own, so a split image gets the one device's noise exactly."""
+def sampler_noise(state: schedulers.SchedulerState, i: jax.Array, latents: jax.Array, split: bool) -> jax.Array:
+    """Step i's unit noise for `latents` [B, C, h, w], this device's rows when `split`: each device
+    draws the whole image's and keeps its own, so a split image gets the one device's noise exactly."""
     def draw(shape):
         return schedulers.step_noise(state.noise_keys, i, shape)
 
-    return own_rows(draw, latents.shape, axis=2) if patch.split else draw(latents.shape)
+    return own_rows(draw, latents.shape, axis=2) if split else draw(latents.shape)
 
 
 def run_steps(unet: Any, sampling: Sampling, patch: Patch, params: Any, carry: ImageCarry, cond: Conditioning,
               schedule: schedulers.Schedule, guidance: Guidance, start: Any, stop: Any,
-              predict: Callable = predict_noise) -> ImageCarry:
+              predict: Callable = predict_noise, whole_latents: bool = False) -> ImageCarry:
     """Steps start..stop-1, each layer seeing the other patches as `patch` says. With Python int
     bounds the loop is a `lax.scan`; with traced ones one compiled program serves every range.
     `predict`: the noise prediction, `predict_noise` or one of its signature (the views of a
-    large canvas merged, `tiled.view_predictor`)."""
+    large canvas merged, `tiled.view_predictor`); `whole_latents`: every device holds all the
+    latents' rows even when `patch` splits (the views split inside the prediction)."""
 
     def step(i, carry: ImageCarry) -> ImageCarry:
         noise, stale = predict(unet, params, sampling, patch, schedule, i, carry.latents, cond, guidance,
                                carry.stale)
-        fresh = sampler_noise(carry.scheduler, i, carry.latents, patch) if schedule.kind.stochastic else None
+        split = patch.split and not whole_latents
+        fresh = sampler_noise(carry.scheduler, i, carry.latents, split) if schedule.kind.stochastic else None
         x, state = schedulers.step(schedule, carry.scheduler, i, noise, carry.latents, fresh)
         return ImageCarry(x, state, vary_like(stale, carry.stale))
 
@@ -74,11 +77,13 @@ def run_steps(unet: Any, sampling: Sampling, patch: Patch, params: Any, carry: I
 
 def denoise(unet: Any, params: Any, latents: jax.Array, cond: Conditioning, schedule: schedulers.Schedule,
             guidance: Guidance, noise_keys: jax.Array, sampling: Sampling,
-            predict: Callable = predict_noise) -> jax.Array:
-    """The whole sampling loop: latents [B, C, h, w] -> denoised latents."""
-    carry = initial_carry(unet, params, latents, cond, schedule, guidance, noise_keys, sampling)
+            predict: Callable = predict_noise, whole_latents: bool = False) -> jax.Array:
+    """The whole sampling loop: latents [B, C, h, w] -> denoised latents (`run_steps` for the
+    last two arguments)."""
+    carry = initial_carry(unet, params, latents, cond, schedule, guidance, noise_keys, sampling, predict)
     for patch, start, stop in sampling.phases(schedule.timesteps.shape[0]):
-        carry = run_steps(unet, sampling, patch, params, carry, cond, schedule, guidance, start, stop, predict)
+        carry = run_steps(unet, sampling, patch, params, carry, cond, schedule, guidance, start, stop, predict,
+                          whole_latents)
     return carry.latents
 
 

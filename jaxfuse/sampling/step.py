@@ -14,6 +14,7 @@ latent channels, h/w the latent rows (this device's) and columns.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -106,13 +107,14 @@ def predict_noise(unet: Any, params: Any, sampling: Sampling, patch: Patch, sche
 
 
 def initial_stale(unet: Any, params: Any, sampling: Sampling, schedule: schedulers.Schedule, latents: jax.Array,
-                  cond: Conditioning, guidance: Guidance) -> Any:
+                  cond: Any, guidance: Guidance, predict: Callable = predict_noise) -> Any:
     """The stale context a loop starts with: zeros shaped like what its first recording step
-    writes, found by tracing that step abstractly (`jax.eval_shape`, nothing runs), so the loop
-    compiles one UNet body per phase. None when no step keeps context."""
+    (`predict`, default `predict_noise`) writes, found by tracing that step abstractly
+    (`jax.eval_shape`, nothing runs), so the loop compiles one UNet body per phase. None when no
+    step keeps context."""
     if not sampling.keeps_stale:
         return None
     record, _, _ = sampling.phases(1)[0]
     shapes = jax.eval_shape(
-        lambda: predict_noise(unet, params, sampling, record, schedule, 0, latents, cond, guidance)[1])
+        lambda: predict(unet, params, sampling, record, schedule, 0, latents, cond, guidance)[1])
     return px.zeros_like_shapes(shapes)

@@ -8,12 +8,19 @@ the crop and the merge; uniform weights (MultiDiffusion) or Gaussian ones centre
     views = crop(canvas, boxes, (h, w))                          # [V, B, C, h, w]
     canvas = merge(views, boxes, (H, W), window_weights((h, w), Weighting.GAUSSIAN))
     loop = views_loop(unet, sampling, Tiling((h, w), (sh, sw)), (H, W), vae_factor, mesh)  # the image loop on views
+    latents = loop(params, latents, CanvasConditioning(cond, whole_canvas(...)), schedule, guidance, noise_keys)
+
+Region prompts (MultiDiffusion's region-based generation): prompt p weighs each pixel by its mask
+(the background, prompt 0, where no region is); every view is predicted once per prompt, and in
+the first steps a region's view sees a solid colour outside its mask ("bootstrapping"), so that
+what it draws stays inside. With one prompt and a mask of ones this is plain fused views.
 
 Merging the views' noise predictions and then stepping the canvas once equals MultiDiffusion's
 average of the views' stepped latents for every sampler here: a step is, per pixel, linear in
 the noise prediction with coefficients the same in every view.
 
-Legend: B images, C channels, H/W the canvas's latent rows and columns, h/w a window's, V views.
+Legend: B images, C channels, H/W the canvas's latent rows and columns, h/w a window's (h' the rows
+of a view on this device), V views, S this device's, P prompts, K background colours.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,9 +40,11 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxfuse.config import ConfigError
-from jaxfuse.parallel.views import Views
+from jaxfuse import schedulers
+from jaxfuse.parallel.patch import PATCH
+from jaxfuse.parallel.views import VIEWS, Views
 from jaxfuse.sampling.image import denoise
-from jaxfuse.sampling.step import predict_noise
+from jaxfuse.sampling.step import Conditioning, predict_noise
 
 GAUSSIAN_VARIANCE = 0.01  # Mixture of Diffusers' variance, on coordinates scaled to the window's side
 
@@ -78,35 +88,101 @@ def window_weights(window: tuple[int, int], weighting: Weighting) -> np.ndarray:
 
 
 def crop(canvas: jnp.ndarray, boxes: Any, window: tuple[int, int]) -> jnp.ndarray:
-    """[B, C, H, W], [V, 2] (numpy or traced) -> [V, B, C, h, w]: each view's window of the canvas."""
-    size = (*canvas.shape[:2], *window)
-    return jnp.stack([lax.dynamic_slice(canvas, (0, 0, boxes[v][0], boxes[v][1]), size) for v in range(len(boxes))])
+    """[..., H, W], [V, 2] (numpy or traced) -> [V, ..., h, w]: each view's window of the canvas."""
+    return jnp.stack([crop_one(canvas, boxes[v], window) for v in range(len(boxes))])
+
+
+def crop_one(canvas: jnp.ndarray, corner: Any, window: tuple[int, int]) -> jnp.ndarray:
+    """[..., H, W], (top, left) -> [..., h, w]."""
+    lead = canvas.ndim - 2
+    return lax.dynamic_slice(canvas, (0,) * lead + (corner[0], corner[1]), (*canvas.shape[:lead], *window))
 
 
 def merge(views: jnp.ndarray, boxes: Any, canvas: tuple[int, int], weights: np.ndarray) -> jnp.ndarray:
     """[V, B, C, h, w] views, [V, 2] boxes, (H, W), [h, w] weights -> [B, C, H, W]: at each pixel
     the weighted average of the views that cover it."""
-    total, weight = merge_sums(views, boxes, canvas, weights)
+    weights = jnp.broadcast_to(jnp.asarray(weights), (views.shape[0], *weights.shape))
+    total, weight = merge_sums(views * weights[:, None, None], weights, boxes, canvas)
     return total / weight
 
 
-def merge_sums(views: jnp.ndarray, boxes: Any, canvas: tuple[int, int], weights: np.ndarray,
-               counts: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The two sums `merge` divides: the weighted views placed on the canvas [B, C, H, W] and the
-    weight at each pixel [H, W]. `counts` [V] (1 or 0) leaves out padding views. Views spread over
-    devices add their sums (one `psum`) before dividing."""
-    h, w = weights.shape
-    total = jnp.zeros((*views.shape[1:3], *canvas), jnp.float32)
+def merge_sums(weighted: jnp.ndarray, weights: jnp.ndarray, boxes: Any,
+               canvas: tuple[int, int]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The two sums `merge` divides: [V, B, C, h, w] views already multiplied by their weights
+    and [V, h, w] the weights, each placed at its box on the canvas and added up -> [B, C, H, W]
+    and [H, W]. Views spread over devices add their sums (one `psum`) before dividing."""
+    total = jnp.zeros((*weighted.shape[1:3], *canvas), jnp.float32)
     weight = jnp.zeros(canvas, jnp.float32)
-    for v in range(views.shape[0]):
+    h, w = weights.shape[1:]
+    for v in range(weighted.shape[0]):
         top, left = boxes[v][0], boxes[v][1]
-        view_weights = jnp.asarray(weights) if counts is None else weights * counts[v]
         placed = lax.dynamic_slice(total, (0, 0, top, left), (*total.shape[:2], h, w))
-        total = lax.dynamic_update_slice(total, placed + views[v].astype(jnp.float32) * view_weights,
-                                         (0, 0, top, left))
-        weight = lax.dynamic_update_slice(weight, lax.dynamic_slice(weight, (top, left), (h, w)) + view_weights,
+        total = lax.dynamic_update_slice(total, placed + weighted[v].astype(jnp.float32), (0, 0, top, left))
+        weight = lax.dynamic_update_slice(weight, lax.dynamic_slice(weight, (top, left), (h, w)) + weights[v],
                                           (top, left))
     return total, weight
+
+
+@flax.struct.dataclass
+class Regions:
+    """Where each prompt of a canvas applies, and MultiDiffusion's bootstrapping: in the first
+    `bootstrap_steps` steps a region's view sees, outside its mask, a solid colour (drawn afresh
+    each step from `backgrounds`) noised to the step's level instead of the canvas (MultiDiffusion
+    draws 20 colours and bootstraps 20 of 50 steps)."""
+
+    masks: jax.Array  # [P, H, W] float32: each prompt's weight at each latent pixel; prompt 0 the background
+    backgrounds: jax.Array  # [K, C] float32: the latents of K solid colours
+    bootstrap_steps: jax.Array  # [] int32
+    key: jax.Array  # [2] uint32 key data: the colours' draws and their noise
+
+
+def whole_canvas(canvas: tuple[int, int], channels: int) -> Regions:
+    """One prompt over the whole canvas: plain fused views, no bootstrapping."""
+    return Regions(jnp.ones((1, *canvas), jnp.float32), jnp.zeros((1, channels), jnp.float32), jnp.int32(0),
+                   jax.random.key_data(jax.random.key(0)))
+
+
+def region_masks(boxes: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
+    """[R, 4] (top, left, bottom, right) latent boxes -> [1 + R, H, W] masks: the background where
+    no box is (MultiDiffusion's 1 - the sum of the regions, at least 0), then one per box."""
+    masks = np.zeros((len(boxes), *canvas), np.float32)
+    for mask, (top, left, bottom, right) in zip(masks, np.asarray(boxes)):
+        mask[top:bottom, left:right] = 1.0
+    return np.concatenate([np.clip(1 - masks.sum(0, keepdims=True), 0, None), masks])
+
+
+@flax.struct.dataclass
+class CanvasConditioning:
+    """What the views of a canvas read: the prompts' conditioning, rows prompt by prompt
+    ([P B], doubled with guidance, the unconditional half first), and where each prompt applies."""
+
+    prompts: Conditioning
+    regions: Regions
+
+
+def region_draws(regions: Regions, i: jax.Array, shape: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
+    """Step i's bootstrap colour for each prompt [P, C], drawn afresh each step, and the unit noise
+    [P, C, H, W] that brings it to the step's level, the same every step (shape: (P, H, W)); both
+    the same in every view."""
+    key = jax.random.wrap_key_data(regions.key)
+    prompts, channels = shape[0], regions.backgrounds.shape[1]
+    picks = jax.random.randint(jax.random.fold_in(key, i), (prompts,), 0, regions.backgrounds.shape[0])
+    return regions.backgrounds[picks], jax.random.normal(key, (prompts, channels, *shape[1:]))
+
+
+def bootstrapped(view: jax.Array, masks: jax.Array, colours: Any, noise: Any, bootstrap: jax.Array,
+                 schedule: Any, i: jax.Array) -> jax.Array:
+    """A view [B, C, h, w] as each prompt sees it -> [P B, C, h, w]: the background prompt sees the
+    view itself; a region, in its first `bootstrap` steps, sees outside its mask [P, h, w] its solid
+    colour [P, C] noised to step i's level with `noise` [P, C, h, w], and the view inside (one
+    prompt: the view, colours and noise None)."""
+    prompts = masks.shape[0]
+    views = jnp.broadcast_to(view, (prompts, *view.shape))
+    if prompts > 1:
+        backgrounds = schedulers.noised_sample(schedule, colours[:, :, None, None], noise, i)  # [P, C, h, w]
+        inside = (jnp.arange(prompts) == 0)[:, None, None] | (masks > 0) | (i >= bootstrap)
+        views = jnp.where(inside[:, None, None], views, backgrounds[:, None].astype(view.dtype))
+    return views.reshape(prompts * view.shape[0], *view.shape[1:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,31 +194,47 @@ class Tiling:
     weighting: Weighting = Weighting.UNIFORM
 
 
-def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spread: bool = False) -> Callable:
-    """A noise prediction with `predict_noise`'s signature for a canvas [B, C, H, W]: every view
-    predicted as an image of its own, one view at a time (`lax.map`: the memory of one), with
-    SDXL's crop micro-conditioning set to the view's top-left corner in pixels, and the
-    predictions merged. The image loop (`sampling.image`) runs it as it runs `predict_noise`.
-    `spread` (inside `shard_map` over `VIEWS`, the canvas replicated): each device predicts its
-    share of the views, padded to a multiple of the devices with views that count for nothing, and
-    one `psum` of the merge's two sums joins them."""
+def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spread: bool = False,
+                   split: bool = False) -> Callable:
+    """A noise prediction with `predict_noise`'s signature for a canvas [B, C, H, W] and a
+    `CanvasConditioning`: every view predicted as an image of its own for every prompt, one view at
+    a time (`lax.map`: the memory of one), with SDXL's crop micro-conditioning set to the view's
+    top-left corner in pixels, and the predictions merged, weighted by the window's weights and
+    the prompts' masks. The image loop (`sampling.image`) runs it as it runs `predict_noise`; the
+    stale context of displaced steps is kept per view ([S, ...]).
+
+    Inside `shard_map`, the canvas replicated: with `spread` (over `VIEWS`) each device predicts
+    its share of the views, padded to a multiple of the devices with views that count for nothing;
+    with `split` (over `PATCH`) each view is split by rows, the UNet under the sampling's patch
+    mode. One `psum` of the merge's two sums joins them."""
     boxes = view_boxes(canvas, tiling.window, tiling.stride)
-    weights = window_weights(tiling.window, tiling.weighting)
-    layout = Views(spread)
+    weights = jnp.asarray(window_weights(tiling.window, tiling.weighting))
+    layout = Views(spread, split)
 
     def predict(unet: Any, params: Any, sampling: Any, patch: Any, schedule: Any, i: jax.Array,
-                latents: jax.Array, cond: Any, guidance: Any, stale: Any = None) -> tuple[jax.Array, Any]:
+                latents: jax.Array, cond: CanvasConditioning, guidance: Any, stale: Any = None) -> tuple[jax.Array, Any]:
         mine, counts = layout.mine(boxes)
+        regions = cond.regions
+        prompts = regions.masks.shape[0]
+        colours, noise = region_draws(regions, i, regions.masks.shape) if prompts > 1 else (None, None)
 
-        def one(view_and_corner):
-            view, corner = view_and_corner
+        def one(view):
+            corner, count, view_stale = view
+            masks = crop_one(regions.masks, corner, tiling.window)  # [P, h, w]
+            view_noise = None if noise is None else crop_one(noise, corner, tiling.window)
+            inputs = bootstrapped(crop_one(latents, corner, tiling.window), masks, colours, view_noise,
+                                  regions.bootstrap_steps, schedule, i)
             # time_ids: (original size, crop top-left, target size), per conditioning row.
-            view_cond = cond.replace(time_ids=cond.time_ids.at[:, 2:4].set(corner))
-            return predict_noise(unet, params, sampling, patch, schedule, i, view, view_cond, guidance)[0]
+            view_cond = cond.prompts.replace(time_ids=cond.prompts.time_ids.at[:, 2:4].set(corner * vae_factor))
+            out, view_stale = predict_noise(unet, params, sampling, patch, schedule, i, layout.own_rows(inputs, 2),
+                                            view_cond, guidance, view_stale)  # [P B, C, h', w]
+            mask_weights = layout.own_rows(masks * weights * count, 1)[:, None, None]  # [P, 1, 1, h', w]
+            weighted = (out.reshape(prompts, -1, *out.shape[1:]) * mask_weights).sum(0)
+            return (weighted, mask_weights.sum(0)[0, 0]), view_stale
 
-        noises = lax.map(one, (crop(latents, mine, tiling.window), (mine * vae_factor).astype(jnp.float32)))
-        sums = merge_sums(noises, mine, canvas, weights, counts)
-        total, weight = layout.join(sums)
+        (weighted, view_weights), stale = lax.map(one, (mine, counts, stale))
+        rows = mine + jnp.asarray([layout.first_row(tiling.window[0]), 0])
+        total, weight = layout.join(merge_sums(weighted, view_weights, rows, canvas))
         return total / weight, stale
 
     return predict
@@ -151,10 +243,14 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
 def views_loop(unet: Any, sampling: Any, tiling: Tiling, canvas: tuple[int, int], vae_factor: int,
                mesh: Mesh | None) -> Callable:
     """The image loop (`image.denoise`) on a canvas's views, as a function of (params, latents,
-    cond, schedule, guidance, noise_keys); on `mesh` (one axis, `VIEWS`) the views spread over its
-    devices and everything else replicated."""
-    loop = functools.partial(denoise, unet, sampling=sampling,
-                             predict=view_predictor(tiling, canvas, vae_factor, spread=mesh is not None))
+    cond: CanvasConditioning, schedule, guidance, noise_keys); on `mesh` (`views_mesh`: `VIEWS`,
+    or `VIEWS` x `PATCH` with the sampling's patch parallelism inside each view) the views spread
+    over its devices and everything else replicated."""
+    if sampling.parallel.cfg_parallel:
+        raise ConfigError("the views of a canvas split each view by rows, not its guidance batch; drop cfg_parallel.")
+    axes = () if mesh is None else mesh.axis_names
+    predict = view_predictor(tiling, canvas, vae_factor, spread=VIEWS in axes, split=PATCH in axes)
+    loop = functools.partial(denoise, unet, sampling=sampling, predict=predict, whole_latents=True)
     if mesh is None:
         return loop
     return jax.shard_map(loop, mesh=mesh, in_specs=P(), out_specs=P())
