@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -37,13 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
-from jaxfuse.config import ConfigError
 from jaxfuse import schedulers
+from jaxfuse.config import ConfigError
 from jaxfuse.parallel.patch import PATCH
 from jaxfuse.parallel.views import VIEWS, Views
-from jaxfuse.sampling.image import denoise
+from jaxfuse.sampling.image import Predictor, image_loop
 from jaxfuse.sampling.step import Conditioning, predict_noise
 
 GAUSSIAN_VARIANCE = 0.01  # Mixture of Diffusers' variance, on coordinates scaled to the window's side
@@ -210,9 +208,11 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
     boxes = view_boxes(canvas, tiling.window, tiling.stride)
     weights = jnp.asarray(window_weights(tiling.window, tiling.weighting))
     layout = Views(spread, split)
+    pixels = jnp.asarray(tiling.window, jnp.float32) * vae_factor
 
     def predict(unet: Any, params: Any, sampling: Any, patch: Any, schedule: Any, i: jax.Array,
-                latents: jax.Array, cond: CanvasConditioning, guidance: Any, stale: Any = None) -> tuple[jax.Array, Any]:
+                latents: jax.Array, cond: CanvasConditioning, guidance: Any,
+                stale: Any = None) -> tuple[jax.Array, Any]:
         mine, counts = layout.mine(boxes)
         regions = cond.regions
         prompts = regions.masks.shape[0]
@@ -224,8 +224,10 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
             view_noise = None if noise is None else crop_one(noise, corner, tiling.window)
             inputs = bootstrapped(crop_one(latents, corner, tiling.window), masks, colours, view_noise,
                                   regions.bootstrap_steps, schedule, i)
-            # time_ids: (original size, crop top-left, target size), per conditioning row.
-            view_cond = cond.prompts.replace(time_ids=cond.prompts.time_ids.at[:, 2:4].set(corner * vae_factor))
+            # time_ids: (original size, crop top-left, target size) per conditioning row: a view is
+            # a window-sized crop of the canvas at its corner.
+            time_ids = cond.prompts.time_ids.at[:, 2:4].set(corner * vae_factor).at[:, 4:6].set(pixels)
+            view_cond = cond.prompts.replace(time_ids=time_ids)
             out, view_stale = predict_noise(unet, params, sampling, patch, schedule, i, layout.own_rows(inputs, 2),
                                             view_cond, guidance, view_stale)  # [P B, C, h', w]
             mask_weights = layout.own_rows(masks * weights * count, 1)[:, None, None]  # [P, 1, 1, h', w]
@@ -248,9 +250,12 @@ def views_loop(unet: Any, sampling: Any, tiling: Tiling, canvas: tuple[int, int]
     over its devices and everything else replicated."""
     if sampling.parallel.cfg_parallel:
         raise ConfigError("the views of a canvas split each view by rows, not its guidance batch; drop cfg_parallel.")
+    return image_loop(unet, sampling, mesh, views_predictor(tiling, canvas, vae_factor, mesh))
+
+
+def views_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, mesh: Mesh | None) -> Predictor:
+    """The image loop's predictor for a canvas's views on `mesh` (None, `VIEWS`, or `VIEWS` x
+    `PATCH`)."""
     axes = () if mesh is None else mesh.axis_names
-    predict = view_predictor(tiling, canvas, vae_factor, spread=VIEWS in axes, split=PATCH in axes)
-    loop = functools.partial(denoise, unet, sampling=sampling, predict=predict, whole_latents=True)
-    if mesh is None:
-        return loop
-    return jax.shard_map(loop, mesh=mesh, in_specs=P(), out_specs=P())
+    return Predictor(view_predictor(tiling, canvas, vae_factor, spread=VIEWS in axes, split=PATCH in axes),
+                     whole_latents=True)
