@@ -56,7 +56,17 @@ from jaxfuse.parallel.mesh import (
     is_main_process,
 )
 from jaxfuse.pipeline import COMPILE_CACHE_ENV, load_pipeline, use_compile_cache
-from jaxfuse.spec import DEFAULT_STEPS, DEFAULT_STRENGTH, PipelineError, PipelineSpec, Request
+from jaxfuse.sampling.tiled import Weighting, view_boxes
+from jaxfuse.spec import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    TILED_AREA,
+    PipelineError,
+    PipelineSpec,
+    Region,
+    Request,
+)
 
 DEFAULT_WARMUP_STEPS = ParallelConfig.warmup_steps
 
@@ -137,6 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
                           help="put the conditional and unconditional batch on two device groups")
     parallel.add_argument("--gn", choices=[g.value for g in GroupNormMode], default="corrected",
                           help="group-norm statistics in displaced and pcpp steps")
+    canvas = p.add_argument_group(
+        "large canvases: fused views of the native size (MultiDiffusion), chosen for a canvas of "
+        f"{TILED_AREA} native areas or more")
+    canvas.add_argument("--tiles", choices=["auto", "on", "off"], default="auto",
+                        help="make the canvas of fused views: auto (when it is that large, or --tile-stride or "
+                             "--region is given), on, off")
+    canvas.add_argument("--tile-stride", type=int,
+                        help="pixels between views, a multiple of the VAE factor (default: half the native size)")
+    canvas.add_argument("--tile-weighting", choices=[w.value for w in Weighting], default="uniform",
+                        help="how views are averaged where they overlap: uniform (MultiDiffusion) or gaussian, "
+                             "fading each view towards its borders (Mixture of Diffusers)")
+    canvas.add_argument("--region", action="append", metavar="PROMPT@X0,Y0,X1,Y1",
+                        help="draw PROMPT in this box of the canvas (pixels; --prompt everywhere else); repeatable")
+    canvas.add_argument("--bootstrap", type=float, default=DEFAULT_BOOTSTRAP,
+                        help="the share of the steps in which a region sees a solid colour around it, keeping what "
+                             "it draws inside its box (MultiDiffusion's bootstrapping)")
+    canvas.add_argument("--view-patches", type=int,
+                        help="split each view by rows over this many devices in --mode (default: 1; the views "
+                             "spread over --devices / this many device groups)")
     hosts = p.add_argument_group("several hosts (jax.distributed); all three flags or none")
     hosts.add_argument("--coordinator-address", help="HOST:PORT of process 0, the same for every process")
     hosts.add_argument("--num-processes", type=int, help="how many processes (hosts) take part")
@@ -244,7 +273,15 @@ def check_args(args: argparse.Namespace) -> Plan:
         guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=image_seeds,
         latents=None if args.latents is None else read_latents(args.latents), scheduler=args.scheduler,
         image=None if args.init_image is None else read_image(args.init_image),
-        strength=DEFAULT_STRENGTH if args.strength is None else args.strength)
+        strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
+        tiled={"auto": None, "on": True, "off": False}[args.tiles], tile_stride=args.tile_stride,
+        tile_weighting=args.tile_weighting, regions=[Region.parse(r) for r in args.region or []],
+        bootstrap=args.bootstrap)
+    if args.view_patches is not None and request.tiles is None:
+        raise ParallelError("--view-patches splits the views of a tiled canvas; add --tiles on, or use --devices.")
+    if request.tiles is not None:
+        request, parallel = canvas_layout(args, request, args.devices)
+        return Plan(spec, request, files, parallel, processes, loras)
     parallel = None if args.devices is None else parallel_config(args, args.devices, request.steps_run)
     if parallel is not None and processes.given and parallel.devices % processes.num_processes:
         raise ParallelError(f"--devices {parallel.devices} must divide evenly among --num-processes "
@@ -252,6 +289,21 @@ def check_args(args: argparse.Namespace) -> Plan:
     if parallel is not None:
         request = spec.spread(request, parallel)
     return Plan(spec, request, files, parallel, processes, loras)
+
+
+def canvas_layout(args: argparse.Namespace, request: Request,
+                  devices: int | None) -> tuple[Request, ParallelConfig | None]:
+    """A canvas's request and layout on `devices` devices (None: not known before JAX starts):
+    its views spread over devices / --view-patches groups, each view split by rows over
+    --view-patches devices."""
+    patches = args.view_patches or 1
+    parallel = parallel_config(args, patches, request.steps_run)
+    if devices is None:
+        return request, None
+    if devices % patches:
+        raise ParallelError(f"--view-patches {patches} must divide the {devices} devices into equal groups.")
+    tiles = dataclasses.replace(request.tiles, devices=devices // patches)
+    return dataclasses.replace(request, tiles=tiles), parallel
 
 
 class ProgressBar:
@@ -283,6 +335,16 @@ class CompileCacheCounter:
     def _event(self, name: str, **_) -> None:
         if name in self.EVENTS:
             self.counts[self.EVENTS[name]] += 1
+
+
+def describe_canvas(spec: PipelineSpec, request: Request, layout: str) -> str:
+    """A canvas's views and where they run, as the banner says it."""
+    tiles, f = request.tiles, spec.vae_factor
+    views = len(view_boxes((request.height // f, request.width // f), (tiles.window // f,) * 2,
+                           (tiles.stride // f,) * 2))
+    regions = f", {len(tiles.regions)} regions" if tiles.regions else ""
+    groups = f" over {tiles.devices} device groups of {layout}" if tiles.devices > 1 else f" on {layout}"
+    return f"{views} views of {tiles.window}x{tiles.window} every {tiles.stride} px{regions}{groups}"
 
 
 def describe_layout(parallel: ParallelConfig, steps: int) -> str:
@@ -320,12 +382,15 @@ def generate(args: argparse.Namespace) -> None:
         report(f"no accelerator: emulating {cpu_devices} CPU devices per process "
                f"(XLA_FLAGS={os.environ['XLA_FLAGS']})")
     parallel = plan.parallel
-    if parallel is None:
+    if request.tiles is not None and parallel is None:
+        request, parallel = canvas_layout(args, request, default_device_count())
+    elif parallel is None:
         wanted = 1 if args.mode == "single" else default_device_count()
         parallel = plan.spec.largest_layout(request.height, wanted,
                                             lambda n: parallel_config(args, n, request.steps_run), args.cfg_parallel)
-    if len(jax.devices()) < parallel.devices:
-        raise ParallelError(f"--devices {parallel.devices} but only {len(jax.devices())} "
+    devices = parallel.devices * (1 if request.tiles is None else request.tiles.devices)
+    if len(jax.devices()) < devices:
+        raise ParallelError(f"--devices {devices} but only {len(jax.devices())} "
                             f"{jax.default_backend()} devices are present.")
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
 
@@ -335,14 +400,19 @@ def generate(args: argparse.Namespace) -> None:
     images = f"{request.batch} images of " if request.batch > 1 else ""
     steps = (f"{request.steps}" if request.image is None else
              f"from {args.init_image} at strength {request.strength}: the last {request.steps_run} of {request.steps}")
+    layout = describe_layout(parallel, request.steps_run)
+    if request.tiles is not None:
+        layout = describe_canvas(plan.spec, request, layout)
     report(f"generating {images}{request.width}x{request.height}, {steps} {request.scheduler.value} steps on "
-           f"{jax.default_backend()} ({describe_layout(parallel, request.steps_run)}{hosts}, {dtype}); "
+           f"{jax.default_backend()} ({layout}{hosts}, {dtype}); "
            + ("compiling first..." if compile_cache is None else f"compiling first (kept in {compile_cache})..."))
     result = pipe.run(plan.spec.spread(request, parallel), ProgressBar("denoising") if main_process else None)
     if not main_process:
         return
+    report("peak memory per device: " + ", ".join(f"{phase} {size / 2**20:.0f} MiB" for phase, size in
+                                                   sorted(result.memory.items(), key=lambda item: -item[1])[:3]))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings.update(height=request.height, width=request.width, devices=parallel.devices,
+    settings.update(height=request.height, width=request.width, devices=devices,
                     processes=jax.process_count(), dtype=dtype, backend=jax.default_backend(),
                     mode=parallel.mode.value, warmup_steps=parallel.warmup_steps,
                     displaced_steps=parallel.stale_steps(request.steps_run),

@@ -21,11 +21,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from transformers import CLIPTokenizer
 
 from jaxfuse import checkpoint, lora, schedulers
+from jaxfuse.analysis.cost import peak_bytes
 from jaxfuse.config import Mode, ParallelConfig
 from jaxfuse.models import clip as clip_model
 from jaxfuse.models import unet as unet_model
@@ -33,10 +34,15 @@ from jaxfuse.models.clip import load_text_encoder
 from jaxfuse.models.unet import load_unet
 from jaxfuse.models.vae import AutoencoderKL, load_vae
 from jaxfuse.parallel.mesh import ROWS, ProcessLayout, gather, initialize_processes, make_mesh, place
-from jaxfuse.parallel.patch import Patch
-from jaxfuse.sampling import image
+from jaxfuse.parallel.patch import PATCH, Patch
+from jaxfuse.parallel.views import VIEWS, views_mesh
+from jaxfuse.sampling import image, tiled
 from jaxfuse.sampling.step import Conditioning, Guidance, Sampling
-from jaxfuse.spec import DEFAULT_STEPS, DEFAULT_STRENGTH, PipelineSpec, Request
+from jaxfuse.spec import DEFAULT_BOOTSTRAP, DEFAULT_STEPS, DEFAULT_STRENGTH, PipelineSpec, Region, Request, Tiles
+
+# MultiDiffusion's bootstrapping draws its backgrounds from 20 random solid colours.
+BOOTSTRAP_COLOURS = 20
+BOOTSTRAP_STREAM = 1  # folded into the seed's key for the bootstrapping's colours and noise
 
 
 class NonFiniteError(RuntimeError):
@@ -61,10 +67,12 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
 
 @dataclasses.dataclass
 class Generation:
-    """The images [B, H, W, 3] float32 in [0, 1] and the seconds each phase took."""
+    """The images [B, H, W, 3] float32 in [0, 1], the seconds each phase took and the peak memory
+    per device (bytes) of each phase's largest compiled program."""
 
     images: np.ndarray
     timings: dict[str, float]
+    memory: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def vae_mean(vae: AutoencoderKL, x: jax.Array) -> jax.Array:
@@ -109,6 +117,8 @@ class SDXLPipeline:
         self.dtype = jnp.dtype(dtype)
         self._executables: dict[Any, Any] = {}
         self._compile_seconds = 0.0
+        self._peak_bytes: dict[Any, int] = {}  # the peak memory per device of each compiled signature
+        self._memory: dict[str, int] = {}  # this run's, per phase
         self._progress: Callable[[int, int], None] | None = None
         self._on_mesh: dict[Any, Any] = {}
         self._params_checked = False
@@ -124,6 +134,9 @@ class SDXLPipeline:
             jitted = jax.jit(fn, donate_argnums=() if donate is None else (donate,))
             self._executables[signature] = jitted.lower(*args).compile()
             self._compile_seconds += time.perf_counter() - start
+            self._peak_bytes[signature] = peak_bytes(self._executables[signature])
+        phase = name[0] if isinstance(name, tuple) else name
+        self._memory[phase] = max(self._memory.get(phase, 0), self._peak_bytes[signature])
         return self._executables[signature](*args)
 
     def _replicated(self, name: str, params: Any, mesh: Mesh) -> Any:
@@ -152,6 +165,9 @@ class SDXLPipeline:
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, parallel: ParallelConfig = ParallelConfig(),
                  image: np.ndarray | None = None, strength: float = DEFAULT_STRENGTH,
+                 tiled: bool | None = None, tile_stride: int | None = None, tile_weighting: str = "uniform",
+                 regions: Sequence[Region | tuple[str, tuple[int, int, int, int]]] = (),
+                 bootstrap: float = DEFAULT_BOOTSTRAP, view_devices: int = 1,
                  progress: Callable[[int, int], None] | None = None) -> Generation:
         """Runs the pipeline; `parallel` spreads the image over devices (default: one device);
         `progress(step, total)` is called after every denoising step.
@@ -165,12 +181,23 @@ class SDXLPipeline:
         one-image run with `seed[i]`, and a single prompt is repeated for each. Every argument is
         checked before anything runs (`PipelineSpec.request`); raises `PipelineError` for a bad
         one and `NonFiniteError` when the result holds NaN or infinity.
+
+        A canvas above the native size (`TILED_AREA` native areas, or `tiled=True`, a
+        `tile_stride` or `regions`) is made of fused views of the native size (MultiDiffusion,
+        `jaxfuse.sampling.tiled`): one every `tile_stride` pixels (default: half the native size),
+        merged with "uniform" or "gaussian" weights, spread over `view_devices` device groups of
+        `parallel.devices` each (patch parallelism inside every view). `regions`: (prompt, (x0, y0,
+        x1, y1)) boxes in pixels, each drawn with its own prompt, the prompt itself everywhere else;
+        they are bootstrapped (a solid colour around them) for the first `bootstrap` share of the
+        steps.
         """
         request = self.spec.request(
             prompt, negative_prompt, height=height, width=width, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed, latents=latents,
             scheduler=scheduler, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
-            target_size=target_size, parallel=parallel, image=image, strength=strength)
+            target_size=target_size, parallel=parallel, image=image, strength=strength, tiled=tiled,
+            tile_stride=tile_stride, tile_weighting=tile_weighting, regions=regions, bootstrap=bootstrap,
+            view_devices=view_devices)
         return self.run(request, progress)
 
     def run(self, request: Request, progress: Callable[[int, int], None] | None = None) -> Generation:
@@ -178,11 +205,16 @@ class SDXLPipeline:
         self.check_params_finite()
         parallel = request.parallel
         sampling = Sampling(request.use_guidance, request.guidance_rescale > 0, parallel)
-        mesh = make_mesh(parallel) if parallel.split else None
-        self._compile_seconds, self._progress = 0.0, progress
+        mesh = self.mesh(request)
+        self._compile_seconds, self._progress, self._memory = 0.0, progress, {}
         timings: dict[str, float] = {}
 
-        cond = self._timed(timings, "encode", lambda: self.conditioning(request))
+        if request.tiles is None:
+            cond, predictor = self._timed(timings, "encode", lambda: self.conditioning(request)), image.Predictor()
+        else:
+            cond = self._timed(timings, "encode", lambda: self.canvas_conditioning(request))
+            predictor = tiled.views_predictor(self.tiling(request.tiles), self.latent_size(request),
+                                              self.spec.vae_factor, mesh)
         schedule = schedulers.make_schedule(request.scheduler, self.spec.scheduler, request.steps)
         noise = (jnp.asarray(request.latents) if request.latents is not None
                  else initial_noise(request.seeds, self.spec.latent_shape(request.batch, request.height,
@@ -190,18 +222,79 @@ class SDXLPipeline:
         if request.image is None:
             x = noise * schedule.init_noise_sigma
         else:
-            x0 = self._timed(timings, "encode_image", lambda: self.encode_image(request.image, request.batch, mesh))
+            x0 = self._timed(timings, "encode_image",
+                             lambda: self.encode_image(request.image, request.batch, self.image_mesh(mesh, request)))
             x = schedulers.noised_sample(schedule, x0, noise, request.start_step)
             schedule = schedulers.tail(schedule, request.start_step)
         guidance = Guidance(jnp.float32(request.guidance_scale), jnp.float32(request.guidance_rescale))
         keys = schedulers.noise_keys(request.seeds)
-        x = self._timed(timings, "denoise", lambda: self.denoise(x, cond, schedule, guidance, keys, sampling, mesh))
-        check_finite("the denoised latents", gather(x), "the UNet's weights or an overflow in half precision "
+        x = self._timed(timings, "denoise",
+                        lambda: self.denoise(x, cond, schedule, guidance, keys, sampling, mesh, predictor))
+        latents = gather(x)
+        check_finite("the denoised latents", latents, "the UNet's weights or an overflow in half precision "
                      "(try --dtype float32)")
-        images = gather(self._timed(timings, "decode", lambda: self.decode(x, mesh)))
+        if request.tiles is not None:  # replicated over the views' mesh: the VAE lays it out afresh
+            x = jnp.asarray(latents)
+        images = gather(self._timed(timings, "decode", lambda: self.decode(x, self.image_mesh(mesh, request))))
         check_finite("the decoded image", images, "the VAE's weights or an overflow in half precision (SDXL's "
                      "VAE needs float32: its config's force_upcast)")
-        return Generation(images, {"compile": self._compile_seconds, **timings})
+        return Generation(images, {"compile": self._compile_seconds, **timings}, dict(self._memory))
+
+    def mesh(self, request: Request) -> Mesh | None:
+        """The devices of a request: the image split by rows over `PATCH` (and `CFG`); a canvas's
+        views over `VIEWS`, each split by rows over `PATCH` when the request's layout splits."""
+        parallel, tiles = request.parallel, request.tiles
+        if tiles is None:
+            return make_mesh(parallel) if parallel.split else None
+        if tiles.devices == 1 and not parallel.split:
+            return None
+        return views_mesh(tiles.devices, patches=parallel.patches if parallel.split else 1)
+
+    def image_mesh(self, mesh: Mesh | None, request: Request) -> Mesh | None:
+        """Where the VAE runs: split by rows on the image's mesh; a canvas's mesh lends it the
+        `PATCH` devices of its first views group when they divide the canvas's latent rows."""
+        if mesh is None or VIEWS not in mesh.axis_names:
+            return mesh
+        if PATCH not in mesh.axis_names or self.latent_size(request)[0] % mesh.shape[PATCH]:
+            return None
+        return Mesh(mesh.devices[0], (PATCH,), axis_types=(AxisType.Auto,))
+
+    def latent_size(self, request: Request) -> tuple[int, int]:
+        return request.height // self.spec.vae_factor, request.width // self.spec.vae_factor
+
+    def tiling(self, tiles: Tiles) -> tiled.Tiling:
+        window, stride = tiles.window // self.spec.vae_factor, tiles.stride // self.spec.vae_factor
+        return tiled.Tiling((window, window), (stride, stride), tiled.Weighting(tiles.weighting))
+
+    def canvas_conditioning(self, request: Request) -> tiled.CanvasConditioning:
+        """The conditioning of a canvas's prompts (the request's, then each region's, each for
+        every image) and where each applies (`tiled.Regions`)."""
+        tiles, f = request.tiles, self.spec.vae_factor
+        copies = 1 + len(tiles.regions)
+        prompts = request.prompts + [r.prompt for r in tiles.regions for _ in range(request.batch)]
+        negatives = None if request.negative_prompts is None else request.negative_prompts * copies
+        cond = self.conditioning(dataclasses.replace(request, prompts=prompts, negative_prompts=negatives),
+                                 request.use_guidance)
+        canvas = self.latent_size(request)
+        if not tiles.regions:
+            return tiled.CanvasConditioning(cond, tiled.whole_canvas(canvas, self.spec.unet.in_channels))
+        # Latent boxes cover every pixel of the pixel boxes: rows y0 // f .. ceil(y1 / f).
+        boxes = np.asarray([(y0 // f, x0 // f, -(-y1 // f), -(-x1 // f)) for x0, y0, x1, y1 in
+                            (r.box for r in tiles.regions)])
+        key = jax.random.fold_in(jax.random.key(request.seeds[0]), BOOTSTRAP_STREAM)
+        regions = tiled.Regions(jnp.asarray(tiled.region_masks(boxes, canvas)),
+                                self.solid_colours(jax.random.fold_in(key, 0)),
+                                jnp.int32(round(tiles.bootstrap * request.steps_run)),
+                                jax.random.key_data(jax.random.fold_in(key, 1)))
+        return tiled.CanvasConditioning(cond, regions)
+
+    def solid_colours(self, key: jax.Array, count: int = BOOTSTRAP_COLOURS) -> jax.Array:
+        """The UNet latents [count, C] of `count` random solid colours (MultiDiffusion's
+        bootstrapping backgrounds): each colour's image encoded, its middle latent pixel."""
+        size = 8 * self.spec.vae_factor
+        colours = np.asarray(jax.random.uniform(key, (count, 1, 1, 3)))
+        latents = self.encode_image(np.broadcast_to(colours, (count, size, size, 3)), count)
+        return latents[:, :, 4, 4]
 
     def check_params_finite(self) -> None:
         """Raises `NonFiniteError` naming the first parameters that hold NaN or infinity (checked
@@ -226,26 +319,32 @@ class SDXLPipeline:
         timings[phase] = time.perf_counter() - start - (self._compile_seconds - compiled_before)
         return result
 
-    def denoise(self, x, cond: Conditioning, schedule, guidance: Guidance, noise_keys: jax.Array,
-                sampling: Sampling, mesh: Mesh | None) -> jax.Array:
-        """Initial latents [B, 4, h, w] -> denoised latents; on `mesh`, split by rows. With a
-        progress callback the host runs one step at a time (the same compiled program as a
-        phase's whole range) and reports each when it is done."""
+    def denoise(self, x, cond: Any, schedule, guidance: Guidance, noise_keys: jax.Array, sampling: Sampling,
+                mesh: Mesh | None, predictor: image.Predictor = image.Predictor()) -> jax.Array:
+        """Initial latents [B, 4, h, w] -> denoised latents; on `mesh`, laid out as the predictor
+        says (split by rows, or a canvas's views spread). With a progress callback the host runs
+        one step at a time (the same compiled program as a phase's whole range) and reports each
+        when it is done."""
         params, args = self.unet_params, (x, cond, schedule, guidance, noise_keys)
         if mesh is not None:
             params = self._replicated("unet", params, mesh)
-            args = [place(a, NamedSharding(mesh, spec)) for a, spec in zip(args, image.loop_specs(sampling)[1:])]
+            specs = image.loop_specs(sampling, predictor)[1:]
+            args = [place(a, NamedSharding(mesh, spec)) for a, spec in zip(args, specs)]
         _, cond, schedule, guidance, _ = args
-        carry = self._run(("initial", sampling), image.initial_program(self.unet, sampling, mesh), params, *args)
+        # Programs are kept by name: a canvas's predictor is a new function each run, named by
+        # what shapes it (the views' predictor of one canvas and mesh is the same program).
+        kind = (sampling, None if not predictor.whole_latents else (x.shape, mesh_key(mesh)))
+        carry = self._run(("initial", *kind), image.initial_program(self.unet, sampling, mesh, predictor),
+                          params, *args)
         total = schedule.timesteps.shape[0]
         # Every process of a multi-host run must launch the same programs in the same order,
         # whichever of them reports progress: across processes the host always steps.
         stepwise = self._progress is not None or jax.process_count() > 1
         for patch, start, stop in sampling.phases(total):
-            steps = image.steps_program(self.unet, sampling, patch, mesh)
+            steps = image.steps_program(self.unet, sampling, patch, mesh, predictor)
             bounds = [(i, i + 1) for i in range(start, stop)] if stepwise else [(start, stop)]
             for first, end in bounds:
-                carry = self._run(("steps", sampling, patch), steps, params, carry, cond, schedule, guidance,
+                carry = self._run(("steps", *kind, patch), steps, params, carry, cond, schedule, guidance,
                                   np.int32(first), np.int32(end), donate=1)
                 if self._progress is not None:
                     jax.block_until_ready(carry.latents)

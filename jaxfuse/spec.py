@@ -28,6 +28,10 @@ class PipelineError(ValueError):
 DEFAULT_STEPS = 30
 # Image-to-image's share of the schedule when none is named: diffusers' SDXL img2img default.
 DEFAULT_STRENGTH = 0.3
+# MultiDiffusion bootstraps its regions for 20 of its 50 steps.
+DEFAULT_BOOTSTRAP = 0.4
+# A canvas of at least this many native-size areas is made of fused views unless told otherwise.
+TILED_AREA = 4
 # JAX's default keys hold 32 bits: a larger seed would silently repeat a smaller one's noise.
 MAX_SEED = 2**32 - 1
 # Files besides config.json each part of a pipeline folder needs (CLIP's tokenizer: its BPE tables).
@@ -92,6 +96,43 @@ def checked_image(image: Any, batch: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class Region:
+    """A prompt for a box of the canvas, in pixels: columns x0..x1, rows y0..y1 (the command
+    line's "prompt@x0,y0,x1,y1")."""
+
+    prompt: str
+    box: tuple[int, int, int, int]
+
+    @classmethod
+    def parse(cls, text: str) -> Region:
+        prompt, at, numbers_ = text.rpartition("@")
+        try:
+            box = tuple(int(v) for v in numbers_.split(","))
+        except ValueError:
+            box = ()
+        if not at or not prompt.strip() or len(box) != 4:
+            raise PipelineError(f"--region {text!r} must be \"PROMPT@X0,Y0,X1,Y1\", a prompt and a box of the canvas "
+                                "in pixels, e.g. \"a red circle@0,0,256,256\".")
+        return cls(prompt, box)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """A canvas made of fused views (MultiDiffusion, `jaxfuse.sampling.tiled`): windows of the
+    model's native size every `stride` pixels, merged with `weighting` ("uniform" or "gaussian"),
+    spread over `devices` device groups (each view split by rows over the request's patch
+    layout); `regions` with their own prompts, bootstrapped for the first `bootstrap` share of
+    the steps."""
+
+    window: int
+    stride: int
+    weighting: str = "uniform"
+    regions: tuple[Region, ...] = ()
+    bootstrap: float = DEFAULT_BOOTSTRAP
+    devices: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class Request:
     """One generation request, checked (`PipelineSpec.request`): every value has its type and
     range, and the lists agree in length (`batch`)."""
@@ -112,6 +153,7 @@ class Request:
     parallel: ParallelConfig
     image: np.ndarray | None = None  # image-to-image: [1 or B, H, W, 3] float32 in [0, 1]
     strength: float = 1.0  # how much of the schedule image-to-image runs, (0, 1]
+    tiles: Tiles | None = None  # a canvas of fused views, or None: one image
 
     @property
     def batch(self) -> int:
@@ -184,6 +226,38 @@ class PipelineSpec:
     def default_size(self) -> int:
         return (self.unet.sample_size or 128) * self.vae_factor
 
+    def tiles(self, height: int, width: int, tiled: bool | None, stride: Any, weighting: Any, regions: Any,
+              bootstrap: Any, devices: Any) -> Tiles | None:
+        """The checked tiling of a `height` x `width` canvas, or None for one image. `tiled` None:
+        tiled when a stride or regions are given or the canvas holds `TILED_AREA` native areas."""
+        native = self.default_size
+        regions = tuple(r if isinstance(r, Region) else Region(*r) for r in regions)
+        if tiled is None:
+            tiled = stride is not None or bool(regions) or height * width >= TILED_AREA * native**2
+        if not tiled:
+            if regions or stride is not None:
+                raise PipelineError("regions and a tile stride belong to a tiled canvas; drop tiled=False "
+                                    "(--tiles off).")
+            return None
+        f = self.vae_factor
+        for name, size in (("height", height), ("width", width)):
+            if size < native or size % f:
+                raise PipelineError(f"a tiled canvas's {name} must be at least the model's native {native} and a "
+                                    f"multiple of {f} (the VAE factor), got {size}.")
+        stride = native // 2 // f * f if stride is None else checked_int("tile stride", stride, f, native)
+        if stride % f:
+            raise PipelineError(f"tile stride {stride} must be a multiple of {f} (the VAE factor); nearest valid: "
+                                f"{stride // f * f or f}.")
+        if weighting not in ("uniform", "gaussian"):
+            raise PipelineError(f"tile weighting {weighting!r} is not one of uniform, gaussian.")
+        for region in regions:
+            x0, y0, x1, y1 = region.box
+            if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+                raise PipelineError(f"region {region.prompt!r}: box {x0},{y0},{x1},{y1} must satisfy 0 <= x0 < x1 <= "
+                                    f"{width} and 0 <= y0 < y1 <= {height} (the canvas, in pixels).")
+        return Tiles(native, stride, weighting, regions, checked_float("bootstrap", bootstrap, 0.0, 1.0),
+                     checked_int("view devices", devices, 1))
+
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (batch, self.unet.in_channels, height // self.vae_factor, width // self.vae_factor)
 
@@ -192,11 +266,13 @@ class PipelineSpec:
                 seed: Any = 0, latents: Any = None, scheduler: Any = "euler", original_size: Any = None,
                 crops_coords_top_left: Any = (0, 0), target_size: Any = None,
                 parallel: ParallelConfig = ParallelConfig(), image: Any = None,
-                strength: Any = DEFAULT_STRENGTH) -> Request:
+                strength: Any = DEFAULT_STRENGTH, tiled: bool | None = None, tile_stride: Any = None,
+                tile_weighting: Any = "uniform", regions: Sequence[Any] = (), bootstrap: Any = DEFAULT_BOOTSTRAP,
+                view_devices: Any = 1) -> Request:
         """The arguments of `SDXLPipeline.generate` checked, or one `PipelineError` naming the
         fix. `height`/`width` None: the model's size, or the image's. `seed`: one int, or one per
         image (a single prompt is then repeated for each). `image`: image-to-image from it, at
-        `strength`."""
+        `strength`. The tiling arguments: `PipelineSpec.tiles`."""
         prompts = checked_prompts("prompt", prompt)
         seeds = [seed] if isinstance(seed, numbers.Integral) or not isinstance(seed, Sequence) else list(seed)
         if not seeds:
@@ -250,14 +326,21 @@ class PipelineSpec:
             original_size=checked_pair("original_size", original_size, 1),
             crops_coords_top_left=checked_pair("crops_coords_top_left", crops_coords_top_left, 0),
             target_size=checked_pair("target_size", target_size, 1), parallel=ParallelConfig(),
-            image=image, strength=strength)
+            image=image, strength=strength,
+            tiles=self.tiles(height, width, tiled, tile_stride, tile_weighting, regions, bootstrap, view_devices))
         return self.spread(request, parallel)
 
     def spread(self, request: Request, parallel: ParallelConfig) -> Request:
         """`request` spread over the devices `parallel` names, checked for that layout."""
         if not isinstance(parallel, ParallelConfig):
             raise PipelineError(f"parallel must be a jaxfuse.ParallelConfig, got {parallel!r}.")
-        self.check_size(request.height, request.width, parallel.patches)
+        if request.tiles is None:
+            self.check_size(request.height, request.width, parallel.patches)
+        else:
+            self.check_size(request.tiles.window, request.tiles.window, parallel.patches)
+            if parallel.cfg_parallel:
+                raise PipelineError("a tiled canvas splits its views by rows, not their guidance batch; drop "
+                                    "--cfg-parallel.")
         if parallel.cfg_parallel and not request.use_guidance:
             raise PipelineError("cfg_parallel splits the guidance batch, but guidance_scale <= 1 has none; "
                                 "drop --cfg-parallel or raise --guidance-scale.")

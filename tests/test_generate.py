@@ -130,7 +130,7 @@ def failure(capsys, code, argv, *messages):
     # Inputs that once failed late, with a traceback.
     (["--steps", "100000"], "steps must be in 1..1000, got 100000"),
     (["--seed", "1180591620717411303424"], "seed must be in 0..4294967295, got 1180591620717411303424"),
-    (["--devices", "1000", "--height", "256"], "or split 256 into 1, 2, 4, 8, 16 patches"),
+    (["--devices", "1000", "--height", "256", "--tiles", "off"], "or split 256 into 1, 2, 4, 8, 16 patches"),
     (["--num-images", "0"], "--num-images must be at least 1, got 0"),
     (["--output", "."], "--output . must end in .png"),
     (["--num-images", "3", "--seed", "1", "--seed", "2"], "--seed given 2 times for --num-images 3"),
@@ -140,6 +140,14 @@ def failure(capsys, code, argv, *messages):
     (["--lora", "missing.safetensors:0.5"], "LoRA missing.safetensors: no such file"),
     (["--lora", "style.ckpt"], "LoRA style.ckpt: a pickled file (.ckpt) can run code when read and is refused"),
     (["--lora", "style.safetensors:nan"], "--lora style.safetensors:nan: the weight must be a finite number"),
+    # A tiled canvas (the tiny model's native size is 64).
+    (["--view-patches", "2"], "--view-patches splits the views of a tiled canvas; add --tiles on"),
+    (["--region", "a red circle"], 'must be "PROMPT@X0,Y0,X1,Y1"'),
+    (["--region", "a red circle@0,0,999,48", "--height", "64"], "box 0,0,999,48 must satisfy 0 <= x0 < x1 <= 64"),
+    (["--tile-stride", "32"], "a tiled canvas's height must be at least the model's native 64"),
+    (["--tile-stride", "12", "--height", "64", "--width", "128"], "tile stride 12 must be a multiple of 8"),
+    (["--tiles", "on", "--height", "64", "--devices", "4", "--view-patches", "3", "--mode", "sync"],
+     "--view-patches 3 must divide the 4 devices"),
 ])
 def test_bad_input_is_one_clear_error(folder, tmp_path, capsys, extra, message):
     failure(capsys, 2, cli(folder, tmp_path, "--output", str(tmp_path / "x.png"), *extra), message)

@@ -47,7 +47,7 @@ def spec(tiny_sdxl_folder):
     ("a", dict(latents=np.full((1, 4, 8, 12), np.nan, np.float32)), "latents hold 384 NaN or infinite values"),
     ("a", dict(latents=np.zeros((1, 4, 8, 12), np.int32)), "latents must hold floats"),
     ("a", dict(parallel="displaced"), "parallel must be a jaxfuse.ParallelConfig"),
-    ("a", dict(parallel=ParallelConfig(1000, "sync"), height=256),
+    ("a", dict(parallel=ParallelConfig(1000, "sync"), height=256, tiled=False),
      r"height 256 must be a positive multiple of 16000 .*; nearest valid: 16000; or split 256 into 1, 2, 4, 8, 16 "
      r"patches"),
 ])

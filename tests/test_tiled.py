@@ -1,5 +1,6 @@
 """The views of a large canvas (`jaxfuse.sampling.tiled`): boxes that cover it, a crop and a merge
-that agree with averages written out by hand."""
+that agree with averages written out by hand, the views' loop against the image loop and over
+devices, region prompts, and the pipeline's canvases."""
 
 import functools
 
@@ -10,6 +11,7 @@ import pytest
 
 from jaxfuse import schedulers
 from jaxfuse.config import ConfigError, ParallelConfig
+from jaxfuse.demo.detect import detect, prompt_accuracy
 from jaxfuse.parallel.views import views_mesh
 from jaxfuse.pipeline import load_pipeline
 from jaxfuse.sampling.image import denoise
@@ -29,6 +31,9 @@ from jaxfuse.sampling.tiled import (
     whole_canvas,
     window_weights,
 )
+from jaxfuse.spec import PipelineError, Region
+
+STEPS = 12  # the region test's denoising steps
 
 
 @pytest.mark.parametrize("size, window, stride, expected", [
@@ -209,3 +214,68 @@ def test_a_region_over_the_whole_canvas_with_the_background_prompt_is_one_prompt
                       jnp.int32(4), jax.random.key_data(jax.random.key(1)))
     both = loop(pipe, latents, twice, tiling, (8, 12), regions=regions)
     assert np.abs(both - one).max() <= 7e-5 * np.abs(one).max()  # measured 7.4e-6 (a UNet batch twice as large)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tiled=True, height=32), "a tiled canvas's height must be at least the model's native 64"),
+    (dict(height=64, width=128, tile_stride=12), "tile stride 12 must be a multiple of 8"),
+    (dict(height=64, width=128, tile_stride=72), "tile stride must be in 8..64, got 72"),
+    (dict(height=64, width=128, tiled=True, tile_weighting="cosine"),
+     "tile weighting 'cosine' is not one of uniform, gaussian"),
+    (dict(height=64, width=128, regions=[("a", (0, 0, 64, 80))]), "region 'a': box 0,0,64,80 must satisfy"),
+    (dict(height=64, width=128, tiled=False, regions=[("a", (0, 0, 64, 64))]),
+     "regions and a tile stride belong to a tiled canvas"),
+    (dict(height=64, width=128, tiled=True, parallel=ParallelConfig(2, "sync", cfg_parallel=True)),
+     "a tiled canvas splits its views by rows, not their guidance batch"),
+    (dict(height=64, width=128, tiled=True, parallel=ParallelConfig(16, "sync")), "height 64 must be a positive "
+     "multiple of 256"),  # a view's rows split over 16 devices
+])
+def test_a_canvas_that_cannot_be_made_is_named(pipe, kwargs, message):
+    with pytest.raises(PipelineError, match=message):
+        pipe.spec.request("a red circle", **kwargs)
+
+
+def test_a_region_is_written_prompt_at_box():
+    assert Region.parse("a red circle @ the top@0,8,64,72") == Region("a red circle @ the top", (0, 8, 64, 72))
+    with pytest.raises(PipelineError, match="must be \"PROMPT@X0,Y0,X1,Y1\""):
+        Region.parse("a red circle@0,8,64")
+
+
+@pytest.mark.slow
+def test_a_canvas_of_the_native_size_is_the_image(pipe):
+    """`tiled=True` at the model's native size: one view, the image pipeline's result."""
+    image = pipe("a red circle", "a blue square", num_inference_steps=3).astype(np.float64)
+    canvas = pipe("a red circle", "a blue square", num_inference_steps=3, tiled=True)
+    assert np.abs(canvas - image).max() <= 1e-5  # of images in [0, 1]; measured 0
+
+
+@pytest.mark.slow
+def test_a_canvas_over_views_and_patches_equals_one_device(pipe):
+    """The pipeline's own layout: a 64 x 160 canvas's 3 views over 2 groups of 2 devices in sync
+    mode (the VAE over its first group's 2), against one device."""
+    kwargs = dict(height=64, width=160, num_inference_steps=3, tile_stride=48, tile_weighting="gaussian")
+    one = pipe("a red circle", **kwargs).astype(np.float64)
+    spread = pipe("a red circle", parallel=ParallelConfig(2, "sync"), view_devices=2, **kwargs)
+    assert np.abs(spread - one).max() <= 3e-5  # of images in [0, 1]; measured 2.5e-6
+
+
+CAPTIONS = ("a red circle in the centre", "a blue square at the top right", "a yellow star at the bottom left")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from jaxfuse.demo import DEMO_MODEL
+
+    return load_pipeline(DEMO_MODEL, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_each_region_draws_its_caption_in_its_third_of_the_canvas(demo):
+    """MultiDiffusion's region prompts on the demo model: a 768 x 256 canvas, a caption per 256 x 256 third."""
+    regions = [(caption, (256 * k, 0, 256 * (k + 1), 256)) for k, caption in enumerate(CAPTIONS)]
+    image = demo("", height=256, width=768, num_inference_steps=STEPS, tile_stride=128, regions=regions)[0]
+    thirds = [image[:, 256 * k:256 * (k + 1)] for k in range(3)]
+    for k, caption in enumerate(CAPTIONS):
+        assert prompt_accuracy(caption, thirds[k]) == 1.0, (caption, detect(thirds[k]))
+        for other in set(range(3)) - {k}:  # and only there
+            assert prompt_accuracy(caption, thirds[other], with_shape=False) == 0.0, (caption, detect(thirds[other]))

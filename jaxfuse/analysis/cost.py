@@ -50,7 +50,7 @@ def sharded_step(unet: UNet2DConditionModel, sampling: Sampling, patch: Patch, m
                  with_stale: bool = False) -> Callable:
     """`step_fn` over `mesh`, each device on its rows, inputs laid out as the image loop's. The
     stale tree crosses the `shard_map` boundary stacked over every device along its first axis."""
-    stacked = stale_spec(sampling)
+    stacked = stale_spec(mesh)
     in_specs = loop_specs(sampling)[:5] + ((stacked,) if with_stale else ())  # no noise keys: no sampler step
     out_specs = (ROWS, stacked) if patch.writes_stale else ROWS
     return jax.shard_map(step_fn(unet, sampling, patch), mesh=mesh, in_specs=in_specs, out_specs=out_specs)
@@ -138,6 +138,13 @@ def step_cost(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int
         stale_bytes=sizes["stale"],
         argument_bytes=memory.argument_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes,
-        peak_bytes=(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-                    - memory.alias_size_in_bytes),
+        peak_bytes=peak_bytes(compiled),
     )
+
+
+def peak_bytes(compiled: jax.stages.Compiled) -> int:
+    """A compiled program's peak memory per device: its arguments, outputs and temporaries, less
+    the outputs that reuse argument buffers."""
+    memory = compiled.memory_analysis()
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes)

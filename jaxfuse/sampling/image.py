@@ -105,12 +105,16 @@ def loop_specs(sampling: Sampling, predictor: Predictor = Predictor()) -> tuple:
     return P(), predictor.latents_spec, P(CFG) if sampling.parallel.cfg_parallel else P(), P(), P(), P()
 
 
+def stale_spec(mesh: Mesh) -> P:
+    """How the stale tree crosses a `shard_map` boundary: every device's own leaves stacked along
+    their first axis."""
+    return P(mesh.axis_names)
+
+
 def carry_specs(sampling: Sampling, mesh: Mesh, predictor: Predictor = Predictor()) -> ImageCarry:
-    """The carry's layout; the stale tree crosses a `shard_map` boundary as every device's own
-    leaves stacked along their first axis."""
     latents = predictor.latents_spec
     return ImageCarry(latents, schedulers.SchedulerState(prev_x0=latents, noise_keys=P()),
-                      P(mesh.axis_names) if sampling.keeps_stale else None)
+                      stale_spec(mesh) if sampling.keeps_stale else None)
 
 
 def image_loop(unet: Any, sampling: Sampling, mesh: Mesh | None, predictor: Predictor = Predictor()) -> Callable:
