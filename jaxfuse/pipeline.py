@@ -332,8 +332,8 @@ class SDXLPipeline:
             args = [place(a, NamedSharding(mesh, spec)) for a, spec in zip(args, specs)]
         _, cond, schedule, guidance, _ = args
         # Programs are kept by name: a canvas's predictor is a new function each run, named by
-        # what shapes it (the views' predictor of one canvas and mesh is the same program).
-        kind = (sampling, None if not predictor.whole_latents else (x.shape, mesh_key(mesh)))
+        # what makes it (`Predictor.key`) and the mesh.
+        kind = (sampling, predictor.key, None if predictor.key is None else mesh_key(mesh))
         carry = self._run(("initial", *kind), image.initial_program(self.unet, sampling, mesh, predictor),
                           params, *args)
         total = schedule.timesteps.shape[0]

@@ -47,6 +47,7 @@ class Predictor:
 
     predict: Callable = predict_noise
     whole_latents: bool = False
+    key: Any = None  # what makes `predict` the function it is: compiled programs are kept by it
 
     @property
     def latents_spec(self) -> P:

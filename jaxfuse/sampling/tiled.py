@@ -258,4 +258,4 @@ def views_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, me
     `PATCH`)."""
     axes = () if mesh is None else mesh.axis_names
     return Predictor(view_predictor(tiling, canvas, vae_factor, spread=VIEWS in axes, split=PATCH in axes),
-                     whole_latents=True)
+                     whole_latents=True, key=(tiling, canvas, vae_factor, axes))
