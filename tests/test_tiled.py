@@ -12,9 +12,10 @@ import pytest
 from jaxfuse import schedulers
 from jaxfuse.config import ConfigError, ParallelConfig
 from jaxfuse.demo.detect import detect, prompt_accuracy
+from jaxfuse.parallel.mesh import make_mesh
 from jaxfuse.parallel.views import views_mesh
 from jaxfuse.pipeline import load_pipeline
-from jaxfuse.sampling.image import denoise
+from jaxfuse.sampling.image import denoise, image_loop
 from jaxfuse.sampling.step import Guidance, Sampling
 from jaxfuse.sampling.tiled import (
     CanvasConditioning,
@@ -287,5 +288,25 @@ def test_the_weighting_makes_its_own_program(pipe):
     not the uniform program again (they once were)."""
     kwargs = dict(height=64, width=128, num_inference_steps=2, tile_stride=32)
     uniform, gaussian = (pipe("a red circle", tile_weighting=w, **kwargs) for w in ("uniform", "gaussian"))
-    assert np.abs(uniform - gaussian).max() > 1e-3  # measured 0.035
+    assert np.abs(uniform - gaussian).max() > 0.03  # of images in [0, 1]; measured 0.38
     assert np.abs(pipe("a red circle", tile_weighting="uniform", **kwargs) - uniform).max() == 0
+
+
+@pytest.mark.slow
+def test_views_split_in_displaced_mode_keep_their_own_stale_context(pipe):
+    """Views that do not overlap, each split over 2 devices in displaced mode (one warm-up step):
+    each equals its tile denoised alone by the image loop in the same mode, which holds only when
+    every view reads the context its own previous step left."""
+    parallel = ParallelConfig(2, "displaced", warmup_steps=1)
+    latents = np.random.default_rng(5).standard_normal((1, 4, 8, 12)).astype(np.float32)
+    cond = canvas_cond(pipe, HEIGHT, WIDTH)
+    tiled = loop(pipe, latents, cond, Tiling(WINDOW, WINDOW), (8, 12), views_mesh(1, patches=2), parallel)
+    schedule = schedulers.make_schedule("euler", pipe.spec.scheduler, 4)
+    alone = jax.jit(image_loop(pipe.unet, Sampling(True, False, parallel), make_mesh(parallel)))
+    worst = 0.0
+    for left in (0, 6):
+        tile_cond = cond.replace(time_ids=cond.time_ids.at[:, 3].set(left * pipe.spec.vae_factor).at[:, 5].set(48))
+        tile = np.asarray(alone(pipe.unet_params, latents[..., left:left + 6], tile_cond, schedule,
+                                Guidance(jnp.float32(5.0), jnp.float32(0.0)), schedulers.noise_keys([0])))
+        worst = max(worst, float(np.abs(tiled[..., left:left + 6] - tile).max() / np.abs(tile).max()))
+    assert worst <= 2e-5  # of the tile's max; measured 0 (the same programs, tile by tile)

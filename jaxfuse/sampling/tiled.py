@@ -39,7 +39,7 @@ from jax.sharding import Mesh
 
 from jaxfuse import schedulers
 from jaxfuse.config import ConfigError
-from jaxfuse.parallel.patch import PATCH
+from jaxfuse.parallel.patch import PATCH, vary_like
 from jaxfuse.parallel.views import VIEWS, Views
 from jaxfuse.sampling.image import Predictor, image_loop
 from jaxfuse.sampling.step import Conditioning, predict_noise
@@ -109,16 +109,20 @@ def merge_sums(weighted: jnp.ndarray, weights: jnp.ndarray, boxes: Any,
     """The two sums `merge` divides: [V, B, C, h, w] views already multiplied by their weights
     and [V, h, w] the weights, each placed at its box on the canvas and added up -> [B, C, H, W]
     and [H, W]. Views spread over devices add their sums (one `psum`) before dividing."""
-    total = jnp.zeros((*weighted.shape[1:3], *canvas), jnp.float32)
-    weight = jnp.zeros(canvas, jnp.float32)
     h, w = weights.shape[1:]
-    for v in range(weighted.shape[0]):
-        top, left = boxes[v][0], boxes[v][1]
+    boxes = jnp.asarray(boxes)
+
+    def add(v, sums):  # a loop, not V copies of the body: a large canvas has hundreds of views
+        total, weight = sums
+        top, left = boxes[v, 0], boxes[v, 1]
         placed = lax.dynamic_slice(total, (0, 0, top, left), (*total.shape[:2], h, w))
         total = lax.dynamic_update_slice(total, placed + weighted[v].astype(jnp.float32), (0, 0, top, left))
         weight = lax.dynamic_update_slice(weight, lax.dynamic_slice(weight, (top, left), (h, w)) + weights[v],
                                           (top, left))
-    return total, weight
+        return total, weight
+
+    zeros = (jnp.zeros((*weighted.shape[1:3], *canvas), jnp.float32), jnp.zeros(canvas, jnp.float32))
+    return lax.fori_loop(0, weighted.shape[0], add, vary_like(zeros, (weighted, weights)))
 
 
 @flax.struct.dataclass
@@ -196,8 +200,8 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
                    split: bool = False) -> Callable:
     """A noise prediction with `predict_noise`'s signature for a canvas [B, C, H, W] and a
     `CanvasConditioning`: every view predicted as an image of its own for every prompt, one view at
-    a time (`lax.map`: the memory of one), with SDXL's crop micro-conditioning set to the view's
-    top-left corner in pixels, and the predictions merged, weighted by the window's weights and
+    a time (`lax.map`: the memory of one), with SDXL's micro-conditioning that of a window-sized
+    crop of the canvas at the view's corner, and the predictions merged, weighted by the window's weights and
     the prompts' masks. The image loop (`sampling.image`) runs it as it runs `predict_noise`; the
     stale context of displaced steps is kept per view ([S, ...]).
 
