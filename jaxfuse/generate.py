@@ -59,8 +59,10 @@ from jaxfuse.pipeline import COMPILE_CACHE_ENV, load_pipeline, use_compile_cache
 from jaxfuse.sampling.tiled import Weighting, view_boxes
 from jaxfuse.spec import (
     DEFAULT_BOOTSTRAP,
+    DEFAULT_REGION_WEIGHTING,
     DEFAULT_STEPS,
     DEFAULT_STRENGTH,
+    DEFAULT_WEIGHTING,
     TILED_AREA,
     PipelineError,
     PipelineSpec,
@@ -155,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "--region is given), on, off")
     canvas.add_argument("--tile-stride", type=int,
                         help="pixels between views, a multiple of the VAE factor (default: half the native size)")
-    canvas.add_argument("--tile-weighting", choices=[w.value for w in Weighting], default="uniform",
+    canvas.add_argument("--tile-weighting", choices=[w.value for w in Weighting],
                         help="how views are averaged where they overlap: uniform (MultiDiffusion) or gaussian, "
-                             "fading each view towards its borders (Mixture of Diffusers)")
+                             f"fading each view towards its borders (Mixture of Diffusers) (default: "
+                             f"{DEFAULT_WEIGHTING}; with --region, {DEFAULT_REGION_WEIGHTING}: measured best for each)")
     canvas.add_argument("--region", action="append", metavar="PROMPT@X0,Y0,X1,Y1",
                         help="draw PROMPT in this box of the canvas (pixels; --prompt everywhere else); repeatable")
     canvas.add_argument("--bootstrap", type=float, default=DEFAULT_BOOTSTRAP,

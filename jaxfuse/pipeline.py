@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from transformers import CLIPTokenizer
 
@@ -30,15 +30,24 @@ from jaxfuse.analysis.cost import peak_bytes
 from jaxfuse.config import Mode, ParallelConfig
 from jaxfuse.models import clip as clip_model
 from jaxfuse.models import unet as unet_model
+from jaxfuse.models import vae_tiled
 from jaxfuse.models.clip import load_text_encoder
 from jaxfuse.models.unet import load_unet
 from jaxfuse.models.vae import AutoencoderKL, load_vae
 from jaxfuse.parallel.mesh import ROWS, ProcessLayout, gather, initialize_processes, make_mesh, place
-from jaxfuse.parallel.patch import PATCH, Patch
-from jaxfuse.parallel.views import VIEWS, views_mesh
+from jaxfuse.parallel.patch import Patch
+from jaxfuse.parallel.views import views_mesh
 from jaxfuse.sampling import image, tiled
 from jaxfuse.sampling.step import Conditioning, Guidance, Sampling
-from jaxfuse.spec import DEFAULT_BOOTSTRAP, DEFAULT_STEPS, DEFAULT_STRENGTH, PipelineSpec, Region, Request, Tiles
+from jaxfuse.spec import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    PipelineSpec,
+    Region,
+    Request,
+    Tiles,
+)
 
 # MultiDiffusion's bootstrapping draws its backgrounds from 20 random solid colours.
 BOOTSTRAP_COLOURS = 20
@@ -165,7 +174,7 @@ class SDXLPipeline:
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, parallel: ParallelConfig = ParallelConfig(),
                  image: np.ndarray | None = None, strength: float = DEFAULT_STRENGTH,
-                 tiled: bool | None = None, tile_stride: int | None = None, tile_weighting: str = "uniform",
+                 tiled: bool | None = None, tile_stride: int | None = None, tile_weighting: str | None = None,
                  regions: Sequence[Region | tuple[str, tuple[int, int, int, int]]] = (),
                  bootstrap: float = DEFAULT_BOOTSTRAP, view_devices: int = 1,
                  progress: Callable[[int, int], None] | None = None) -> Generation:
@@ -185,11 +194,12 @@ class SDXLPipeline:
         A canvas above the native size (`TILED_AREA` native areas, or `tiled=True`, a
         `tile_stride` or `regions`) is made of fused views of the native size (MultiDiffusion,
         `jaxfuse.sampling.tiled`): one every `tile_stride` pixels (default: half the native size),
-        merged with "uniform" or "gaussian" weights, spread over `view_devices` device groups of
-        `parallel.devices` each (patch parallelism inside every view). `regions`: (prompt, (x0, y0,
-        x1, y1)) boxes in pixels, each drawn with its own prompt, the prompt itself everywhere else;
-        they are bootstrapped (a solid colour around them) for the first `bootstrap` share of the
-        steps.
+        merged with "uniform" or "gaussian" weights (default: Gaussian; uniform with regions),
+        spread over `view_devices` device groups of `parallel.devices` each (patch parallelism
+        inside every view), and decoded in tiles of the native size (`models.vae_tiled`).
+        `regions`: (prompt, (x0, y0, x1, y1)) boxes in pixels, each drawn with its own prompt, the
+        prompt itself everywhere else; they are bootstrapped (a solid colour around them) for the
+        first `bootstrap` share of the steps.
         """
         request = self.spec.request(
             prompt, negative_prompt, height=height, width=width, num_inference_steps=num_inference_steps,
@@ -223,7 +233,7 @@ class SDXLPipeline:
             x = noise * schedule.init_noise_sigma
         else:
             x0 = self._timed(timings, "encode_image",
-                             lambda: self.encode_image(request.image, request.batch, self.image_mesh(mesh, request)))
+                             lambda: self.encode_image(request.image, request.batch, *self.vae_layout(mesh, request)))
             x = schedulers.noised_sample(schedule, x0, noise, request.start_step)
             schedule = schedulers.tail(schedule, request.start_step)
         guidance = Guidance(jnp.float32(request.guidance_scale), jnp.float32(request.guidance_rescale))
@@ -233,9 +243,7 @@ class SDXLPipeline:
         latents = gather(x)
         check_finite("the denoised latents", latents, "the UNet's weights or an overflow in half precision "
                      "(try --dtype float32)")
-        if request.tiles is not None:  # replicated over the views' mesh: the VAE lays it out afresh
-            x = jnp.asarray(latents)
-        images = gather(self._timed(timings, "decode", lambda: self.decode(x, self.image_mesh(mesh, request))))
+        images = gather(self._timed(timings, "decode", lambda: self.decode(x, *self.vae_layout(mesh, request))))
         check_finite("the decoded image", images, "the VAE's weights or an overflow in half precision (SDXL's "
                      "VAE needs float32: its config's force_upcast)")
         return Generation(images, {"compile": self._compile_seconds, **timings}, dict(self._memory))
@@ -250,14 +258,15 @@ class SDXLPipeline:
             return None
         return views_mesh(tiles.devices, patches=parallel.patches if parallel.split else 1)
 
-    def image_mesh(self, mesh: Mesh | None, request: Request) -> Mesh | None:
-        """Where the VAE runs: split by rows on the image's mesh; a canvas's mesh lends it the
-        `PATCH` devices of its first views group when they divide the canvas's latent rows."""
-        if mesh is None or VIEWS not in mesh.axis_names:
-            return mesh
-        if PATCH not in mesh.axis_names or self.latent_size(request)[0] % mesh.shape[PATCH]:
-            return None
-        return Mesh(mesh.devices[0], (PATCH,), axis_types=(AxisType.Auto,))
+    def vae_layout(self, mesh: Mesh | None, request: Request) -> tuple[Mesh | None, int | None]:
+        """Where the VAE runs, and in tiles of how many latent pixels: an image whole, split by
+        rows on its mesh; a canvas in tiles of the native size (`models.vae_tiled`: exact, the
+        device memory of a native image), a tile on each device of its mesh at a time (of this
+        process's devices: across processes each decodes it on its own)."""
+        if request.tiles is None:
+            return mesh, None
+        local = mesh if mesh is not None and jax.process_count() == 1 else None
+        return local, request.tiles.window // self.spec.vae_factor
 
     def latent_size(self, request: Request) -> tuple[int, int]:
         return request.height // self.spec.vae_factor, request.width // self.spec.vae_factor
@@ -416,10 +425,15 @@ class SDXLPipeline:
         """The VAE decoder's output [B, 3, H, W] -> images [B, H, W, 3] float32 in [0, 1]."""
         return jnp.clip(jnp.transpose(decoded.astype(jnp.float32), (0, 2, 3, 1)) / 2 + 0.5, 0.0, 1.0)
 
-    def encode_image(self, images: np.ndarray, batch: int, mesh: Mesh | None = None) -> jax.Array:
+    def encode_image(self, images: np.ndarray, batch: int, mesh: Mesh | None = None,
+                     tile: int | None = None) -> jax.Array:
         """Images [1 or B, H, W, 3] in [0, 1] -> the VAE encoder's mean [B, 4, h, w] as the UNet's
-        latents (diffusers samples around the mean; SDXL's VAE's spread is about 1e-4 of it)."""
+        latents (diffusers samples around the mean; SDXL's VAE's spread is about 1e-4 of it);
+        with `tile`, in tiles of that many latent pixels, a tile on each device of `mesh`."""
         x = self.vae_input(images)
+        if tile is not None:
+            mean = vae_tiled.tiled_encode(self.vae, self.vae_params, x, tile, mesh)[0]
+            return jnp.broadcast_to(self.unet_latents(mean), (batch, *mean.shape[1:]))
         encode, params = self._vae_program(vae_mean, mesh)
         if mesh is not None:
             x = place(x, NamedSharding(mesh, ROWS))
@@ -427,9 +441,13 @@ class SDXLPipeline:
         latents = self.unet_latents(gather(self._run(("vae_encode", mesh_key(mesh)), encode, params, x)))
         return jnp.broadcast_to(latents, (batch, *latents.shape[1:]))
 
-    def decode(self, latents: jax.Array, mesh: Mesh | None = None) -> jax.Array:
+    def decode(self, latents: jax.Array, mesh: Mesh | None = None, tile: int | None = None) -> jax.Array:
         """Latents [B, 4, h, w] -> images [B, H, W, 3] float32 in [0, 1]; on `mesh`, each device
-        decodes its rows with synchronous patch parallelism."""
+        decodes its rows with synchronous patch parallelism; with `tile`, in tiles of that many
+        latent pixels, a tile on each device of `mesh`."""
+        if tile is not None:
+            z = self.vae_latents(jnp.asarray(gather(latents)))
+            return self.images(jnp.asarray(vae_tiled.tiled_decode(self.vae, self.vae_params, z, tile, mesh)))
         decode, params = self._vae_program(AutoencoderKL.decode, mesh)
         return self.images(self._run(("vae_decode", mesh_key(mesh)), decode, params, self.vae_latents(latents)))
 
