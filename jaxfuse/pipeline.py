@@ -196,7 +196,7 @@ class SDXLPipeline:
         `jaxfuse.sampling.tiled`): one every `tile_stride` pixels (default: half the native size),
         merged with "uniform" or "gaussian" weights (default: Gaussian; uniform with regions),
         spread over `view_devices` device groups of `parallel.devices` each (patch parallelism
-        inside every view), and decoded in tiles of the native size (`models.vae_tiled`).
+        inside every view), and decoded in tiles of half the native size (`models.vae_tiled`).
         `regions`: (prompt, (x0, y0, x1, y1)) boxes in pixels, each drawn with its own prompt, the
         prompt itself everywhere else; they are bootstrapped (a solid colour around them) for the
         first `bootstrap` share of the steps.
@@ -260,13 +260,15 @@ class SDXLPipeline:
 
     def vae_layout(self, mesh: Mesh | None, request: Request) -> tuple[Mesh | None, int | None]:
         """Where the VAE runs, and in tiles of how many latent pixels: an image whole, split by
-        rows on its mesh; a canvas in tiles of the native size (`models.vae_tiled`: exact, the
-        device memory of a native image), a tile on each device of its mesh at a time (of this
-        process's devices: across processes each decodes it on its own)."""
+        rows on its mesh; a canvas in tiles of half the native size (`models.vae_tiled`: exact;
+        SDXL's decode then needs 1.7 GB a device up to 2048², where a tile of the native size
+        needs 6.1 and the untiled decode of a native image 2.9: benchmarks/vae_memory.py), a tile
+        on each device of its mesh at a time (of this process's devices: across processes each
+        decodes it on its own)."""
         if request.tiles is None:
             return mesh, None
         local = mesh if mesh is not None and jax.process_count() == 1 else None
-        return local, request.tiles.window // self.spec.vae_factor
+        return local, request.tiles.window // self.spec.vae_factor // 2
 
     def latent_size(self, request: Request) -> tuple[int, int]:
         return request.height // self.spec.vae_factor, request.width // self.spec.vae_factor
