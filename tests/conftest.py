@@ -40,6 +40,22 @@ def tiny_sdxl_folder(tmp_path_factory):
     return path
 
 
+def scaled_random_params(abstract, seed: int, spread: float):
+    """Random weights made on the host for an abstract parameter tree (compiling `init` takes
+    longer than many tests): kernels N(0, 1/fan in), norm scales 1 + spread N(0, 1), every other
+    leaf spread N(0, 1), so activations keep their size through a deep network."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        x = rng.standard_normal(leaf.shape).astype(np.float32)
+        if name == "kernel":
+            return x / np.sqrt(np.prod(leaf.shape[:-1]))
+        return 1 + spread * x if name == "scale" else spread * x
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 def relative_error(ours, reference) -> float:
     """max |ours - reference| / max |reference|."""
     ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)

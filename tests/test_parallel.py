@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import relative_error, sub_jaxprs
+from conftest import relative_error, scaled_random_params, sub_jaxprs
 from jax.extend.core import Literal
 from jax.sharding import PartitionSpec as P
 
@@ -62,21 +62,11 @@ def later(inputs):
 
 @pytest.fixture(scope="module")
 def params(unet, inputs):
-    """Random weights made on the host (compiling `init` takes longer than the tests): kernels
-    scaled by their fan-in, norm scales near one, every bias non-zero."""
-    rng = np.random.default_rng(1)
-
-    def leaf(path, shape):
-        name = path[-1].key
-        noise = rng.standard_normal(shape.shape).astype(np.float32)
-        if name == "kernel":
-            return noise / np.sqrt(np.prod(shape.shape[:-1]))
-        return 1 + 0.05 * noise if name == "scale" else 0.05 * noise
-
+    """Random weights: every bias non-zero (`scaled_random_params`)."""
     latents, cond, _, _ = inputs
     abstract = jax.eval_shape(unet.init, jax.random.key(0), latents, np.float32(500),
                               cond.context, text_embeds=cond.text_embeds, time_ids=cond.time_ids)["params"]
-    return jax.tree_util.tree_map_with_path(leaf, abstract)
+    return scaled_random_params(abstract, seed=1, spread=0.05)
 
 
 def sampling_of(n):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import relative_error
+from conftest import relative_error, scaled_random_params
 
 from jaxfuse.config import VAEConfig
 from jaxfuse.demo import DEMO_MODEL
@@ -22,17 +22,7 @@ TINY = VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=2, norm_nu
 
 
 def random_params(cfg: VAEConfig, seed: int = 0):
-    """Kernels N(0, 1/fan in), norm scales near 1, biases small: activations keep their size."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        x = rng.standard_normal(leaf.shape).astype(np.float32)
-        if name == "kernel":
-            return x / np.sqrt(np.prod(leaf.shape[:-1]))
-        return 1 + 0.1 * x if name == "scale" else 0.1 * x
-
-    return jax.tree_util.tree_map_with_path(draw, abstract_params(cfg))
+    return scaled_random_params(abstract_params(cfg), seed, spread=0.1)
 
 
 def untiled(vae, params, method, x):
