@@ -25,6 +25,9 @@ place:
    denoising at 1024² as 30 measured guided steps, and its VAE decode (float32, as SDXL's VAE
    needs) at 1024².
 5. large: one guided step at 3840² on one device: its time and memory, or the out-of-memory error.
+5b. canvas: one guided step of a 2048² canvas's 9 fused views (stride half a window, Gaussian
+   weights) on one device, against 9 native steps; the canvas's VAE decode in tiles of 512 px
+   (`models.vae_tiled`, host-resident activations) against the untiled decode.
 6. roofline: XLA's FLOPs and bytes of the UNet forward, its arithmetic intensity and achieved
    rate, beside the measured peak of a large bf16 matmul and of a large copy.
 7. torch_compile: diffusers' UNet under `torch.compile`, last because its compile is the longest.
@@ -66,15 +69,19 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from jaxfuse.analysis.cost import build_step
+from jaxfuse.analysis.cost import abstract_inputs, build_step
 from jaxfuse.checkpoint import export_checkpoint
 from jaxfuse.config import Mode, ParallelConfig, UNetConfig, VAEConfig
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.demo.architecture import unet_config_json
 from jaxfuse.models import unet as unet_model
 from jaxfuse.models import vae as vae_model
+from jaxfuse.models import vae_tiled
 from jaxfuse.models.layers import attention
+from jaxfuse.parallel.patch import Patch
 from jaxfuse.pipeline import load_pipeline
+from jaxfuse.sampling import tiled
+from jaxfuse.sampling.step import Sampling
 
 DTYPE = jnp.bfloat16
 CUDNN_ATTENTION = "__cudnn$fmha"  # the custom_call_target prefix of XLA's cuDNN fused attention
@@ -104,7 +111,7 @@ FULL = Preset(cfg=UNetConfig.sdxl_base(), vae=VAEConfig.sdxl(), size=1024, repea
               patch_layouts=((1024, 2), (1024, 4), (1024, 8), (2048, 8)), attention_tokens=(4096, 16384),
               large_size=3840, matmul=16384, copy_bytes=1 << 31, torch_backend="inductor",
               estimate_s={"unet": 90, "diffusers": 60, "attention": 75, "patch": 200, "pipeline": 90, "large": 60,
-                          "roofline": 20, "torch_compile": 120})
+                          "canvas": 120, "roofline": 20, "torch_compile": 120})
 # The smoke run checks every code path, not the numbers: few layouts, its large step the patch
 # section's 512² one (compiled once), and
 # torch.compile's "eager" backend skips inductor's C++ build.
@@ -112,7 +119,7 @@ TINY = Preset(cfg=UNetConfig.tiny(), vae=VAEConfig(block_out_channels=(8, 16), l
               size=256, repeats=2, pipeline_steps=4, patch_layouts=((256, 2), (512, 2)), attention_tokens=(256,),
               large_size=512, matmul=256, copy_bytes=1 << 22, torch_backend="eager",
               estimate_s={"unet": 10, "diffusers": 5, "attention": 5, "patch": 10, "pipeline": 15, "large": 5,
-                          "roofline": 2, "torch_compile": 5})
+                          "canvas": 10, "roofline": 2, "torch_compile": 5})
 # What each section's table shows, written above it in gpu.md.
 NOTES = {
     "unet": "jaxfuse's UNet forward, bf16, batch 2, random weights in the preset's config.",
@@ -129,6 +136,9 @@ NOTES = {
     "pipeline": "load_pipeline + generate on the demo model, phases from Generation.timings, compiling excluded; "
                 "SDXL-base's denoising as steps x the measured guided step, and its VAE decode in float32.",
     "large": "One guided single-device step at the large size: it fits (time, peak memory) or the error says why not.",
+    "canvas": "A canvas of 2 x 2 native sizes: one guided step of its 9 views (sampling.tiled, one device) against "
+              "9 x the native step (overhead = the merge and the crops); its VAE decode in tiles of half the native "
+              "size (float32) against the untiled decode, or why that one does not fit.",
     "roofline": "XLA cost analysis of the UNet forward; peak rates measured with a bf16 matmul and a copy "
                 "(x + 1: every byte read and written once); roofline = min(peak FLOP/s, intensity x bandwidth).",
     "torch_compile": "diffusers' UNet as in the diffusers section, under torch.compile (backend in the row); "
@@ -396,6 +406,43 @@ def large_section(preset: Preset) -> list[dict]:
         return [{**row, "fits": False, "error": str(e).splitlines()[0][:300], "peak_bytes": peak_bytes()}]
 
 
+def canvas_section(preset: Preset) -> list[dict]:
+    size, window = 2 * preset.size, preset.size // 8
+    tiling = tiled.Tiling((window, window), (window // 2, window // 2), tiled.Weighting.GAUSSIAN)
+    predictor = tiled.views_predictor(tiling, (size // 8, size // 8), 8, None)
+    latents, cond, schedule, guidance = abstract_inputs(preset.cfg, 1, size, size, DTYPE)
+    keys = iter(jax.random.split(jax.random.key(2), 3))
+    cond = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), cond)
+    canvas = tiled.CanvasConditioning(cond, tiled.whole_canvas((size // 8, size // 8), preset.cfg.in_channels))
+    unet, sampling = unet_model.UNet2DConditionModel(preset.cfg, DTYPE), Sampling(True, False)
+
+    def step(params, x, canvas):
+        return predictor.predict(unet, params, sampling, Patch(), schedule, 0, x, canvas, guidance)[0]
+
+    x = jax.random.normal(jax.random.key(4), latents.shape)
+    views = compile_program(jax.jit(step), (random_params(preset.cfg), x, canvas)).timing(preset.repeats)
+    native = single_step(preset).timing(preset.repeats)["median_s"]
+    rows = [{"program": f"guided step of a {size}² canvas, 9 views, 1 device", **views,
+             "views_x_native_s": 9 * native, "overhead": views["median_s"] / (9 * native)}]
+
+    vae, params = vae_model.AutoencoderKL(preset.vae, jnp.float32), random_params(preset.vae, jnp.float32)
+    z = np.asarray(jax.random.normal(jax.random.key(5), (1, preset.vae.latent_channels, size // 8, size // 8)))
+    vae_tiled.tiled_decode(vae, params, z, window // 2)  # compiles its stages
+    rows.append({"program": f"VAE decode at {size}² in tiles of {preset.size // 2} px, float32",
+                 "median_s": median_seconds(lambda: vae_tiled.tiled_decode(vae, params, z, window // 2),
+                                            preset.repeats), "runs": preset.repeats, "peak_bytes": peak_bytes()})
+    untiled = {"program": f"VAE decode at {size}², untiled, float32"}
+    try:
+        decode = compile_program(jax.jit(lambda params, z: vae.apply({"params": params}, z, method="decode")),
+                                 (params, jnp.asarray(z)))
+        rows.append({**untiled, **decode.timing(preset.repeats)})
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        rows.append({**untiled, "fits": False, "error": str(e).splitlines()[0][:300]})
+    return rows
+
+
 def roofline_section(preset: Preset) -> list[dict]:
     program = forward_program(preset.cfg, preset.size // 8)
     cost = program.cost()
@@ -482,7 +529,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as cache:
         sections = {"unet": unet_section, "diffusers": diffusers_section, "attention": attention_section,
                     "patch": patch_section, "pipeline": lambda preset: pipeline_section(preset, Path(cache)),
-                    "large": large_section, "roofline": roofline_section, "torch_compile": torch_compile_section}
+                    "large": large_section, "canvas": canvas_section, "roofline": roofline_section,
+                    "torch_compile": torch_compile_section}
         for name, section in sections.items():
             left_s = args.budget_s - (time.perf_counter() - start)
             report["sections"][name] = run_section(section, preset, preset.estimate_s[name], left_s)

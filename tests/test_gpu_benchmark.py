@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-SECTIONS = ("unet", "diffusers", "attention", "patch", "pipeline", "large", "roofline", "torch_compile")
+SECTIONS = ("unet", "diffusers", "attention", "patch", "pipeline", "large", "canvas", "roofline", "torch_compile")
 
 
 def times(rows: list[dict]) -> list:
