@@ -51,7 +51,7 @@ from jaxfuse.spec import (
 
 # MultiDiffusion's bootstrapping draws its backgrounds from 20 random solid colours.
 BOOTSTRAP_COLOURS = 20
-BOOTSTRAP_STREAM = 1  # folded into the seed's key for the bootstrapping's colours and noise
+BOOTSTRAP_STREAM = 1  # the colours' key, and folded into each seed's for the bootstrapping's draws
 
 
 class NonFiniteError(RuntimeError):
@@ -292,11 +292,12 @@ class SDXLPipeline:
         # Latent boxes cover every pixel of the pixel boxes: rows y0 // f .. ceil(y1 / f).
         boxes = np.asarray([(y0 // f, x0 // f, -(-y1 // f), -(-x1 // f)) for x0, y0, x1, y1 in
                             (r.box for r in tiles.regions)])
-        key = jax.random.fold_in(jax.random.key(request.seeds[0]), BOOTSTRAP_STREAM)
+        # Each image's draws from its own seed, so that image i equals a one-image run with seed i.
+        keys = jnp.stack([jax.random.key_data(jax.random.fold_in(jax.random.key(seed), BOOTSTRAP_STREAM))
+                          for seed in request.seeds])
         regions = tiled.Regions(jnp.asarray(tiled.region_masks(boxes, canvas)),
-                                self.solid_colours(jax.random.fold_in(key, 0)),
-                                jnp.int32(round(tiles.bootstrap * request.steps_run)),
-                                jax.random.key_data(jax.random.fold_in(key, 1)))
+                                self.solid_colours(jax.random.key(BOOTSTRAP_STREAM)),
+                                jnp.int32(round(tiles.bootstrap * request.steps_run)), keys)
         return tiled.CanvasConditioning(cond, regions)
 
     def solid_colours(self, key: jax.Array, count: int = BOOTSTRAP_COLOURS) -> jax.Array:

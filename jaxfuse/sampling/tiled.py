@@ -135,13 +135,13 @@ class Regions:
     masks: jax.Array  # [P, H, W] float32: each prompt's weight at each latent pixel; prompt 0 the background
     backgrounds: jax.Array  # [K, C] float32: the latents of K solid colours
     bootstrap_steps: jax.Array  # [] int32
-    key: jax.Array  # [2] uint32 key data: the colours' draws and their noise
+    key: jax.Array  # [1 or B, 2] uint32 key data, one per image: the colours' draws and their noise
 
 
 def whole_canvas(canvas: tuple[int, int], channels: int) -> Regions:
     """One prompt over the whole canvas: plain fused views, no bootstrapping."""
     return Regions(jnp.ones((1, *canvas), jnp.float32), jnp.zeros((1, channels), jnp.float32), jnp.int32(0),
-                   jax.random.key_data(jax.random.key(0)))
+                   jax.random.key_data(jax.random.key(0))[None])
 
 
 def region_masks(boxes: np.ndarray, canvas: tuple[int, int]) -> np.ndarray:
@@ -162,28 +162,35 @@ class CanvasConditioning:
     regions: Regions
 
 
-def region_draws(regions: Regions, i: jax.Array, shape: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
-    """Step i's bootstrap colour for each prompt [P, C], drawn afresh each step, and the unit noise
-    [P, C, H, W] that brings it to the step's level, the same every step (shape: (P, H, W)); both
-    the same in every view."""
-    key = jax.random.wrap_key_data(regions.key)
-    prompts, channels = shape[0], regions.backgrounds.shape[1]
-    picks = jax.random.randint(jax.random.fold_in(key, i), (prompts,), 0, regions.backgrounds.shape[0])
-    return regions.backgrounds[picks], jax.random.normal(key, (prompts, channels, *shape[1:]))
+def region_draws(regions: Regions, i: jax.Array, shape: tuple[int, int, int, int]) -> tuple[jax.Array, jax.Array]:
+    """Step i's bootstrap colour for each prompt and image [P, B, C], drawn afresh each step, and
+    the unit noise [P, B, C, H, W] that brings it to the step's level, the same every step (shape:
+    (P, B, H, W)); each image's from its own key (one key: the same for every image), and the
+    same in every view."""
+    prompts, images, height, width = shape
+    choices, channels = regions.backgrounds.shape
+
+    def one(key):
+        picks = jax.random.randint(jax.random.fold_in(key, i), (prompts,), 0, choices)
+        return regions.backgrounds[picks], jax.random.normal(key, (prompts, channels, height, width))
+
+    colours, noise = jax.vmap(one)(jax.random.wrap_key_data(regions.key))  # [K, P, C], [K, P, C, H, W]
+    return (jnp.broadcast_to(jnp.swapaxes(colours, 0, 1), (prompts, images, channels)),
+            jnp.broadcast_to(jnp.swapaxes(noise, 0, 1), (prompts, images, channels, height, width)))
 
 
 def bootstrapped(view: jax.Array, masks: jax.Array, colours: Any, noise: Any, bootstrap: jax.Array,
                  schedule: Any, i: jax.Array) -> jax.Array:
     """A view [B, C, h, w] as each prompt sees it -> [P B, C, h, w]: the background prompt sees the
     view itself; a region, in its first `bootstrap` steps, sees outside its mask [P, h, w] its solid
-    colour [P, C] noised to step i's level with `noise` [P, C, h, w], and the view inside (one
-    prompt: the view, colours and noise None)."""
+    colour [P, B, C] noised to step i's level with `noise` [P, B, C, h, w], and the view inside
+    (one prompt: the view, colours and noise None)."""
     prompts = masks.shape[0]
     views = jnp.broadcast_to(view, (prompts, *view.shape))
     if prompts > 1:
-        backgrounds = schedulers.noised_sample(schedule, colours[:, :, None, None], noise, i)  # [P, C, h, w]
+        backgrounds = schedulers.noised_sample(schedule, colours[..., None, None], noise, i)  # [P, B, C, h, w]
         inside = (jnp.arange(prompts) == 0)[:, None, None] | (masks > 0) | (i >= bootstrap)
-        views = jnp.where(inside[:, None, None], views, backgrounds[:, None].astype(view.dtype))
+        views = jnp.where(inside[:, None, None], views, backgrounds.astype(view.dtype))
     return views.reshape(prompts * view.shape[0], *view.shape[1:])
 
 
@@ -220,7 +227,8 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
         mine, counts = layout.mine(boxes)
         regions = cond.regions
         prompts = regions.masks.shape[0]
-        colours, noise = region_draws(regions, i, regions.masks.shape) if prompts > 1 else (None, None)
+        shape = (prompts, latents.shape[0], *canvas)
+        colours, noise = region_draws(regions, i, shape) if prompts > 1 else (None, None)
 
         def one(view):
             corner, count, view_stale = view
