@@ -17,6 +17,7 @@ import numpy as np
 from jaxfuse import schedulers
 from jaxfuse.checkpoint import CONFIG_NAME, MODEL_COMPONENTS, PARAMS_DIR, TOKENIZERS
 from jaxfuse.config import ParallelConfig, UNetConfig, VAEConfig
+from jaxfuse.sampling.tiled import Weighting
 
 
 class PipelineError(ValueError):
@@ -109,15 +110,26 @@ class Region:
 
     @classmethod
     def parse(cls, text: str) -> Region:
-        prompt, at, numbers_ = text.rpartition("@")
+        prompt, at, box_text = text.rpartition("@")
         try:
-            box = tuple(int(v) for v in numbers_.split(","))
+            box = tuple(int(v) for v in box_text.split(","))
         except ValueError:
             box = ()
         if not at or not prompt.strip() or len(box) != 4:
             raise PipelineError(f"--region {text!r} must be \"PROMPT@X0,Y0,X1,Y1\", a prompt and a box of the canvas "
                                 "in pixels, e.g. \"a red circle@0,0,256,256\".")
         return cls(prompt, box)
+
+
+def checked_region(value: Any) -> Region:
+    """A `Region`, or (prompt, (x0, y0, x1, y1)) with a string and four ints, as a `Region`."""
+    if isinstance(value, Region):
+        return value
+    if not (isinstance(value, Sequence) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], Sequence) and len(value[1]) == 4):
+        raise PipelineError(f"a region must be (prompt, (x0, y0, x1, y1)), a string and a box in pixels, got "
+                            f"{value!r}.")
+    return Region(value[0], tuple(checked_int("a region's box", v, 0) for v in value[1]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +248,7 @@ class PipelineSpec:
         tiled when a stride or regions are given or the canvas holds `TILED_AREA` native areas.
         `weighting` None: `DEFAULT_WEIGHTING`, with regions `DEFAULT_REGION_WEIGHTING`."""
         native = self.default_size
-        regions = tuple(r if isinstance(r, Region) else Region(*r) for r in regions)
+        regions = tuple(checked_region(r) for r in regions)
         if tiled is None:
             tiled = stride is not None or bool(regions) or height * width >= TILED_AREA * native**2
         if not tiled:
@@ -255,8 +267,8 @@ class PipelineSpec:
                                 f"{stride // f * f or f}.")
         if weighting is None:
             weighting = DEFAULT_REGION_WEIGHTING if regions else DEFAULT_WEIGHTING
-        if weighting not in ("uniform", "gaussian"):
-            raise PipelineError(f"tile weighting {weighting!r} is not one of uniform, gaussian.")
+        if weighting not in [w.value for w in Weighting]:
+            raise PipelineError(f"tile weighting {weighting!r} is not one of {', '.join(w.value for w in Weighting)}.")
         for region in regions:
             x0, y0, x1, y1 = region.box
             if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):

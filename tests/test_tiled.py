@@ -224,6 +224,8 @@ def test_a_region_over_the_whole_canvas_with_the_background_prompt_is_one_prompt
     (dict(height=64, width=128, tiled=True, tile_weighting="cosine"),
      "tile weighting 'cosine' is not one of uniform, gaussian"),
     (dict(height=64, width=128, regions=[("a", (0, 0, 64, 80))]), "region 'a': box 0,0,64,80 must satisfy"),
+    (dict(height=64, width=128, regions=[("a", (0, 0, 64.5, 64))]), "a region's box must be an int, got 64.5"),
+    (dict(height=64, width=128, regions=["a@0,0,64,64"]), "a region must be \\(prompt, \\(x0, y0, x1, y1\\)\\)"),
     (dict(height=64, width=128, tiled=False, regions=[("a", (0, 0, 64, 64))]),
      "regions and a tile stride belong to a tiled canvas"),
     (dict(height=64, width=128, tiled=True, parallel=ParallelConfig(2, "sync", cfg_parallel=True)),
