@@ -282,29 +282,30 @@ def check_args(args: argparse.Namespace) -> Plan:
         bootstrap=args.bootstrap)
     if args.view_patches is not None and request.tiles is None:
         raise ParallelError("--view-patches splits the views of a tiled canvas; add --tiles on, or use --devices.")
+    if args.devices is not None and processes.given and args.devices % processes.num_processes:
+        raise ParallelError(f"--devices {args.devices} must divide evenly among --num-processes "
+                            f"{processes.num_processes}: each process brings the same number of devices.")
     if request.tiles is not None:
-        request, parallel = canvas_layout(args, request, args.devices)
+        request, parallel = canvas_layout(spec, args, request, args.devices)
         return Plan(spec, request, files, parallel, processes, loras)
     parallel = None if args.devices is None else parallel_config(args, args.devices, request.steps_run)
-    if parallel is not None and processes.given and parallel.devices % processes.num_processes:
-        raise ParallelError(f"--devices {parallel.devices} must divide evenly among --num-processes "
-                            f"{processes.num_processes}: each process brings the same number of devices.")
     if parallel is not None:
         request = spec.spread(request, parallel)
     return Plan(spec, request, files, parallel, processes, loras)
 
 
-def canvas_layout(args: argparse.Namespace, request: Request,
+def canvas_layout(spec: PipelineSpec, args: argparse.Namespace, request: Request,
                   devices: int | None) -> tuple[Request, ParallelConfig | None]:
-    """A canvas's request and layout on `devices` devices (None: not known before JAX starts):
-    its views spread over devices / --view-patches groups, each view split by rows over
-    --view-patches devices."""
+    """A canvas's request and layout on `devices` devices: its views spread over devices /
+    --view-patches groups, each view split by rows over --view-patches devices. With `devices`
+    None (not known before JAX starts) the views' split is checked and the layout left for later."""
     patches = args.view_patches or 1
+    if devices is not None and devices % patches:
+        raise ParallelError(f"--view-patches {patches} must divide the {devices} devices into equal groups.")
     parallel = parallel_config(args, patches, request.steps_run)
+    request = spec.spread(request, parallel)
     if devices is None:
         return request, None
-    if devices % patches:
-        raise ParallelError(f"--view-patches {patches} must divide the {devices} devices into equal groups.")
     tiles = dataclasses.replace(request.tiles, devices=devices // patches)
     return dataclasses.replace(request, tiles=tiles), parallel
 
@@ -386,7 +387,7 @@ def generate(args: argparse.Namespace) -> None:
                f"(XLA_FLAGS={os.environ['XLA_FLAGS']})")
     parallel = plan.parallel
     if request.tiles is not None and parallel is None:
-        request, parallel = canvas_layout(args, request, default_device_count())
+        request, parallel = canvas_layout(plan.spec, args, request, default_device_count())
     elif parallel is None:
         wanted = 1 if args.mode == "single" else default_device_count()
         parallel = plan.spec.largest_layout(request.height, wanted,

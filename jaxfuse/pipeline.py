@@ -302,11 +302,13 @@ class SDXLPipeline:
 
     def solid_colours(self, key: jax.Array, count: int = BOOTSTRAP_COLOURS) -> jax.Array:
         """The UNet latents [count, C] of `count` random solid colours (MultiDiffusion's
-        bootstrapping backgrounds): each colour's image encoded, its middle latent pixel."""
-        size = 8 * self.spec.vae_factor
+        bootstrapping backgrounds): each colour's image encoded, its middle latent pixel (away
+        from the borders the encoder pads)."""
+        side = 8  # latent pixels
+        pixels = side * self.spec.vae_factor
         colours = np.asarray(jax.random.uniform(key, (count, 1, 1, 3)))
-        latents = self.encode_image(np.broadcast_to(colours, (count, size, size, 3)), count)
-        return latents[:, :, 4, 4]
+        latents = self.encode_image(np.broadcast_to(colours, (count, pixels, pixels, 3)), count)
+        return latents[:, :, side // 2, side // 2]
 
     def check_params_finite(self) -> None:
         """Raises `NonFiniteError` naming the first parameters that hold NaN or infinity (checked

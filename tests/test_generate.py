@@ -148,6 +148,8 @@ def failure(capsys, code, argv, *messages):
     (["--tile-stride", "12", "--height", "64", "--width", "128"], "tile stride 12 must be a multiple of 8"),
     (["--tiles", "on", "--height", "64", "--devices", "4", "--view-patches", "3", "--mode", "sync"],
      "--view-patches 3 must divide the 4 devices"),
+    (["--tiles", "on", "--height", "64", "--view-patches", "8", "--mode", "sync"],
+     "height 64 must be a positive multiple of 128"),  # a view's rows over 8 devices, before anything loads
 ])
 def test_bad_input_is_one_clear_error(folder, tmp_path, capsys, extra, message):
     failure(capsys, 2, cli(folder, tmp_path, "--output", str(tmp_path / "x.png"), *extra), message)

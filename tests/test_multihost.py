@@ -165,4 +165,7 @@ def test_cli_checks_the_process_layout_before_starting(tmp_path, capsys):
     assert main(["--output", str(out), "--devices", "6", "--coordinator-address", "127.0.0.1:1234",
                  "--num-processes", "4", "--process-id", "0"]) == 2
     assert "must divide evenly among --num-processes 4" in capsys.readouterr().err
+    assert main(["--output", str(out), "--devices", "6", "--coordinator-address", "127.0.0.1:1234",
+                 "--num-processes", "4", "--process-id", "0", "--height", "1024", "--width", "1024"]) == 2
+    assert "must divide evenly among --num-processes 4" in capsys.readouterr().err  # a canvas too
     assert not out.exists()

@@ -208,8 +208,8 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
     """A noise prediction with `predict_noise`'s signature for a canvas [B, C, H, W] and a
     `CanvasConditioning`: every view predicted as an image of its own for every prompt, one view at
     a time (`lax.map`: the memory of one), with SDXL's micro-conditioning that of a window-sized
-    crop of the canvas at the view's corner, and the predictions merged, weighted by the window's weights and
-    the prompts' masks. The image loop (`sampling.image`) runs it as it runs `predict_noise`; the
+    crop of the canvas at the view's corner, and the predictions merged, weighted by the window's
+    weights and the prompts' masks. The image loop (`sampling.image`) runs it as it runs `predict_noise`; the
     stale context of displaced steps is kept per view ([S, ...]).
 
     Inside `shard_map`, the canvas replicated: with `spread` (over `VIEWS`) each device predicts
