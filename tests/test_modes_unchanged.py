@@ -35,4 +35,8 @@ def test_images_equal_the_earlier_code(pipe, name):
     before = np.load(BEFORE)[name]
     images = pipe(DEMO_PROMPT, parallel=RUNS[name], **REQUEST)
     assert images.shape == (1, *before.shape)
-    assert np.abs(images[0] - before).max() <= 1e-6  # measured: 0 (bit-identical) for every mode
+    # The fixtures were made on an Intel Xeon; XLA's CPU kernels round differently on other
+    # processors. Measured: 0 (bit-identical) on a Xeon; on an AMD EPYC 1.6e-6 (single) to 4.6e-6
+    # (displaced) of images in [0, 1]. The closest two different modes' images differ by 0.20
+    # (pcpp against displaced; sync and single only by 2e-6, the order of sums).
+    assert np.abs(images[0] - before).max() <= 5e-5
