@@ -150,7 +150,13 @@ def text_config(hidden: int, layers: int, act: str, eos_token_id: int, **extra) 
 
 
 def build_tiny_sdxl(folder: Path) -> StableDiffusionXLPipeline:
-    """Builds, saves to `folder` and returns the tiny pipeline."""
+    """Builds, saves to `folder` and returns the tiny pipeline. Its tokenizer folders hold the classic
+    files (vocab.json, merges.txt) only; the returned pipeline's `save_pretrained` writes transformers
+    5's layout (tokenizer.json only)."""
+    # Every model's initial weights from a fixed seed: the first text encoder's would otherwise come
+    # from whatever state torch's generator is in, and a test measuring an approximation on these
+    # weights would see another model in every session.
+    torch.manual_seed(0)
     tokenizer = write_tokenizer(folder / "tokenizer", pad_token="<|endoftext|>")
     tokenizer_2 = write_tokenizer(folder / "tokenizer_2", pad_token="!")  # as SDXL's second tokenizer
     eos = tokenizer.eos_token_id
@@ -173,4 +179,6 @@ def build_tiny_sdxl(folder: Path) -> StableDiffusionXLPipeline:
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
                                      scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER))
     pipe.save_pretrained(folder)
+    for name in ("tokenizer", "tokenizer_2"):  # the classic layout alone: transformers 5 added tokenizer.json
+        (folder / name / "tokenizer.json").unlink(missing_ok=True)
     return pipe

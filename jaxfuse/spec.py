@@ -39,8 +39,10 @@ DEFAULT_BOOTSTRAP = 0.4
 TILED_AREA = 4
 # JAX's default keys hold 32 bits: a larger seed would silently repeat a smaller one's noise.
 MAX_SEED = 2**32 - 1
-# Files besides config.json each part of a pipeline folder needs (CLIP's tokenizer: its BPE tables).
-TOKENIZER_FILES = ("tokenizer_config.json", "vocab.json", "merges.txt")
+# The files a tokenizer folder holds, in either of its two layouts: CLIP's BPE tables as the classic
+# pair, or in the one `tokenizer.json` (all that transformers 5 saves). `CLIPTokenizerFast` reads both.
+TOKENIZER_FILES = (("tokenizer_config.json", "vocab.json", "merges.txt"), ("tokenizer_config.json", "tokenizer.json"))
+TOKENIZER_LAYOUTS = "tokenizer_config.json with either tokenizer.json or vocab.json and merges.txt"
 
 
 def checked_int(name: str, value: Any, low: int, high: int | None = None) -> int:
@@ -207,11 +209,16 @@ class PipelineSpec:
         if not folder.is_dir():
             raise PipelineError(f"{folder} is not a folder; pass a diffusers SDXL pipeline folder.")
         wanted = ["model_index.json", "scheduler/scheduler_config.json",
-                  *(f"{c}/{CONFIG_NAME}" for c in MODEL_COMPONENTS),
-                  *(f"{t}/{name}" for t in TOKENIZERS for name in TOKENIZER_FILES)]
+                  *(f"{c}/{CONFIG_NAME}" for c in MODEL_COMPONENTS)]
         missing = [name for name in wanted if not (folder / name).is_file()]
-        if missing:
-            raise PipelineError(f"{folder} is not an SDXL pipeline folder: missing {', '.join(missing)}.")
+        lacking = []
+        for t in TOKENIZERS:  # what the layout the folder comes nearest to lacks (the classic one on a tie)
+            lacking += min(([f"{t}/{name}" for name in layout if not (folder / t / name).is_file()]
+                            for layout in TOKENIZER_FILES), key=len)
+        if missing or lacking:
+            why = f" A tokenizer folder holds {TOKENIZER_LAYOUTS}." if lacking else ""
+            raise PipelineError(f"{folder} is not an SDXL pipeline folder: missing {', '.join(missing + lacking)}."
+                                + why)
 
         def config(name):
             try:
@@ -360,6 +367,10 @@ class PipelineSpec:
             if parallel.cfg_parallel:
                 raise PipelineError("a tiled canvas splits its views by rows, not their guidance batch; drop "
                                     "--cfg-parallel.")
+            if parallel.patches == 1:
+                # A view on one device has no other patch to exchange with, whatever the mode: its
+                # UNet runs whole (the mesh of views-only layouts has no PATCH axis to exchange on).
+                parallel = ParallelConfig()
         if parallel.cfg_parallel and not request.use_guidance:
             raise PipelineError("cfg_parallel splits the guidance batch, but guidance_scale <= 1 has none; "
                                 "drop --cfg-parallel or raise --guidance-scale.")

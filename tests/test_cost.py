@@ -68,7 +68,7 @@ def test_flops_read_from_the_compiled_program_cover_its_products(parallel):
     step, args, _ = build_step(TINY, parallel, SIZE, SIZE)
     products = contraction_flops(jax.make_jaxpr(step)(*args).jaxpr)  # a shard_map body has per-device shapes
     flops = step_cost(TINY, parallel, SIZE, SIZE).flops
-    assert products <= flops <= 1.1 * products
+    assert products <= flops <= 1.1 * products  # measured 1.008 (single), 1.028 (sync-4), 1.034 (displaced-8)
 
 
 def test_per_device_flops_fall_with_the_patches():
@@ -77,8 +77,8 @@ def test_per_device_flops_fall_with_the_patches():
     single = step_cost(TINY, ParallelConfig(1), SIZE, SIZE).flops
     sync = step_cost(TINY, ParallelConfig(8, "sync"), SIZE, SIZE).flops
     naive = step_cost(TINY, ParallelConfig(8, "naive"), SIZE, SIZE).flops
-    assert single / 8 < sync <= 1.15 * single / 8
-    assert naive <= sync
+    assert single / 8 < sync <= 1.15 * single / 8  # measured 1.084 x single / 8
+    assert naive <= sync  # measured 0.933 x sync
 
 
 @pytest.mark.parametrize("parallel", [ParallelConfig(4, "sync"), ParallelConfig(4, "displaced"),
@@ -133,7 +133,8 @@ def test_cost_and_projection_scripts_on_the_tiny_config(tmp_path):
 def test_cpu_speed_script_quick(tmp_path):
     out = script(BENCHMARKS / "cpu_speed.py", "--quick", "--json", tmp_path / "speed.json", tmp_path=tmp_path)
     result = json.loads((tmp_path / "speed.json").read_text())
-    assert result["unet"]["small"]["max_rel_diff"] < 1e-4 and result["pipeline"]["max_abs_diff"] < 2e-3
+    assert result["unet"]["small"]["max_rel_diff"] < 2e-5  # measured 1.8e-6 (EPYC)
+    assert result["pipeline"]["max_abs_diff"] < 5e-5  # measured 4.0e-6, as test_pipeline's image comparisons
     assert "| tiny pipeline, 4 steps |" in out
 
 

@@ -50,6 +50,12 @@ def run_two_processes(tmp_path, *extra: str) -> list[subprocess.CompletedProcess
     return results
 
 
+def one_process_image(tmp_path, parallel: ParallelConfig) -> np.ndarray:
+    """The image `run_two_processes` makes, made in this one process of 8 devices."""
+    pipe = load_pipeline(DEMO_MODEL, cache_dir=tmp_path / "cache", log=lambda _: None)
+    return pipe(DEMO_PROMPT, num_inference_steps=STEPS, seed=0, parallel=parallel)[0]
+
+
 @pytest.mark.slow
 def test_sync_over_two_processes_equals_one_process_with_eight_devices(tmp_path):
     results = run_two_processes(tmp_path, "--mode", "sync")
@@ -60,18 +66,20 @@ def test_sync_over_two_processes_equals_one_process_with_eight_devices(tmp_path)
     settings = json.loads((tmp_path / "process0.json").read_text())["settings"]
     assert (settings["processes"], settings["devices"], settings["mode"]) == (2, 8, "sync")
 
-    pipe = load_pipeline(DEMO_MODEL, cache_dir=tmp_path / "cache", log=lambda _: None)
-    reference = pipe(DEMO_PROMPT, num_inference_steps=STEPS, seed=0, parallel=ParallelConfig(8, "sync"))[0]
-    assert np.abs(image - reference).max() < 1e-4
+    # Each device runs the same program on the same rows, and the patches' exchanges only move data
+    # (all_gather, ppermute): measured bit-identical (EPYC).
+    np.testing.assert_array_equal(image, one_process_image(tmp_path, ParallelConfig(8, "sync")))
 
 
 @pytest.mark.slow
-def test_displaced_runs_over_two_processes(tmp_path):
+def test_displaced_over_two_processes_equals_one_process_with_eight_devices(tmp_path):
+    """The stale context crosses the processes as it crosses one process's devices."""
     run_two_processes(tmp_path, "--mode", "displaced", "--warmup-steps", "1")
     image = np.load(tmp_path / "process0.npy")
-    assert np.isfinite(image).all() and image.std() > 0.01
     settings = json.loads((tmp_path / "process0.json").read_text())["settings"]
     assert (settings["processes"], settings["mode"]) == (2, "displaced")
+    # measured bit-identical (EPYC), as in sync; the image is 0.55 away from single's (max abs)
+    np.testing.assert_array_equal(image, one_process_image(tmp_path, ParallelConfig(8, "displaced", 1)))
 
 
 # What a Python traceback or a native crash (JAX's SIGABRT, a segfault) leaves on stderr.

@@ -122,18 +122,18 @@ def test_matches_diffusers(kind, karras, spacing, prediction_type, num_steps):
     expected = reference_loop(reference, num_steps)
     # Euler's Karras timesteps are fractional, interpolated from sigmas that PyTorch's float32
     # betas can move by an ulp; every other timestep is exact.
-    rtol = 1e-6 if kind is SchedulerKind.EULER and karras else 0  # measured 2.0e-7 (Euler Karras), 0 (others)
+    rtol = 1e-5 if kind is SchedulerKind.EULER and karras else 0  # measured 7.0e-7 (Euler Karras, EPYC), 0 (others)
     np.testing.assert_allclose(schedule.timesteps, reference.timesteps.numpy().astype(np.float32), rtol=rtol)
     np.testing.assert_allclose(schedule.init_noise_sigma, float(reference.init_noise_sigma),
-                               rtol=1e-6)  # measured 1.7e-7
-    assert_matches(our_loop(schedule), expected, tol=1e-5)  # measured 1.3e-6
+                               rtol=2e-6)  # measured 1.7e-7
+    assert_matches(our_loop(schedule), expected, tol=2e-5)  # measured 1.9e-6 (DDIM linspace v 50, EPYC)
 
 
 @pytest.mark.parametrize("kind, karras", SAMPLERS, ids=SAMPLER_IDS)
 def test_scan_loop_equals_python_loop(kind, karras):
     cfg = schedulers.SchedulerConfig.from_diffusers(SDXL_BASE)
     schedule = schedulers.make_schedule(kind, cfg, 12, use_karras_sigmas=karras)
-    assert_matches(scan_loop(schedule), np.asarray(our_loop(schedule)), tol=1e-6)  # measured 4.5e-7
+    assert_matches(scan_loop(schedule), np.asarray(our_loop(schedule)), tol=5e-6)  # measured 4.5e-7 (DPM++ Karras)
 
 
 @pytest.mark.parametrize("kind", list(SchedulerKind))
@@ -144,7 +144,7 @@ def test_another_class_config_as_from_config_reads_it(kind):
     schedule, reference = ours_and_diffusers(kind, dict(source), 20)
     expected = reference_loop(reference, 20)
     np.testing.assert_array_equal(schedule.timesteps, reference.timesteps.numpy().astype(np.float32))
-    assert_matches(our_loop(schedule), expected, tol=5e-6)  # measured 4.4e-7
+    assert_matches(our_loop(schedule), expected, tol=5e-6)  # measured 4.4e-7 (DDIM)
 
 
 @pytest.mark.parametrize("setting", [{"lower_order_final": False}, {"euler_at_final": True},
@@ -204,12 +204,12 @@ def test_a_loop_from_a_noised_image_matches_diffusers(kind, karras, start):
 
     rest = schedulers.tail(schedule, start)
     np.testing.assert_allclose(rest.timesteps, reference.timesteps[start:].numpy().astype(np.float32),
-                               rtol=1e-6)  # Euler Karras: fractional timesteps, as in test_matches_diffusers
+                               rtol=1e-5)  # Euler Karras's fractional ones: measured 1.4e-7; the others 0
     ours = schedulers.noised_sample(schedule, jnp.asarray(x0), jnp.asarray(noise), start)
     carry = (ours, schedulers.init_state(rest, ours, KEYS))
     for i in range(8 - start):
         carry, _ = loop_step(rest, carry, jnp.int32(i))
-    assert_matches(carry[0], x.numpy(), tol=1e-5)
+    assert_matches(carry[0], x.numpy(), tol=1e-5)  # measured 5.9e-7 (DPM++ Karras from step 1)
 
 
 def test_start_step_counts_as_diffusers():
@@ -224,7 +224,7 @@ def test_step_noise_per_image_equals_a_one_image_run():
     batch = schedulers.step_noise(KEYS[:1], 3, (2, 4, 6, 8))
     assert batch.shape == (2, 4, 6, 8) and not np.allclose(batch[0], batch[1])
     assert not np.allclose(per_image, schedulers.step_noise(KEYS, 4, (2, 4, 6, 8)))
-    assert abs(float(per_image.std()) - 1) < 0.1  # 384 unit Gaussian draws
+    assert abs(float(per_image.std()) - 1) < 0.1  # 384 unit Gaussian draws: about 3 sigma; measured 0.990
 
 
 @pytest.mark.parametrize("original, scaling", [(50, 10.0), (20, 5.0), (8, 10.0)])
@@ -233,7 +233,7 @@ def test_lcm_original_steps_and_timestep_scaling(original, scaling):
     schedule, reference = ours_and_diffusers(SchedulerKind.LCM, config, 4)
     expected = reference_loop(reference, 4)
     np.testing.assert_array_equal(schedule.timesteps, reference.timesteps.numpy().astype(np.float32))
-    assert_matches(our_loop(schedule), expected, tol=1e-5)
+    assert_matches(our_loop(schedule), expected, tol=1e-5)  # measured 1.9e-7 (as the other loops' bounds)
 
 
 def test_lcm_refuses_more_steps_than_its_original_schedule():
