@@ -8,7 +8,11 @@ as the pipeline's cache, which `python -m jaxfuse.generate --model DST_DIR` and
 `jaxfuse.load_pipeline(DST_DIR)` load as they are. One model folder (`unet/`, `vae/`,
 `text_encoder/`, `text_encoder_2/`, told apart by its config) becomes its config.json plus orbax
 params, which `jaxfuse.load_unet` (or `load_vae`, `load_text_encoder`) reads. The reading,
-matching and writing are `jaxfuse.checkpoint`'s.
+matching and writing are `jaxfuse.checkpoint`'s: a checkpoint that does not fit, or holds NaN or
+infinity, is refused with the tensors listed. The destination is checked before anything is read.
+
+Exit codes, as `python -m jaxfuse.generate`'s: 0 converted; 2 an input that cannot work (the
+message names the fix); 1 the environment failed (a file that cannot be read or written).
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxfuse import checkpoint
+from jaxfuse.generate import run_command
 from jaxfuse.models.clip import load_text_encoder
 from jaxfuse.models.unet import load_unet
 from jaxfuse.models.vae import load_vae
+from jaxfuse.outputs import check_writable_folder
 from jaxfuse.pipeline import load_models
 from jaxfuse.spec import PipelineSpec
 
@@ -37,6 +43,7 @@ MODEL_LOADERS = {"UNet2DConditionModel": load_unet, "AutoencoderKL": load_vae, "
 def convert(src: str | Path, dst: str | Path, dtype: Any = jnp.float32, variant: str | None = None) -> Path:
     """Converts the pipeline or model folder `src` into the new folder `dst` (module docstring)."""
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    check_writable_folder(dst)  # a file at or above `dst`, or a folder that takes no new file
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new folder (nothing was written).")
     if (src / "model_index.json").is_file():
@@ -73,14 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype the parameters are stored in (a VAE that says force_upcast stays float32)")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
+
+    def work() -> None:
+        start = time.perf_counter()
         dst = convert(args.src, args.dst, jnp.dtype(args.dtype), args.variant)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConversionError, ConfigError, PipelineError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"converted {args.src} -> {dst} in {time.perf_counter() - start:.1f} s")
-    return 0
+        print(f"converted {args.src} -> {dst} in {time.perf_counter() - start:.1f} s")
+
+    return run_command(work)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ for norm weights, `embedding` for embedding tables), and the tensor takes the ta
 layout: a convolution weight [O, I, kh, kw] becomes HWIO, a linear weight [O, I] becomes [I, O].
 The expected tree comes from the model itself (`jax.eval_shape`, passed in by the model's
 loader), and conversion fails, listing every difference, unless each tensor lands on exactly one
-parameter of the same shape and every parameter is filled.
+parameter of the same shape and every parameter is filled; it fails too, listing the tensors, on
+a value that is NaN or infinite (in the file, or once cast to a narrower dtype).
 
 Weights are read with `safetensors` only; pickled `.bin`/`.ckpt` files are refused, never loaded.
 
@@ -206,13 +207,28 @@ def match_checkpoint(shapes: Mapping[str, tuple[int, ...]], abstract: Any, buffe
 def convert_checkpoint(checkpoint: SafetensorsCheckpoint, abstract: Any, buffers: tuple[str, ...] = (),
                        prefix: str = "") -> Any:
     """The parameter tree `abstract` (ShapeDtypeStruct leaves) filled from `checkpoint`; every
-    name and shape is checked before any tensor is read (see `match_checkpoint`)."""
+    name and shape is checked before any tensor is read (see `match_checkpoint`), and every value
+    after: NaN or infinity, in the file or from a dtype too narrow for a value, is refused."""
     plan = match_checkpoint(checkpoint.shapes, abstract, buffers, prefix)
     targets = traverse_util.flatten_dict(abstract)
-    params = {}
+    params, nonfinite, overflow = {}, [], []
     for key, path in plan.items():
-        tensor = checkpoint.read(key).transpose(flax_axes(len(checkpoint.shapes[key]), path[-1]))
-        params[path] = jnp.asarray(tensor.astype(targets[path].dtype))
+        source = checkpoint.read(key).transpose(flax_axes(len(checkpoint.shapes[key]), path[-1]))
+        dtype = jnp.dtype(targets[path].dtype)
+        with np.errstate(over="ignore"):  # a value beyond the dtype's range becomes infinity: listed below
+            tensor = source.astype(dtype)
+        if not np.isfinite(tensor).all():
+            if np.isfinite(source).all():
+                overflow.append(f"{key} in {checkpoint.files[key]}, as {dtype}")
+            else:
+                nonfinite.append(f"{key} in {checkpoint.files[key]}")
+        params[path] = jnp.asarray(tensor)
+    if nonfinite or overflow:
+        raise ConversionError("the checkpoint's values must be finite, or every image it makes is NaN:"
+                              + listing("tensors holding NaN or infinity (the file is damaged: restore it from its "
+                                        "original copy)", nonfinite)
+                              + listing("tensors with values beyond their dtype's range (convert to float32)",
+                                        overflow))
     return traverse_util.unflatten_dict(params)
 
 

@@ -7,11 +7,13 @@
 
 Writes the PNG (its settings in a text chunk: `jaxfuse.read_settings`), a JSON file of the
 settings and timings beside it, and with `--output-array` the decoded image as float32 [H, W, 3]
-in [0, 1]; `--num-images K` numbers them name-0.png, name-1.png, ... Every input and every output
-path is checked before the model is loaded; an existing output file is kept unless `--overwrite`
-is given. Without `--devices` the image is spread over every device present, on a CPU over an
-emulated mesh of 4. Compiled programs are kept in the cache folder, so a second run with the
-same shapes starts without compiling (`--no-compile-cache` or JAXFUSE_COMPILE_CACHE=0: off).
+in [0, 1] (a .npy file); `--num-images K` numbers them name-0.png, name-1.png, ... Every input
+and every output path is checked before the model is loaded, and so is the memory the images
+need (their pixels on the host, one denoising step's attention logits on a device); an existing
+output file is kept unless `--overwrite` is given. Without `--devices` the image is spread over
+every device present, on a CPU over an emulated mesh of 4. Compiled programs are kept in the
+cache folder, so a second run with the same shapes starts without compiling
+(`--no-compile-cache` or JAXFUSE_COMPILE_CACHE=0: off).
 
 Exit codes: 0 done; 2 an input that cannot work (the message names the fix); 1 the environment
 failed (a file that cannot be read or written, a damaged cache, processes that cannot join, a
@@ -40,12 +42,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import PIL.Image
 from jax import monitoring
 
 from jaxfuse import lora, schedulers
 from jaxfuse.config import GroupNormMode, Mode, ParallelConfig, ParallelError
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT, NAMED_LORAS
+from jaxfuse.images import read_image
 from jaxfuse.outputs import ImageFiles, check_outputs, image_files, write_image
 from jaxfuse.parallel.mesh import (
     DEFAULT_CPU_DEVICES,
@@ -84,6 +86,18 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def finite_float(text: str) -> float:
+    """argparse's type for every float flag: a finite number. float() takes "nan" and "inf", which
+    a flag checked only in some modes (--bootstrap without --region) would carry silently."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxfuse.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
@@ -95,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's size)")
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's size)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=5.0,
+    p.add_argument("--guidance-scale", type=finite_float, default=5.0,
                    help="classifier-free guidance: how strongly the image follows the prompt; 1 or less: off")
-    p.add_argument("--guidance-rescale", type=float, default=0.0,
+    p.add_argument("--guidance-rescale", type=finite_float, default=0.0,
                    help="0 to 1: rescales the guided prediction's spread towards the conditional one's")
     p.add_argument("--seed", type=int, action="append",
                    help="the initial noise's seed, 0 to 2^32-1; give it K times for K images (default: 0, and "
@@ -110,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial noise as .npy, diffusers layout (K, 4, H/8, W/8), unscaled (instead of the seed); "
                         "with --image, the noise added to it")
     p.add_argument("--image", type=Path, dest="init_image", metavar="IMAGE",
-                   help="image-to-image: start from this picture (PNG or JPEG, RGB), which sets the size")
-    p.add_argument("--strength", type=float,
+                   help="image-to-image: start from this picture (any Pillow reads: PNG, JPEG, WebP, 16-bit, "
+                        "...), which sets the size")
+    p.add_argument("--strength", type=finite_float,
                    help=f"image-to-image: the share of the schedule that runs, in (0, 1]: int(steps x strength) "
                         f"steps from the image noised to that level; 1 redraws it all (default: {DEFAULT_STRENGTH})")
     p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
@@ -122,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--output", type=Path, default=Path("jaxfuse.png"),
                    help="the PNG to write; the JSON of settings goes beside it")
-    p.add_argument("--output-array", type=Path, help="also write the image as float32 HxWx3 in [0, 1] (.npy)")
+    p.add_argument("--output-array", type=Path,
+                   help="also write the image as float32 HxWx3 in [0, 1] to this .npy file")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--cache-dir", type=Path,
                    help="where converted weights and compiled programs are kept (default: $JAXFUSE_CACHE or "
@@ -139,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "previous step's context, communication overlapped), naive (none), pcpp "
                                "(displaced, but self-attention sees only part of the two neighbouring patches) "
                                "(default: single on one device, displaced on several)")
-    parallel.add_argument("--context", type=float,
+    parallel.add_argument("--context", type=finite_float,
                           help="pcpp: the fraction of the patch above and of the patch below that self-attention "
                                "sees, 0 to 1 (default: 0.3); 1 is the two neighbours in full, not every patch")
     parallel.add_argument("--warmup-steps", type=int,
@@ -163,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DEFAULT_WEIGHTING}; with --region, {DEFAULT_REGION_WEIGHTING}: measured best for each)")
     canvas.add_argument("--region", action="append", metavar="PROMPT@X0,Y0,X1,Y1",
                         help="draw PROMPT in this box of the canvas (pixels; --prompt everywhere else); repeatable")
-    canvas.add_argument("--bootstrap", type=float, default=DEFAULT_BOOTSTRAP,
+    canvas.add_argument("--bootstrap", type=finite_float, default=DEFAULT_BOOTSTRAP,
                         help="the share of the steps in which a region sees a solid colour around it, keeping what "
                              "it draws inside its box (MultiDiffusion's bootstrapping)")
     canvas.add_argument("--view-patches", type=int,
@@ -207,30 +223,25 @@ def seeds(args: argparse.Namespace) -> list[int]:
     return given if len(given) > 1 else [given[0] + i for i in range(args.num_images)]
 
 
-def read_image(path: Path, flag: str = "--image") -> np.ndarray:
-    """An image file as uint8 [H, W, 3] RGB; errors name the argument `flag` it came from."""
-    if not path.is_file():
-        raise PipelineError(f"{flag} {path}: no such file.")
-    try:
-        with PIL.Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except PIL.UnidentifiedImageError as e:
-        raise PipelineError(f"{flag} {path} is not an image file PIL can read (PNG, JPEG, ...).") from e
-
-
 def lora_weights(values: list[str] | None) -> list[tuple[Path, float]]:
     """--lora FILE[:WEIGHT] values -> (file, weight) pairs, each file checked to exist and not be a
-    pickle; FILE is a path or one of `NAMED_LORAS`."""
+    pickle; FILE is a path or one of `NAMED_LORAS`. The text after the last colon is the weight
+    unless the whole value names a file."""
     pairs = []
     for value in values or []:
-        name, _, weight = value.rpartition(":")
-        try:
-            name, weight = (name, float(weight)) if name else (value, 1.0)
-        except ValueError:  # a colon that is part of the path
-            name, weight = value, 1.0
-        path = NAMED_LORAS.get(name, Path(name))
-        if not math.isfinite(weight):
-            raise PipelineError(f"--lora {value}: the weight must be a finite number.")
+        name, colon, weight_text = value.rpartition(":")
+        path, weight = NAMED_LORAS.get(value, Path(value)), 1.0
+        if colon and not path.is_file():
+            path = NAMED_LORAS.get(name, Path(name))
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                if not path.is_file():  # nothing before the colon is a file either: the whole value is not
+                    lora.check_file(Path(value))
+                raise PipelineError(f"--lora {value}: the weight {weight_text!r} after the colon is not a "
+                                    f"number; write FILE:WEIGHT, e.g. {name}:0.8.") from None
+            if not math.isfinite(weight):
+                raise PipelineError(f"--lora {value}: the weight must be a finite number.")
         lora.check_file(path)
         pairs.append((path, weight))
     return pairs
@@ -243,6 +254,67 @@ def read_latents(path: Path) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # numpy's own words would suggest unpickling it
         raise PipelineError(f"--latents {path} is not a .npy array file; write one with numpy.save.") from e
+
+
+def host_memory() -> int:
+    """The bytes of memory this machine has."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_memory() -> int:
+    """The bytes one device holds: an accelerator's own; a CPU device's share of the host's."""
+    stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
+    return stats.get("bytes_limit") or host_memory() // jax.local_device_count()
+
+
+def gib(size: int) -> str:
+    return f"{size / 2**30:,.1f} GiB"
+
+
+def images_text(count: int, height: int, width: int) -> str:
+    return f"{count} image{'' if count == 1 else 's'} of {width}x{height}"
+
+
+def check_image_memory(count: int, height: int, width: int) -> None:
+    """Refuses images the host cannot hold: process 0 gathers them, float32 [K, H, W, 3], whatever
+    the devices, so this bounds --num-images and the size before anything is made."""
+    need, have = count * height * width * 3 * 4, host_memory()
+    if min(count, height, width) > 0 and need > have:
+        raise PipelineError(f"the pixels of {images_text(count, height, width)} take {gib(need)} as float32, more "
+                            f"than this machine's {gib(have)} of memory; make fewer images per run (--num-images) or "
+                            "smaller ones (--height, --width).")
+
+
+def attention_logits(spec: PipelineSpec, request: Request, parallel: ParallelConfig) -> tuple[int, ...]:
+    """The largest attention logits of one UNet step on one device, [b, heads, t / patches, t]:
+    `models.layers.attention` holds them whole, in float32, at every level that attends (on CPU its
+    own einsum; elsewhere `jax.nn.dot_product_attention`, which with no implementation named runs
+    XLA's, float32 logits too, as of JAX 0.10). t is the level's tokens of the image or, on a
+    canvas, of one view (a device runs one view at a time); b the images, twice with guidance
+    unless --cfg-parallel puts the halves on two devices."""
+    cfg, f = spec.unet, spec.vae_factor
+    height, width = (request.height, request.width) if request.tiles is None else (request.tiles.window,) * 2
+    batch = request.batch * (2 if request.use_guidance and not parallel.cfg_parallel else 1)
+    shapes = []
+    for level, (kind, heads) in enumerate(zip(cfg.down_block_types, cfg.num_attention_heads)):
+        tokens = (height // f >> level) * (width // f >> level)
+        if kind.startswith("CrossAttn"):
+            shapes.append((batch, heads, tokens // parallel.patches, tokens))
+    return max(shapes, key=math.prod, default=(0,))
+
+
+def check_step_memory(spec: PipelineSpec, request: Request, parallel: ParallelConfig) -> None:
+    """Refuses a request whose one UNet step cannot fit a device: its attention logits alone (a
+    lower bound of what the step holds, growing with the square of the tokens) exceed the device."""
+    shape = attention_logits(spec, request, parallel)
+    need, have = 4 * math.prod(shape), device_memory()
+    if need > have:
+        views = " or make a canvas of views (--tiles on)" if request.tiles is None else ""
+        raise PipelineError(f"one UNet step on {images_text(request.batch, request.height, request.width)} needs "
+                            f"{gib(need)} a device for its attention logits alone (float32 {list(shape)}), more than "
+                            f"the {gib(have)} a {jax.default_backend()} device holds; make fewer images per run "
+                            f"(--num-images), smaller ones (--height, --width), split them over more devices "
+                            f"(--devices){views}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,16 +338,19 @@ def check_args(args: argparse.Namespace) -> Plan:
     if args.strength is not None and args.init_image is None:
         raise PipelineError("--strength sets how much of an --image is redrawn; add --image, or drop --strength.")
     processes = ProcessLayout(args.coordinator_address, args.num_processes, args.process_id, args.process_timeout)
+    spec = PipelineSpec.read(args.model)
+    image = None if args.init_image is None else read_image(args.init_image, "--image")
+    size = image.shape[:2] if image is not None else (args.height or spec.default_size, args.width or spec.default_size)
+    check_image_memory(args.num_images or len(args.seed or [0]), *size)  # before --num-images K lists K seeds
     image_seeds = seeds(args)
     loras = lora_weights(args.lora)
     files = image_files(args.output, args.output_array, len(image_seeds))
     check_outputs(files, args.overwrite)
-    spec = PipelineSpec.read(args.model)
     request = spec.request(
         args.prompt, args.negative_prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=image_seeds,
         latents=None if args.latents is None else read_latents(args.latents), scheduler=args.scheduler,
-        image=None if args.init_image is None else read_image(args.init_image),
+        image=image,
         strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
         tiled={"auto": None, "on": True, "off": False}[args.tiles], tile_stride=args.tile_stride,
         tile_weighting=args.tile_weighting, regions=[Region.parse(r) for r in args.region or []],
@@ -396,6 +471,7 @@ def generate(args: argparse.Namespace) -> None:
     if len(jax.devices()) < devices:
         raise ParallelError(f"--devices {devices} but only {len(jax.devices())} "
                             f"{jax.default_backend()} devices are present.")
+    check_step_memory(plan.spec, request, parallel)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
 
     pipe = load_pipeline(plan.spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir, log=report,

@@ -8,8 +8,9 @@ its settings too, as JSON in a text chunk that `read_settings` reads back:
     read_settings("jaxfuse.png")["prompt"]
 
 Every path is checked at once, before the model loads (`check_outputs`); each file is written
-under a temporary name in its folder and then moved into place (replacing a file only when
-asked to), so an interrupted run or a full disk leaves any file that was there as it was.
+under a temporary name of its own in its folder and then moved into place (replacing a file only
+when asked to), so an interrupted run or a full disk leaves any file that was there as it was. A
+new file gets the mode the umask gives, as any file a program creates.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,12 +54,13 @@ def numbered(path: Path, index: int, count: int) -> Path:
 
 
 def image_files(png: Path, array: Path | None, count: int) -> list[ImageFiles]:
-    """The files of `count` images written to `png` (and `array`, with the `.npy` numpy would add
-    to a name without it)."""
+    """The files of `count` images written to `png` (and `array`): each name ends in what its
+    file is, so that no file is written under a name other than the one given."""
     if png.suffix.lower() != ".png":
         raise OutputError(f"--output {png} must end in .png.")
-    if array is not None and array.suffix != ".npy":
-        array = array.with_name(array.name + ".npy")
+    if array is not None and array.suffix.lower() != ".npy":
+        raise OutputError(f"--output-array {array} must end in .npy (a numpy array file), e.g. "
+                          f"{array.with_suffix('.npy')}.")
     return [ImageFiles(numbered(png, i, count), numbered(png, i, count).with_suffix(".json"),
                        array and numbered(array, i, count)) for i in range(count)]
 
@@ -92,19 +95,26 @@ def check_writable_folder(folder: Path) -> None:
 
 def write_atomically(path: Path, write: Callable[[Any], None], overwrite: bool) -> None:
     """`write(file)` into a temporary file beside `path`, then moved to `path`; without
-    `overwrite`, a file that appeared at `path` since the checks is kept and this raises
-    FileExistsError."""
+    `overwrite`, a file that appeared at `path` since the checks (another run writing the same
+    name) is kept and this raises FileExistsError naming it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
+    # Not mkstemp: its file's mode, 0600, would become the output's; os.open's mode passes through the umask.
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as f:
             write(f)
         if overwrite:
             os.replace(temporary, path)
         else:
-            os.link(temporary, path)  # fails if `path` exists: never replaces it
+            try:
+                os.link(temporary, path)  # fails if `path` exists: never replaces it
+            except FileExistsError:
+                raise FileExistsError(f"{path} appeared while this run was writing it (another run writing the "
+                                      "same file?); it is kept: choose another --output, or pass "
+                                      "--overwrite.") from None
     finally:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
 
 
 def pil_image(image: np.ndarray) -> Image.Image:

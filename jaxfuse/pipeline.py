@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizerFast
 
 from jaxfuse import checkpoint, lora, schedulers
 from jaxfuse.analysis.cost import peak_bytes
@@ -118,7 +118,7 @@ class SDXLPipeline:
     """SDXL text to image; build it with `load_pipeline`."""
 
     def __init__(self, spec: PipelineSpec, unet, unet_params, vae, vae_params,
-                 encoders: Sequence[TextEncoder], dtype: Any):
+                 encoders: Sequence[TextEncoder], dtype: Any, loras: Sequence[tuple[Path, float]] = ()):
         self.spec = spec
         self.unet, self.unet_params = unet, unet_params
         self.vae, self.vae_params = vae, vae_params
@@ -131,6 +131,7 @@ class SDXLPipeline:
         self._progress: Callable[[int, int], None] | None = None
         self._on_mesh: dict[Any, Any] = {}
         self._params_checked = False
+        self.loras = tuple(loras)  # (file, weight) fused into the weights: named when a result is not finite
 
     def _run(self, name: Any, fn: Callable, *args, donate: int | None = None):
         """`jax.jit(fn)(*args)`, compiled once per `name` and argument shapes and kept; the time
@@ -241,8 +242,10 @@ class SDXLPipeline:
         x = self._timed(timings, "denoise",
                         lambda: self.denoise(x, cond, schedule, guidance, keys, sampling, mesh, predictor))
         latents = gather(x)
-        check_finite("the denoised latents", latents, "the UNet's weights or an overflow in half precision "
-                     "(try --dtype float32)")
+        half = "" if self.dtype == jnp.float32 else " or an overflow in half precision (try --dtype float32)"
+        check_finite("the denoised latents", latents, " or ".join(
+            [*(f"the LoRA {path} at weight {weight:g} (try a weight nearer 1)" for path, weight in self.loras),
+             f"the UNet's weights{half}"]))
         images = gather(self._timed(timings, "decode", lambda: self.decode(x, *self.vae_layout(mesh, request))))
         check_finite("the decoded image", images, "the VAE's weights or an overflow in half precision (SDXL's "
                      "VAE needs float32: its config's force_upcast)")
@@ -487,13 +490,14 @@ def load_models(spec: PipelineSpec, source: Path, dtype: Any) -> dict[str, tuple
 
 def plan_loras(spec: PipelineSpec, loras: Sequence[tuple[str | Path, float]]) -> list[tuple[Path, list]]:
     """Each (LoRA file, weight) checked against the model's parameter shapes, from the config
-    files and the LoRA's header alone: (file, its `lora.LoraUpdate`s)."""
-    if not loras:
+    files and the LoRA's header, and its tensors checked finite: (file, its `lora.LoraUpdate`s)."""
+    pairs = lora.checked_loras(loras)
+    if not pairs:
         return []
     abstract = {"unet": unet_model.abstract_params(spec.unet)}
     for component in ("text_encoder", "text_encoder_2"):
         abstract[component] = clip_model.abstract_params(clip_model.read_config(spec.folder / component))
-    return [(Path(path), lora.plan_lora(Path(path), weight, abstract)) for path, weight in loras]
+    return [(path, lora.plan_lora(path, weight, abstract)) for path, weight in pairs]
 
 
 def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str | Path | None = None,
@@ -544,6 +548,10 @@ def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str |
         log("fused " + ", ".join(f"{path.name} ({len(updates)} modules)" for path, updates in lora_updates))
     log(f"loaded the model in {time.perf_counter() - start:.1f} s")
 
-    encoders = [TextEncoder(CLIPTokenizer.from_pretrained(folder / tokenizer, local_files_only=True), *models[model])
+    # The fast tokenizer reads a tokenizer folder of either layout (`spec.TOKENIZER_FILES`). In transformers 5
+    # it is the `CLIPTokenizer` diffusers loads; in 4, `CLIPTokenizer` is a slow one that reads the classic pair only.
+    encoders = [TextEncoder(CLIPTokenizerFast.from_pretrained(folder / tokenizer, local_files_only=True),
+                            *models[model])
                 for tokenizer, model in zip(checkpoint.TOKENIZERS, ("text_encoder", "text_encoder_2"))]
-    return SDXLPipeline(spec, *models["unet"], *models["vae"], encoders, dtype)
+    return SDXLPipeline(spec, *models["unet"], *models["vae"], encoders, dtype,
+                        [(path, updates[0].weight) for path, updates in lora_updates])

@@ -41,6 +41,10 @@ def params(folder):
     return jaxfuse.load_unet(folder)[1]
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own folder: nothing lands where pytest was started."""
+    monkeypatch.chdir(tmp_path)
 
 
 def edited_copy(folder, tmp_path, edit):
@@ -142,6 +146,37 @@ def test_cli_converts_and_never_overwrites(folder, params, tmp_path, capsys):
     assert main([str(folder), str(dst)]) == 1
     assert "not empty" in capsys.readouterr().err
     assert sorted(p.relative_to(dst) for p in dst.rglob("*")) == before
+
+
+@pytest.mark.parametrize("where", ["a file", "inside a file"])
+def test_cli_into_a_file_is_one_clear_error(folder, tmp_path, capsys, where):
+    """Once a NotADirectoryError traceback."""
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"precious")
+    dst = afile if where == "a file" else afile / "converted"
+    assert main([str(folder), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot write into {dst}: {afile} is a file, not a folder.\n"
+    assert afile.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("value, dtype, message", [
+    (float("nan"), "float32", "tensors holding NaN or infinity (the file is damaged: restore it from its original "
+                              "copy): 1\n    conv_in.weight in "),
+    (float("inf"), "float32", "tensors holding NaN or infinity"),
+    (1e6, "float16", "tensors with values beyond their dtype's range (convert to float32): 1\n    conv_in.weight in "),
+])
+def test_cli_refuses_weights_that_are_not_finite(folder, tmp_path, capsys, value, dtype, message):
+    """Once copied as they were, with "converted"; a float16 conversion that overflows is the same."""
+    def poison(tensors):
+        tensors["conv_in.weight"][0, 0, 0, 0] = value
+    (tmp_path / "src").mkdir()
+    broken = edited_copy(folder, tmp_path / "src", poison)
+    dst = tmp_path / "converted"
+    assert main([str(broken), str(dst), "--dtype", dtype]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: the checkpoint's values must be finite, or every image it makes is NaN:")
+    assert message in err and out == "" and not dst.exists()
 
 
 @pytest.mark.parametrize("config, preset", [(SDXL_BASE_CONFIG, UNetConfig.sdxl_base()),

@@ -2,11 +2,13 @@
 
 import inspect
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +16,8 @@ from PIL import Image
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from jaxfuse.generate import build_parser, main, parse_args
+from jaxfuse import generate
+from jaxfuse.generate import attention_logits, build_parser, check_args, finite_float, main, parse_args
 from jaxfuse.generate import seeds as image_seeds
 from jaxfuse.outputs import read_settings
 from jaxfuse.parallel.mesh import emulate_cpu_devices
@@ -25,6 +28,13 @@ from jaxfuse.spec import DEFAULT_STEPS
 @pytest.fixture(scope="module")
 def folder(tiny_sdxl_folder):
     return tiny_sdxl_folder
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own folder, so the command's default output (jaxfuse.png in the
+    current folder) never meets, or leaves, a file where pytest was started."""
+    monkeypatch.chdir(tmp_path)
 
 
 def cli(folder, tmp_path, *extra):
@@ -39,7 +49,7 @@ def run(folder, tmp_path, *extra):
 def test_writes_png_json_and_array(folder, tmp_path):
     np.save(tmp_path / "noise.npy", np.random.default_rng(1).standard_normal((1, 4, 6, 8)).astype(np.float32))
     out = tmp_path / "out" / "image.png"  # folders that do not exist yet are made
-    assert run(folder, tmp_path, "--output", str(out), "--output-array", str(tmp_path / "arrays" / "image"),
+    assert run(folder, tmp_path, "--output", str(out), "--output-array", str(tmp_path / "arrays" / "image.npy"),
                "--latents", str(tmp_path / "noise.npy"), "--scheduler", "ddim") == 0
     array = np.load(tmp_path / "arrays" / "image.npy")
     assert array.shape == (48, 64, 3) and array.dtype == np.float32 and 0 <= array.min() <= array.max() <= 1
@@ -118,10 +128,7 @@ def failure(capsys, code, argv, *messages):
     (["--context", "0.5"], "add --mode pcpp"),
     (["--mode", "pcpp", "--context", "1.5"], "must be in [0, 1], got 1.5"),
     # Inputs that once gave a silent wrong result.
-    (["--guidance-scale", "inf"], "guidance scale must be a finite number at least 0.0, got inf"),
-    (["--guidance-scale", "nan"], "guidance scale must be a finite number at least 0.0, got nan"),
     (["--guidance-scale", "-5"], "guidance scale must be a finite number at least 0.0, got -5.0"),
-    (["--guidance-rescale", "nan"], "guidance rescale must be a finite number in [0.0, 1.0], got nan"),
     (["--guidance-rescale", "5"], "guidance rescale must be a finite number in [0.0, 1.0], got 5.0"),
     (["--height", "0"], "height must be at least 1, got 0"),
     (["--height", "-256"], "height must be at least 1, got -256"),
@@ -140,6 +147,10 @@ def failure(capsys, code, argv, *messages):
     (["--lora", "missing.safetensors:0.5"], "LoRA missing.safetensors: no such file"),
     (["--lora", "style.ckpt"], "LoRA style.ckpt: a pickled file (.ckpt) can run code when read and is refused"),
     (["--lora", "style.safetensors:nan"], "--lora style.safetensors:nan: the weight must be a finite number"),
+    (["--lora", "demo-lcm:abc"], "--lora demo-lcm:abc: the weight 'abc' after the colon is not a number; write "
+                                 "FILE:WEIGHT, e.g. demo-lcm:0.8."),
+    (["--lora", "gone:abc"], "LoRA gone:abc: no such file"),  # no file before the colon: the whole value is named
+    (["--output-array", "x.png"], "--output-array x.png must end in .npy (a numpy array file), e.g. x.npy."),
     # A tiled canvas (the tiny model's native size is 64).
     (["--view-patches", "2"], "--view-patches splits the views of a tiled canvas; add --tiles on"),
     (["--region", "a red circle"], 'must be "PROMPT@X0,Y0,X1,Y1"'),
@@ -206,7 +217,75 @@ def test_a_lora_from_the_command_line(folder, tmp_path):
 def test_a_file_that_is_not_an_image_is_named(folder, tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not a picture")
     failure(capsys, 2, cli(folder, tmp_path, "--image", str(tmp_path / "notes.png")),
-            "is not an image file PIL can read")
+            f"--image {tmp_path / 'notes.png'} is not an image file Pillow can read")
+
+
+def test_a_truncated_image_is_named(folder, tmp_path, capsys, picture):
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(picture.read_bytes()[:2000])
+    failure(capsys, 2, cli(folder, tmp_path, "--image", str(cut)), f"--image {cut} cannot be decoded")
+
+
+def test_a_16_bit_grey_image_is_read_at_its_values_not_as_white(folder, tmp_path):
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((48, 64), 30000, np.uint16)).save(path)
+    request = check_args(parse_args(cli(folder, tmp_path, "--image", str(path), "--strength", "0.7"))).request
+    np.testing.assert_allclose(request.image, np.full((1, 48, 64, 3), 30000 / 65535), rtol=1e-6)
+
+
+FLOAT_FLAGS = [action.option_strings[0] for action in build_parser()._actions if action.type is finite_float]
+
+
+def test_every_float_flag_takes_finite_numbers_only():
+    assert not [action.option_strings for action in build_parser()._actions if action.type is float]
+    assert sorted(FLOAT_FLAGS) == ["--bootstrap", "--context", "--guidance-rescale", "--guidance-scale", "--strength"]
+
+
+@pytest.mark.parametrize("value, message", [("nan", "nan is not a finite number"),
+                                            ("inf", "inf is not a finite number"), ("abc", "'abc' is not a number")])
+@pytest.mark.parametrize("flag", FLOAT_FLAGS)
+def test_a_float_flag_refuses_what_is_not_a_finite_number(capsys, flag, value, message):
+    """Even where nothing else checks it (--bootstrap without --region, --context before the
+    devices are known), NaN and infinity are refused as the flag is read."""
+    with pytest.raises(SystemExit) as e:
+        main([flag, value])
+    assert e.value.code == 2
+    assert f"error: argument {flag}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num-images", "1000000000000"], "the pixels of 1000000000000 images of 64x48 take 34,332,275.4 GiB as float32"),
+    (["--height", "1000000", "--width", "1000000"], "the pixels of 1 image of 1000000x1000000 take 11,175.9 GiB"),
+])
+def test_images_the_host_cannot_hold_are_refused_at_once(folder, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(generate, "host_memory", lambda: 16 << 30)
+    start = time.perf_counter()
+    failure(capsys, 2, cli(folder, tmp_path, "--output", str(tmp_path / "x.png"), *extra), message,
+            "more than this machine's 16.0 GiB of memory; make fewer images per run (--num-images) or smaller ones")
+    assert time.perf_counter() - start < 10  # neither 10^12 seeds nor file names were listed
+
+
+def test_a_step_no_device_can_hold_is_refused_before_loading(folder, tmp_path, capsys, monkeypatch):
+    """An untiled 4096² image: its attention logits alone exceed a device (8 CPU devices sharing 16 GiB)."""
+    monkeypatch.setattr(generate, "host_memory", lambda: 16 << 30)
+    err = failure(capsys, 2, cli(folder, tmp_path, "--output", str(tmp_path / "x.png"), "--height", "4096", "--width",
+                                 "4096", "--tiles", "off", "--devices", "1"),
+                  "one UNet step on 1 image of 4096x4096 needs",
+                  "a device for its attention logits alone (float32 [2, ",
+                  "more than the 2.0 GiB a cpu device holds", "(--devices) or make a canvas of views (--tiles on).")
+    assert "loading" not in err and "converting" not in err
+
+
+def test_a_canvas_step_holds_one_view_whatever_the_canvas_size(folder, tmp_path):
+    """What bounds a step is the views' size: canvases of any size keep working."""
+    def logits(*extra):
+        plan = check_args(parse_args(cli(folder, tmp_path, "--devices", "1", *extra)))
+        return attention_logits(plan.spec, plan.request, plan.parallel)
+
+    canvas = logits("--height", "128", "--width", "128", "--tiles", "on")
+    assert logits("--height", "8192", "--width", "8192", "--tiles", "on") == canvas
+    untiled = logits("--height", "128", "--width", "128", "--tiles", "off")
+    assert math.prod(untiled) == 16 * math.prod(canvas)  # the tokens of an image twice the view's side
 
 
 def test_latents_holding_nan_or_text_are_refused(folder, tmp_path, capsys):
@@ -229,7 +308,7 @@ def test_every_output_is_checked_before_anything_loads(folder, tmp_path, capsys,
     (tmp_path / "afile").write_bytes(b"precious")
     argv, message = {
         "array without suffix": (["--output", f"{tmp_path}/o/x.png", "--output-array", f"{tmp_path}/o/arr"],
-                                 f"{tmp_path}/o/arr.npy already exists"),
+                                 f"--output-array {tmp_path}/o/arr must end in .npy"),
         "output is a folder": (["--output", f"{tmp_path}/o/sub.png"], "is a folder; name a file inside it"),
         # /sys takes no new file, not even from root (CI runs as root, which ignores permission bits).
         "unwritable folder": (["--output", "/sys/x.png"], "cannot write into /sys"),
@@ -270,9 +349,27 @@ def test_weights_holding_nan_fail_before_denoising(folder, tmp_path, capsys):
         save_file(tensors, path)
 
     model = broken_copy(folder, tmp_path, poison)
-    err = failure(capsys, 1, cli(model, tmp_path, "--output", str(tmp_path / "x.png")),
-                  "weights hold NaN or infinity in 1 tensors (unet/conv_in/kernel)")
-    assert "denoising [" not in err and not (tmp_path / "x.png").exists()
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    err = failure(capsys, 2, cli(model, tmp_path, "--output", str(tmp_path / "x.png")),
+                  "the checkpoint's values must be finite", f"holding NaN or infinity (the file is damaged: restore it "
+                  f"from its original copy): 1\n    conv_in.weight in {weights}")
+    assert "denoising [" not in err and not (tmp_path / "x.png").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_lora_weight_that_overflows_the_unet_is_named(folder, tmp_path, capsys):
+    """A finite weight that leaves the fused kernels finite but makes the UNet's result overflow:
+    the LoRA and its weight are named, and a float32 run is not told to try float32."""
+    lora = tmp_path / "style.safetensors"
+    rng = np.random.default_rng(6)
+    save_numpy({"lora_unet_conv_out.lora_down.weight": rng.standard_normal((2, 32, 3, 3), np.float32),
+                "lora_unet_conv_out.lora_up.weight": rng.standard_normal((4, 2, 1, 1), np.float32)}, lora)
+    code = main(["--model", str(folder), "--height", "48", "--width", "64", "--steps", "2", "--devices", "1",
+                 "--cache-dir", str(tmp_path / "cache"), "--lora", f"{lora}:1e37", "--dtype", "float32",
+                 "--output", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"the likely cause is the LoRA {lora} at weight 1e+37 (try a weight nearer 1) or the UNet's weights." in err
+    assert "--dtype float32" not in err.splitlines()[-1]
 
 
 def test_wrong_latents_shape(folder, tmp_path, capsys):

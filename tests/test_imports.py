@@ -34,6 +34,7 @@ FORBIDDEN_IMPORTS = {
     "jaxfuse.sampling": ("jaxfuse.pipeline", "jaxfuse.generate", "jaxfuse.analysis", "jaxfuse.stream"),
     "jaxfuse.pipeline": ("jaxfuse.generate", "jaxfuse.stream"),
     "jaxfuse.outputs": ("jaxfuse.models", "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.pipeline", "jaxfuse.spec"),
+    "jaxfuse.images": ("jaxfuse",),  # a leaf: numpy and Pillow only, shared by the commands and the stream
 }
 
 COLLECTIVES = {"ppermute", "all_gather", "psum", "pmean", "pmax", "pmin", "psum_scatter", "all_to_all", "axis_index",
@@ -339,6 +340,8 @@ def test_checker_catches_synthetic_violations():
     graph = {"jaxfuse.models.unet": {"jaxfuse.pipeline", "jaxfuse.config"}, "jaxfuse.modelsx": {"jaxfuse.pipeline"}}
     assert forbidden_arrows(graph) == [("jaxfuse.models.unet", "jaxfuse.pipeline",
                                         "jaxfuse.models -/-> jaxfuse.pipeline")]
+    assert forbidden_arrows({"jaxfuse.images": {"jaxfuse.spec"}}) == [("jaxfuse.images", "jaxfuse.spec",
+                                                                       "jaxfuse.images -/-> jaxfuse")]
 
     known = {"jaxfuse", "jaxfuse.parallel", "jaxfuse.parallel.patch", "jaxfuse.models.layers"}
     source = "from jaxfuse.parallel import patch, PATCH\nfrom ..models.layers import conv\nimport jaxfuse.parallel.x"

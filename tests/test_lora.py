@@ -36,6 +36,12 @@ def folder(tiny_sdxl_folder):
     return tiny_sdxl_folder
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own folder: nothing lands where pytest was started."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def noise():
     return np.random.default_rng(0).standard_normal((1, 4, HEIGHT // 8, WIDTH // 8)).astype(np.float32)
@@ -249,9 +255,6 @@ def test_two_loras_add_up_and_the_cache_keeps_the_weights_without_them(folder, t
 @pytest.mark.parametrize("tensors, message", [
     ({"lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": (4, 64)},
      r"tensors naming no module of the UNet or the text encoders: 1\n    lora_unet_down_blocks_9"),
-    ({"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": (4, 64),
-      "unet.down_blocks.1.attentions.0.proj_in.lora_magnitude_vector": (64,)},
-     r"naming no module .*\n    unet.down_blocks.1.attentions.0.proj_in.lora_magnitude_vector"),
     ({"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": (4, 64)},
      r"halves without their pair: 1\n    lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight "
      r"\(its up half is missing\)"),
@@ -275,10 +278,60 @@ def test_a_pickled_lora_is_refused(folder, tmp_path):
         load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
 
 
-def test_a_dora_adapter_is_refused(folder, tmp_path):
-    path = tmp_path / "dora.safetensors"
-    tensors = {"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": np.zeros((4, 64), np.float32),
-               "unet.down_blocks.1.attentions.0.proj_in.lora_B.weight": np.zeros((64, 4), np.float32)}
-    save_file(tensors, path, metadata={"lora_adapter_metadata": json.dumps({"unet.use_dora": True})})
-    with pytest.raises(lora.LoraError, match="DoRA"):
+PROJ_IN = "unet.down_blocks.1.attentions.0.proj_in"
+KOHYA_PROJ_IN = "lora_unet_down_blocks_1_attentions_0_proj_in"
+
+
+@pytest.mark.parametrize("extra, metadata, kind", [
+    ({}, {"lora_adapter_metadata": json.dumps({"unet.use_dora": True})}, "DoRA"),
+    ({f"{PROJ_IN}.lora_magnitude_vector": (64,)}, None, "DoRA"),  # PEFT's, without its config
+    ({f"{KOHYA_PROJ_IN}.dora_scale": (1, 64)}, None, "DoRA"),
+    ({f"{KOHYA_PROJ_IN}.hada_w1_a": (64, 4), f"{KOHYA_PROJ_IN}.hada_w1_b": (4, 64)}, None, "LoHa"),
+    ({f"{KOHYA_PROJ_IN}.lokr_w1": (8, 8), f"{KOHYA_PROJ_IN}.lokr_w2": (8, 8)}, None, "LoKr"),
+], ids=["dora-config", "dora-peft", "dora-kohya", "loha", "lokr"])
+def test_an_adapter_other_than_lora_is_refused_by_name(folder, tmp_path, extra, metadata, kind):
+    """Once "tensors naming no module" for every adapter that is not a plain LoRA."""
+    path = tmp_path / "adapter.safetensors"
+    tensors = {f"{PROJ_IN}.lora_A.weight": np.zeros((4, 64), np.float32),
+               f"{PROJ_IN}.lora_B.weight": np.zeros((64, 4), np.float32)}
+    save_file(tensors | {k: np.zeros(shape, np.float32) for k, shape in extra.items()}, path, metadata)
+    with pytest.raises(lora.LoraError, match=rf"^LoRA {path} is a {kind} adapter, which jaxfuse does not fuse .* "
+                                             "use a plain LoRA.$"):
         load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
+
+
+@pytest.mark.parametrize("bad", ["up", "alpha"])
+def test_a_lora_holding_nan_is_named_before_anything_loads(folder, tmp_path, bad):
+    """Not "the model's weights hold NaN ... restore the checkpoint": the LoRA and its tensors."""
+    path, _ = kohya_file(tmp_path / "k.safetensors", KOHYA_DIFFUSERS_NAMES, seed=7)
+    tensors = load_file(path)
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    key = f"{name}.lora_up.weight" if bad == "up" else f"{name}.alpha"
+    tensors[key] = np.where(np.arange(tensors[key].size).reshape(tensors[key].shape) == 0, np.nan, tensors[key])
+    save_file({k: v.astype(np.float32) for k, v in tensors.items()}, path)
+    with pytest.raises(lora.LoraError, match=rf"^LoRA {path} holds NaN or infinity, .*\n  tensors: 1\n    {key}\n"):
+        load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_weight_that_overflows_the_weights_names_the_lora(folder, tmp_path):
+    """A finite weight whose update float32 cannot hold: the LoRA and its weight are named, not the checkpoint."""
+    path, _ = kohya_file(tmp_path / "k.safetensors", TEXT_ENCODERS, seed=8)
+    save_file({k: np.asarray(v * 10) for k, v in load_file(path).items()}, path)  # updates of about 100, times 1e38
+    with pytest.raises(lora.LoraError, match=rf"^fusing LoRA {path} at weight 1e\+38 leaves NaN or infinity in the "
+                                             r"model's weights; lower the weight .*\n  kernels: 2\n    text_encoder/"):
+        load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1e38)])
+
+
+@pytest.mark.parametrize("loras, message", [
+    ([("style.safetensors", "abc")], "LoRA style.safetensors: the weight must be a finite number, got 'abc'."),
+    ([("style.safetensors", float("nan"))], "LoRA style.safetensors: the weight must be a finite number, got nan."),
+    ([("style.safetensors", True)], "LoRA style.safetensors: the weight must be a finite number, got True."),
+    (["style.safetensors"], "loras must be (file, weight) pairs, got 'style.safetensors'."),
+    ([(1, 0.5)], "loras must be (file, weight) pairs, got (1, 0.5)."),
+])
+def test_loras_that_are_not_file_weight_pairs_are_one_clear_error(folder, tmp_path, loras, message):
+    """Once a raw TypeError from multiplying by the weight."""
+    with pytest.raises(lora.LoraError) as e:
+        load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=loras)
+    assert str(e.value) == message

@@ -15,14 +15,22 @@ many calls after it entered; the command feeds the last frame again to let the f
 `--serve` serves a page (`jaxfuse.stream.serve`) that streams the browser's camera through the
 stream, with a prompt box. The default model is the built-in demo with its few-step LCM-LoRA
 (`--lora demo-lcm`), which runs on a laptop CPU. Every argument is checked before the model
-loads; images already in `--output` are kept unless `--overwrite` is given. Exit codes as
+loads, the sizes against an estimate of the memory a call needs (`program.call_bytes`); images
+already in `--output` are kept unless `--overwrite` is given, and a run holds `--output` while it
+runs, so a second run into it fails at once. Compiled programs are kept in the cache folder, as
+`generate` keeps them (`--no-compile-cache` or JAXFUSE_COMPILE_CACHE=0: off). Exit codes as
 `python -m jaxfuse.generate`'s: 0 done, 2 an input that cannot work, 1 the environment failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import errno
 import itertools
+import os
+import socket
 import sys
 import time
 from collections import deque
@@ -30,18 +38,26 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from jaxfuse.config import ParallelConfig
+from jaxfuse.config import ParallelConfig, ParallelError
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
-from jaxfuse.generate import lora_weights, run_command
+from jaxfuse.generate import CompileCacheCounter, finite_float, lora_weights, run_command
 from jaxfuse.parallel.mesh import emulate_cpu_devices
-from jaxfuse.pipeline import load_pipeline
+from jaxfuse.pipeline import COMPILE_CACHE_ENV, load_pipeline, use_compile_cache
 from jaxfuse.sampling.stream import RCFG, FirstStep, StreamConfig
-from jaxfuse.spec import PipelineError
+from jaxfuse.spec import PipelineError, PipelineSpec, checked_float, checked_int
 from jaxfuse.stream import media
 from jaxfuse.stream.host import SimilarityFilter, run_threaded
-from jaxfuse.stream.program import Stream
+from jaxfuse.stream.program import Stream, call_bytes, checked_stream, memory_bytes
+
+# An output video's rate: kept as a fraction over at most 1001 (NTSC's), so slower than one frame in
+# 1000 s rounds to nothing; Matroska and WebM keep time in milliseconds, so faster than 1000 a second
+# loses the frames' times.
+FPS_RANGE = (1e-3, 1e3)
+LISTEN_FIXES = {errno.EADDRINUSE: "another program listens there: give another --port, or stop it",
+                errno.EACCES: "ports below 1024 need root: give --port 1024 or above"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,16 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder of frames or a video file (image to image); none: text to image")
     p.add_argument("--frames", type=int, default=16, help="text to image: how many images")
     p.add_argument("--output", type=Path, help="the folder the images go to, or a video file")
-    p.add_argument("--fps", type=float, default=8.0, help="an output video's rate when the input is not a video")
+    p.add_argument("--fps", type=finite_float, default=8.0,
+                   help="an output video's rate when the input is not a video, 0.001 to 1000")
     p.add_argument("--overwrite", action="store_true", help="replace images already in --output")
     p.add_argument("--t-index", type=int, nargs="+",
                    help="the steps of the 50-step LCM schedule each image goes through (default: 32 45 for "
                         "image to image, 0 16 32 45 for text to image)")
     p.add_argument("--frame-buffer", type=int, default=1, help="frames that enter per call")
     p.add_argument("--rcfg", choices=[r.value for r in RCFG], default="none", help="residual guidance")
-    p.add_argument("--guidance-scale", type=float, default=1.0)
-    p.add_argument("--delta", type=float, default=1.0, help="RCFG's weight of the residual noise")
-    p.add_argument("--similarity-threshold", type=float,
+    p.add_argument("--guidance-scale", type=finite_float, default=1.0)
+    p.add_argument("--delta", type=finite_float, default=1.0, help="RCFG's weight of the residual noise")
+    p.add_argument("--similarity-threshold", type=finite_float,
                    help="skip frames this similar to the last one that went through (e.g. 0.98; default: off)")
     p.add_argument("--max-skips", type=int, default=10, help="skips in a row before a frame goes through")
     p.add_argument("--devices", type=int, default=1,
@@ -83,13 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true", help="serve the live page instead (camera in, images out)")
     p.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on")
     p.add_argument("--port", type=int, default=8765, help="--serve: the port to listen on")
-    p.add_argument("--cache-dir", type=Path, help="where converted weights are kept (default ~/.cache/jaxfuse)")
+    p.add_argument("--cache-dir", type=Path,
+                   help="where converted weights and compiled programs are kept (default: $JAXFUSE_CACHE or "
+                        "~/.cache/jaxfuse)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help=f"compile every program afresh instead of keeping them in the cache folder (or set "
+                        f"{COMPILE_CACHE_ENV}=0)")
     return p
 
 
-def check_args(args: argparse.Namespace) -> tuple[media.FrameSource | None, list[str]]:
-    """The frame source (None: text to image) and the prompts, every argument checked before the
-    model loads."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A checked command: what the run needs besides the flags."""
+
+    spec: PipelineSpec
+    source: media.FrameSource | None  # None: text to image, or the page's camera
+    prompts: list[str]
+    config: StreamConfig
+    patch_parallel: ParallelConfig | None
+    size: tuple[int, int]  # (height, width) of the images
+    loras: list[tuple[Path, float]]
+    similarity: SimilarityFilter | None
+
+
+def check_args(args: argparse.Namespace) -> Plan:
+    """The command's plan, every argument checked before JAX starts or the model loads."""
     if args.serve:
         given = [name for name in ("input", "output", "prompts") if getattr(args, name) is not None]
         if given:
@@ -103,21 +138,23 @@ def check_args(args: argparse.Namespace) -> tuple[media.FrameSource | None, list
             import aiohttp  # noqa: F401
         except ImportError as e:
             raise PipelineError('--serve needs aiohttp: pip install "jaxfuse[serve]".') from e
-        return None, [args.prompt]
-    if args.devices < 1:
-        raise PipelineError(f"--devices {args.devices}: give 1 or more.")
-    if args.slot_parallel and args.devices > 1:
-        raise PipelineError("--slot-parallel puts one step on each device; it does not split rows too: drop "
-                            "--devices or --slot-parallel.")
+        check_listen(args.host, args.port)
+        return planned(args, None, [args.prompt])
     if args.output is None:
         raise PipelineError("give --output (a folder or a video file), or --serve for the live page.")
+    media.check_output(args.output)
+    checked_float("--fps", args.fps, *FPS_RANGE, why=" (a video keeps its rate as a fraction over at most 1001, "
+                  "and Matroska and WebM keep time in milliseconds)")
     source = None
     if args.input is not None:
         source = media.frame_source(args.input)
     elif args.frames < 1:
         raise PipelineError(f"--frames {args.frames}: make at least one image.")
-    if not args.fps > 0:
-        raise PipelineError(f"--fps {args.fps} must be positive.")
+    images = args.frames if source is None else source.count
+    if not media.is_video(args.output) and images > media.MAX_FOLDER_IMAGES:
+        raise PipelineError(f"{'--frames' if source is None else '--input'} makes {images} images, but a folder "
+                            f"holds at most {media.MAX_FOLDER_IMAGES} in name order (000000.png to 999999.png); "
+                            "make fewer, or write a video (--output ending in .mp4).")
     prompts = [args.prompt]
     if args.prompts is not None:
         if not args.prompts.is_file():
@@ -125,8 +162,82 @@ def check_args(args: argparse.Namespace) -> tuple[media.FrameSource | None, list
         prompts = [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
         if not prompts:
             raise PipelineError(f"--prompts {args.prompts} holds no prompt.")
-    media.check_output(args.output, args.overwrite)
-    return source, prompts
+    return planned(args, source, prompts)
+
+
+def planned(args: argparse.Namespace, source: media.FrameSource | None, prompts: list[str]) -> Plan:
+    """The checks both modes share, the sizes and steps against the model's config (read, not
+    loaded)."""
+    if args.devices < 1:
+        raise PipelineError(f"--devices {args.devices}: give 1 or more.")
+    if args.slot_parallel and args.devices > 1:
+        raise PipelineError("--slot-parallel puts one step on each device; it does not split rows too: drop "
+                            "--devices or --slot-parallel.")
+    if source is not None and (args.height, args.width) != (None, None):
+        raise PipelineError(f"--input {args.input} sets the size ({source.size[1]}x{source.size[0]}); drop --height "
+                            "and --width, or resize the frames.")
+    if args.similarity_threshold is not None:
+        checked_float("--similarity-threshold", args.similarity_threshold, 0.0, 1.0)
+    checked_int("--max-skips", args.max_skips, 0)
+    image_to_image = source is not None or args.serve
+    t_index = args.t_index or ((32, 45) if image_to_image else (0, 16, 32, 45))
+    config = StreamConfig(tuple(t_index), args.frame_buffer, args.rcfg, args.first_step)
+    patch_parallel = ParallelConfig(args.devices, args.mode) if args.devices > 1 else None
+    loras = lora_weights(args.lora if args.lora is not None or args.model != DEMO_MODEL else ["demo-lcm"])
+    spec = PipelineSpec.read(args.model)
+    height, width = source.size if source is not None else (args.height, args.width)
+    request, _ = checked_stream(spec, prompts[0], args.negative_prompt, config=config, height=height, width=width,
+                                seed=args.seed, guidance_scale=args.guidance_scale, delta=args.delta,
+                                slot_parallel=args.slot_parallel, patch_parallel=patch_parallel)
+    similarity = None if args.similarity_threshold is None else SimilarityFilter(args.similarity_threshold,
+                                                                                   args.max_skips, args.seed)
+    return Plan(spec, source, prompts, config, patch_parallel, (request.height, request.width), loras, similarity)
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuses a --host that is not an address of this machine, or a --port that cannot be
+    listened on there, by binding each of its addresses for a moment."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise PipelineError(f"--host {host} does not resolve ({e.strerror}); give an address of this machine, "
+                            "e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every network).") from None
+    bound = 0
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own will be
+            try:
+                listener.bind(address)
+                bound += 1
+            except OSError as e:
+                if e.errno != errno.EADDRNOTAVAIL:  # one family missing is skipped, as asyncio's server does
+                    fix = LISTEN_FIXES.get(e.errno, "give another --host or --port")
+                    raise PipelineError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                                        f"{fix}.") from None
+    if not bound:
+        raise PipelineError(f"--host {host} is not an address of this machine; give one of its own, e.g. 127.0.0.1 "
+                            "(this machine only) or 0.0.0.0 (every network).")
+
+
+def check_devices(plan: Plan, devices: int, slot_parallel: bool) -> None:
+    """Once JAX has started, before the model loads: the `devices` the stream runs on are
+    present and its calls fit in their memory (`program.call_bytes`, an estimate)."""
+    present = len(jax.devices())
+    if devices > present:
+        what = f"--slot-parallel with {devices} --t-index steps" if slot_parallel else f"--devices {devices}"
+        raise ParallelError(f"{what} needs {devices} devices, but {present} {jax.default_backend()} devices are "
+                            "present.")
+    config, (height, width) = plan.config, plan.size
+    need, (have, holder) = call_bytes(plan.spec, config, height, width), memory_bytes(devices)
+    if need > have:
+        one_frame = call_bytes(plan.spec, dataclasses.replace(config, frame_buffer_size=1), height, width)
+        fits = have // one_frame  # the estimate grows in proportion to the frames a call
+        fix = (f"give --frame-buffer {fits} or less, fewer --t-index steps or smaller frames" if fits else
+               "give smaller frames (--height/--width, or resize --input) or fewer --t-index steps")
+        raise PipelineError(f"--frame-buffer {config.frame_buffer_size} with {config.slots} --t-index steps and "
+                            f"--rcfg {config.rcfg.value} at {width}x{height} needs about {need / 2**30:.1f} GiB a "
+                            f"call (an estimate of its activations, the weights left out), more than the "
+                            f"{have / 2**30:.1f} GiB {holder}; {fix}.")
 
 
 class LiveReport:
@@ -155,21 +266,28 @@ class LiveReport:
 
 
 def run(args: argparse.Namespace) -> None:
-    source, prompts = check_args(args)
-    image_to_image = source is not None or args.serve
-    t_index = args.t_index or ((32, 45) if image_to_image else (0, 16, 32, 45))
-    config = StreamConfig(tuple(t_index), args.frame_buffer, args.rcfg, args.first_step)
-    patch_parallel = ParallelConfig(args.devices, args.mode) if args.devices > 1 else None
-    emulate_cpu_devices(config.slots if args.slot_parallel else args.devices)  # before JAX starts; not on GPU
-    loras = lora_weights(args.lora if args.lora is not None or args.model != DEMO_MODEL else ["demo-lcm"])
-    height, width = source.size if source is not None else (args.height, args.width)
-    pipe = load_pipeline(args.model, cache_dir=args.cache_dir, loras=loras,
+    """The command: checks every argument, holds the output for the run, then streams."""
+    plan = check_args(args)
+    with contextlib.nullcontext() if args.serve else media.claimed(args.output, args.overwrite):
+        run_planned(args, plan)
+
+
+def run_planned(args: argparse.Namespace, plan: Plan) -> None:
+    """Starts JAX, checks the devices, loads the model and streams (or serves)."""
+    source, prompts, config, similarity = plan.source, plan.prompts, plan.config, plan.similarity
+    patch_parallel, (height, width) = plan.patch_parallel, plan.size
+    devices = config.slots if args.slot_parallel else args.devices
+    emulate_cpu_devices(devices)  # before JAX starts; not on GPU
+    cache_counter = None
+    if not args.no_compile_cache and os.environ.get(COMPILE_CACHE_ENV, "1") != "0":
+        use_compile_cache(args.cache_dir)
+        cache_counter = CompileCacheCounter()
+    check_devices(plan, devices, args.slot_parallel)
+    pipe = load_pipeline(args.model, cache_dir=args.cache_dir, loras=plan.loras,
                          log=lambda line: print(line, file=sys.stderr))
-    stream = Stream(pipe, prompts[0], args.negative_prompt, config=config, image_to_image=image_to_image,
-                    height=height, width=width, guidance_scale=args.guidance_scale, delta=args.delta, seed=args.seed,
-                    slot_parallel=args.slot_parallel, patch_parallel=patch_parallel)
-    similarity = None if args.similarity_threshold is None else SimilarityFilter(args.similarity_threshold,
-                                                                                   args.max_skips, args.seed)
+    stream = Stream(pipe, prompts[0], args.negative_prompt, config=config, image_to_image=source is not None or
+                    args.serve, height=height, width=width, guidance_scale=args.guidance_scale, delta=args.delta,
+                    seed=args.seed, slot_parallel=args.slot_parallel, patch_parallel=patch_parallel)
     if args.serve:
         from jaxfuse.stream.serve import serve  # aiohttp: the optional extra
 
@@ -217,8 +335,10 @@ def run(args: argparse.Namespace) -> None:
     rate = source.rate if source is not None and source.rate else Fraction(args.fps).limit_denominator(1001)
     with media.image_sink(args.output, rate, args.overwrite) as sink:
         counts = run_threaded(step, calls(), write, similarity, queue_size=4, live=False)
+    programs = cache_counter and (f"; programs: {cache_counter.counts['compiled']} compiled, "
+                                  f"{cache_counter.counts['loaded']} loaded from the compile cache")
     print(f"\nwrote {count['saved']} images to {args.output}: {counts.calls} stream calls, {counts.skipped} "
-          "frames skipped as alike", file=sys.stderr)
+          f"frames skipped as alike{programs or ''}", file=sys.stderr)
 
 
 def frame_groups(frames: Iterator[np.ndarray], f: int, count: dict) -> Iterator[np.ndarray]:

@@ -6,6 +6,9 @@ Legend: f frames per call, T calls, H/W the image size.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,11 +24,78 @@ from jaxfuse.parallel.mesh import make_mesh, place
 from jaxfuse.parallel.slots import slots_mesh
 from jaxfuse.pipeline import SDXLPipeline, check_finite, vae_mean
 from jaxfuse.sampling import stream
-from jaxfuse.sampling.stream import StreamConfig, StreamGuidance
+from jaxfuse.sampling.stream import RCFG, StreamConfig, StreamGuidance
 from jaxfuse.schedulers import PredictionType
-from jaxfuse.spec import PipelineError, checked_image
+from jaxfuse.spec import PipelineError, PipelineSpec, Request, checked_float, checked_image
 
 STREAM_SCHEDULE_STEPS = 50  # the LCM schedule `t_index_list` indexes (StreamDiffusion's num_inference_steps)
+
+
+def checked_stream(spec: PipelineSpec, prompt: Any, negative_prompt: Any = None, *, config: StreamConfig,
+                   height: int | None, width: int | None, seed: int, guidance_scale: float, delta: float,
+                   schedule_steps: int = STREAM_SCHEDULE_STEPS, slot_parallel: bool = False,
+                   patch_parallel: ParallelConfig | None = None) -> tuple[Request, schedulers.Schedule]:
+    """A `Stream`'s request and schedule, its arguments checked from the model's config alone (no
+    weights, no devices), so a command can refuse them before loading anything."""
+    parallel = patch_parallel or ParallelConfig()
+    if slot_parallel and patch_parallel is not None:
+        raise PipelineError("a stream spreads either its slots (slot_parallel) or its images' rows "
+                            "(patch_parallel) over devices, not both; choose one.")
+    if parallel.cfg_parallel:
+        raise PipelineError("a stream's guidance rows stay together (rcfg); drop cfg_parallel.")
+    if config.rcfg.uses_residual and spec.scheduler.prediction_type is not PredictionType.EPSILON:
+        raise PipelineError(f"rcfg {config.rcfg.value!r} takes the residual noise for the model's negative "
+                            "prediction, which needs an epsilon-prediction model; use rcfg 'full' or 'none'.")
+    checked_float("guidance_scale", guidance_scale, 0.0)
+    checked_float("delta", delta, 0.0)
+    # A stream's image is one image at any size: never a canvas of fused views.
+    request = spec.request(prompt, negative_prompt, height=height, width=width, seed=seed, parallel=parallel,
+                           tiled=False)
+    return request, schedulers.lcm_at(spec.scheduler, schedule_steps, config.t_index_list)
+
+
+# Attention holds its float32 logits, their exponent and the softmax at once: with this count,
+# `call_bytes` is within 11% of XLA's own memory analysis (CPU) of the demo's stream call from 256
+# to 1024 pixels, 1 to 16 frames a call, rcfg none, self and full.
+ATTENTION_BUFFERS = 3
+
+
+def call_bytes(spec: PipelineSpec, config: StreamConfig, height: int, width: int) -> int:
+    """An estimate of the memory one stream call of `config` at `height` x `width` works in,
+    besides the weights and the state, in float32 (the stream's dtype): per image, the larger of
+    the VAE's attention over every latent pixel and three full-size activations; per UNet row, the
+    larger of its largest attention and three activations of its first level."""
+    def attention(tokens: int, heads: int) -> int:
+        return ATTENTION_BUFFERS * heads * tokens**2 * 4
+
+    unet, vae, f = spec.unet, spec.vae, config.frame_buffer_size
+    h, w = height // spec.vae_factor, width // spec.vae_factor
+    image = max(attention(h * w, 1) if vae.mid_block_add_attention else 0,
+                3 * height * width * vae.block_out_channels[0] * 4)
+    levels = [(level, heads) for level, (kind, heads) in enumerate(zip(unet.down_block_types, unet.num_attention_heads))
+              if kind.startswith("CrossAttn")] + [(unet.num_levels - 1, unet.num_attention_heads[-1])]  # + mid block
+    row = max([3 * h * w * unet.block_out_channels[0] * 4]
+              + [attention((h >> level) * (w >> level), heads) for level, heads in levels])
+    unet_rows = {RCFG.FULL: 2 * config.rows, RCFG.INITIALIZE: config.rows + f}.get(config.rcfg, config.rows)
+    return f * image + unet_rows * row
+
+
+def memory_bytes(devices: int) -> tuple[int, str]:
+    """The memory free on `devices` devices together, and where, in words: an accelerator's as
+    JAX reports it; on a CPU the machine's (its emulated devices share it), what Linux could hand
+    out now without swapping and what is left of a container's limit, where they tell."""
+    device = jax.devices()[0]
+    stats = device.memory_stats()
+    if stats and "bytes_limit" in stats:
+        return devices * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"{devices} {device.device_kind} hold"
+    free = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        free.append(1024 * int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1]))
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2; its memory.max is "max" where there is no limit
+        cgroup = Path("/sys/fs/cgroup")
+        free.append(int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text()))
+    return min(free), "this machine has free"
 
 
 class Stream:
@@ -44,23 +114,16 @@ class Stream:
                  width: int | None = None, guidance_scale: float = 1.2, delta: float = 1.0, seed: int = 0,
                  schedule_steps: int = STREAM_SCHEDULE_STEPS, slot_parallel: bool = False,
                  patch_parallel: ParallelConfig | None = None):
-        parallel = patch_parallel or ParallelConfig()
-        if slot_parallel and patch_parallel is not None:
-            raise PipelineError("a stream spreads either its slots (slot_parallel) or its images' rows "
-                                "(patch_parallel) over devices, not both; choose one.")
+        self.request, self.schedule = checked_stream(
+            pipe.spec, prompt, negative_prompt, config=config, height=height, width=width, seed=seed,
+            guidance_scale=guidance_scale, delta=delta, schedule_steps=schedule_steps, slot_parallel=slot_parallel,
+            patch_parallel=patch_parallel)
         if slot_parallel and len(jax.devices()) < config.slots:
             raise PipelineError(f"slot_parallel puts each of the {config.slots} slots on its own device; "
                                 f"{len(jax.devices())} are present; list fewer steps in t_index_list or set "
                                 "slot_parallel=False.")
-        if parallel.cfg_parallel:
-            raise PipelineError("a stream's guidance rows stay together (rcfg); drop cfg_parallel.")
-        if config.rcfg.uses_residual and pipe.spec.scheduler.prediction_type is not PredictionType.EPSILON:
-            raise PipelineError(f"rcfg {config.rcfg.value!r} takes the residual noise for the model's negative "
-                                "prediction, which needs an epsilon-prediction model; use rcfg 'full' or 'none'.")
         self.pipe, self.config, self.image_to_image = pipe, config, image_to_image
-        self.request = pipe.spec.request(prompt, negative_prompt, height=height, width=width, seed=seed,
-                                         parallel=parallel)
-        self.schedule = schedulers.lcm_at(pipe.spec.scheduler, schedule_steps, config.t_index_list)
+        parallel = patch_parallel or ParallelConfig()
         self.guidance = StreamGuidance(jnp.float32(guidance_scale), jnp.float32(delta))
         mesh = slots_mesh(config.slots) if slot_parallel else make_mesh(parallel) if patch_parallel else None
         # On a mesh, what the calls read lives on its devices (replicated; the state as it is split).
