@@ -140,12 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-array", type=Path,
                    help="also write the image as float32 HxWx3 in [0, 1] to this .npy file")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--cache-dir", type=Path,
-                   help="where converted weights and compiled programs are kept (default: $JAXFUSE_CACHE or "
-                        "~/.cache/jaxfuse)")
-    p.add_argument("--no-compile-cache", action="store_true",
-                   help=f"compile every program afresh instead of keeping them in the cache folder (or set "
-                        f"{COMPILE_CACHE_ENV}=0)")
+    add_cache_arguments(p)
     parallel = p.add_argument_group("patch parallelism")
     parallel.add_argument("--devices", type=int,
                           help="devices to split the image over (default: every device present, or the most "
@@ -402,6 +397,24 @@ class ProgressBar:
               end="\n" if step == total else "", file=sys.stderr, flush=True)
 
 
+def add_cache_arguments(p: argparse.ArgumentParser) -> None:
+    """--cache-dir and --no-compile-cache, as every command that loads a model takes them."""
+    p.add_argument("--cache-dir", type=Path,
+                   help="where converted weights and compiled programs are kept (default: $JAXFUSE_CACHE or "
+                        "~/.cache/jaxfuse)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help=f"compile every program afresh instead of keeping them in the cache folder (or set "
+                        f"{COMPILE_CACHE_ENV}=0)")
+
+
+def start_compile_cache(args: argparse.Namespace) -> tuple[Path | None, CompileCacheCounter | None]:
+    """The persistent compile cache's folder and a counter of its hits and misses, or (None, None)
+    when --no-compile-cache or COMPILE_CACHE_ENV=0 turns it off."""
+    if args.no_compile_cache or os.environ.get(COMPILE_CACHE_ENV, "1") == "0":
+        return None, None
+    return use_compile_cache(args.cache_dir), CompileCacheCounter()
+
+
 class CompileCacheCounter:
     """Counts JAX's persistent-cache hits and misses (each compile asks the cache once)."""
 
@@ -449,9 +462,7 @@ def generate(args: argparse.Namespace) -> None:
     emulated = emulate_cpu_devices(cpu_devices)
     initialize_processes(processes)
     main_process = is_main_process()
-    compile_cache = cache_counter = None
-    if not args.no_compile_cache and os.environ.get(COMPILE_CACHE_ENV, "1") != "0":
-        compile_cache, cache_counter = use_compile_cache(args.cache_dir), CompileCacheCounter()
+    compile_cache, cache_counter = start_compile_cache(args)
 
     def report(line: str) -> None:  # progress and results: from process 0 only
         if main_process:

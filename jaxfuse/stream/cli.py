@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import errno
 import itertools
-import os
 import socket
 import sys
 import time
@@ -43,9 +42,9 @@ import numpy as np
 
 from jaxfuse.config import ParallelConfig, ParallelError
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
-from jaxfuse.generate import CompileCacheCounter, finite_float, lora_weights, run_command
+from jaxfuse.generate import add_cache_arguments, finite_float, lora_weights, run_command, start_compile_cache
 from jaxfuse.parallel.mesh import emulate_cpu_devices
-from jaxfuse.pipeline import COMPILE_CACHE_ENV, load_pipeline, use_compile_cache
+from jaxfuse.pipeline import load_pipeline
 from jaxfuse.sampling.stream import RCFG, FirstStep, StreamConfig
 from jaxfuse.spec import PipelineError, PipelineSpec, checked_float, checked_int
 from jaxfuse.stream import media
@@ -100,12 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true", help="serve the live page instead (camera in, images out)")
     p.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on")
     p.add_argument("--port", type=int, default=8765, help="--serve: the port to listen on")
-    p.add_argument("--cache-dir", type=Path,
-                   help="where converted weights and compiled programs are kept (default: $JAXFUSE_CACHE or "
-                        "~/.cache/jaxfuse)")
-    p.add_argument("--no-compile-cache", action="store_true",
-                   help=f"compile every program afresh instead of keeping them in the cache folder (or set "
-                        f"{COMPILE_CACHE_ENV}=0)")
+    add_cache_arguments(p)
     return p
 
 
@@ -278,10 +272,7 @@ def run_planned(args: argparse.Namespace, plan: Plan) -> None:
     patch_parallel, (height, width) = plan.patch_parallel, plan.size
     devices = config.slots if args.slot_parallel else args.devices
     emulate_cpu_devices(devices)  # before JAX starts; not on GPU
-    cache_counter = None
-    if not args.no_compile_cache and os.environ.get(COMPILE_CACHE_ENV, "1") != "0":
-        use_compile_cache(args.cache_dir)
-        cache_counter = CompileCacheCounter()
+    _, cache_counter = start_compile_cache(args)
     check_devices(plan, devices, args.slot_parallel)
     pipe = load_pipeline(args.model, cache_dir=args.cache_dir, loras=plan.loras,
                          log=lambda line: print(line, file=sys.stderr))
