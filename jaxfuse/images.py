@@ -36,14 +36,20 @@ def read_image(path: Path, name: str) -> np.ndarray:
     return decode_image(path.read_bytes(), what)
 
 
-def decode_image(data: bytes, what: str) -> np.ndarray:
-    """The bytes of an image file -> [H, W, 3] float32 in [0, 1]; errors start with `what`."""
+def decode_image(data: bytes, what: str, max_pixels: int | None = None) -> np.ndarray:
+    """The bytes of an image file -> [H, W, 3] float32 in [0, 1]; errors start with `what`. A
+    picture of more than `max_pixels` is refused from its header, before any pixel is decoded (a
+    server's bound on what one client can make it hold)."""
     with warnings.catch_warnings():
         # Pillow warns from 89M pixels and refuses from twice that (its decompression-bomb guard,
         # raised from the header alone, before any pixel is decoded): the refusal is the limit.
         warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
         try:
             with PIL.Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageError(f"{what}: {width}x{height} is {width * height:,} pixels, more than the "
+                                     f"{max_pixels:,} taken here; send a smaller picture.")
                 image.load()  # a truncated file fails here, not later
                 return image_array(image, what)
         except PIL.Image.DecompressionBombError:

@@ -10,8 +10,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import atexit  # noqa: E402
 import contextlib  # noqa: E402
 import shutil  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import zlib  # noqa: E402
 from unittest import mock  # noqa: E402
 
 import jax  # noqa: E402
@@ -54,6 +56,15 @@ def scaled_random_params(abstract, seed: int, spread: float):
         return 1 + spread * x if name == "scale" else spread * x
 
     return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height RGB pixels, with one empty data chunk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def relative_error(ours, reference) -> float:

@@ -1,11 +1,11 @@
 """Input pictures: every Pillow mode read at its real values, and one error naming the file for
 whatever cannot be read."""
 
-import struct
-import zlib
+import io
 
 import numpy as np
 import pytest
+from conftest import png_declaring
 from PIL import Image
 
 from jaxfuse.images import ImageError, decode_image, read_image
@@ -62,15 +62,6 @@ def test_a_float_image_is_taken_as_it_is_and_refused_outside_0_1(tmp_path):
         read_image(bright, "--image")
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG whose header declares width x height RGB pixels, with one empty data chunk."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-
-
 def whole_png(tmp_path):
     return (saved(tmp_path, Image.new("RGB", (64, 48), (1, 2, 3)), "whole.png")).read_bytes()
 
@@ -100,3 +91,13 @@ def test_bytes_decode_as_a_file_does(tmp_path):
     np.testing.assert_array_equal(decode_image(data, "a frame"), read_image(tmp_path / "whole.png", "--image"))
     with pytest.raises(ImageError, match="^a frame cannot be decoded"):
         decode_image(data[:60], "a frame")
+
+
+def test_a_picture_above_a_callers_bound_is_refused_from_its_header():
+    """A server's bound on what one client can make it hold: 5000 x 5000 (under Pillow's own limit,
+    a 300 MB float copy) is refused before a pixel is decoded; at the bound it reads."""
+    with pytest.raises(ImageError, match="a frame: 5000x5000 is 25,000,000 pixels, more than the 16,777,216 taken"):
+        decode_image(png_declaring(5000, 5000), "a frame", 4096 * 4096)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buffer, "PNG")
+    assert decode_image(buffer.getvalue(), "a frame", 64 * 48).shape == (48, 64, 3)

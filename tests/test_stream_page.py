@@ -1,8 +1,10 @@
 """The live page (`python -m jaxfuse.stream --serve`) in a real browser: Debian's Chromium, headless,
-driven by Playwright, with Chromium's fake camera as the image-to-image input. The page loads,
-images arrive over the socket with their rate and latency, and a prompt typed into the box changes
-what the images draw (the demo's detector reads them). The page's screenshot is kept in
-`test-artifacts/stream_page.png`.
+driven by Playwright, its fake camera playing a camera-like video (a dark square on a light
+background), on the settings the page starts with. The page loads, images arrive over the socket
+with their rate and latency, a prompt typed into the box draws its colour and shape (the demo's
+detector reads them) and the first prompt's shape goes, a second page measures its latency on its
+own clock and shows the prompt in use, and a frame that cannot be decoded is counted on both pages.
+The first page's screenshot is kept in `test-artifacts/stream_page.png`.
 
 Needs Chromium at /usr/bin/chromium (`apt-get install chromium`; CI installs it).
 """
@@ -21,7 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxfuse.demo.detect import prompt_accuracy
+from jaxfuse.demo.detect import detect
+from jaxfuse.demo.scenes import parse_caption
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +35,20 @@ CHROMIUM_FLAGS = [
 ]
 FIRST_PROMPT, SECOND_PROMPT = "a red circle at the top left", "a yellow star at the top right"
 SERVER_START_S = 240  # loading the demo model and compiling the stream on a busy 2-core machine
+CAMERA_SIDE = 256  # the demo stream's size, so the page's centre crop takes the whole video
+MAX_LATENCY_MS = 10_000  # measured 199-277 ms; reading the other page's clock put it ~20,000 ms off
+
+
+def camera_video(path) -> str:
+    """A still camera-like video for Chromium's fake camera (Y4M, 4:2:0): a dark square in the bottom
+    left cell on a light grey background, where neither prompt puts its shape."""
+    luma = np.full((CAMERA_SIDE, CAMERA_SIDE), 200, np.uint8)
+    third = CAMERA_SIDE // 3
+    luma[2 * third + 20:3 * third - 20, 20:third - 20] = 30
+    chroma = np.full((CAMERA_SIDE // 2, CAMERA_SIDE // 2), 128, np.uint8)  # no colour
+    frame = b"FRAME\n" + luma.tobytes() + chroma.tobytes() * 2
+    path.write_bytes(f"YUV4MPEG2 W{CAMERA_SIDE} H{CAMERA_SIDE} F10:1 Ip A1:1 C420jpeg\n".encode() + frame * 10)
+    return str(path)
 
 
 def free_port() -> int:
@@ -42,12 +59,11 @@ def free_port() -> int:
 
 @pytest.fixture
 def server(tmp_path):
-    """`--serve` on the demo model in its own process; yields its address once it listens."""
+    """`--serve` on the demo model in its own process, at its default steps; yields its address
+    once it listens."""
     port = free_port()
-    # Steps 0 and 32 of the 50-step LCM schedule: the first from pure noise, so the prompt decides
-    # what is drawn and the detector can read it; the camera frame still tints the image.
-    command = [sys.executable, "-m", "jaxfuse.stream", "--serve", "--port", str(port), "--t-index", "0", "32",
-               "--prompt", FIRST_PROMPT, "--cache-dir", str(tmp_path / "cache")]
+    command = [sys.executable, "-m", "jaxfuse.stream", "--serve", "--port", str(port), "--prompt", FIRST_PROMPT,
+               "--cache-dir", str(tmp_path / "cache")]
     log = tmp_path / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen(command, stderr=out, stdout=out, env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -69,40 +85,87 @@ def shown_image(page) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",")[1]))).convert("RGB")) / 255
 
 
+def drawn(image: np.ndarray) -> set[tuple[str, str, str]]:
+    """(colour, shape, position) of every object the demo's detector finds."""
+    return {(obj.colour, obj.shape, obj.position) for obj in detect(image)}
+
+
+def named(prompt: str) -> tuple[str, str, str]:
+    (obj,) = parse_caption(prompt)
+    return obj.colour, obj.shape, obj.position
+
+
+def shown_count(page, element: str) -> int:
+    return int(page.inner_text(element))
+
+
 def wait_for_images(page, count: int) -> None:
     page.wait_for_function(f"Number(document.getElementById('images').textContent) >= {count}", timeout=60_000)
 
 
-def test_the_live_page_streams_the_camera_and_takes_a_new_prompt(server, request):
+def latencies(page, count: int) -> list[float]:
+    """The latency the page shows after each of its next `count` images, in ms."""
+    shown = []
+    for _ in range(count):
+        wait_for_images(page, shown_count(page, "#images") + 1)
+        shown.append(float(page.inner_text("#latency")))
+    return shown
+
+
+def test_the_live_page_streams_the_camera_and_draws_a_typed_prompt(server, request, tmp_path):
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium")
     assert chromium, "the browser test needs Debian's Chromium: apt-get install chromium"
     artifacts = request.config.rootpath / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
+    camera = f"--use-file-for-fake-video-capture={camera_video(tmp_path / 'camera.y4m')}"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=[*CHROMIUM_FLAGS, camera])
         try:
-            page = browser.new_page()
             errors = []
+            page = browser.new_page()
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(server)
+            opened = time.monotonic()
             wait_for_images(page, 4)
             assert page.inner_text("#status") == "streaming"
-            assert page.input_value("#prompt") == FIRST_PROMPT
-            assert float(page.inner_text("#fps")) > 0 and float(page.inner_text("#latency")) > 0
-            assert prompt_accuracy(FIRST_PROMPT, shown_image(page)) == 1.0
+            assert page.input_value("#prompt") == page.inner_text("#prompt-in-use") == FIRST_PROMPT
+            assert "steps 0 32" in page.inner_text("#settings")  # the demo's --serve default
+            assert "draws the shapes the prompt names" in page.inner_text("#note")
+            assert float(page.inner_text("#fps")) > 0
+            assert named(FIRST_PROMPT) in drawn(shown_image(page))
 
             page.fill("#prompt", SECOND_PROMPT)
             page.press("#prompt", "Enter")
-            page.wait_for_function("document.getElementById('status').textContent.startsWith('prompt in use')",
+            page.wait_for_function(f"document.getElementById('prompt-in-use').textContent === {SECOND_PROMPT!r}",
                                    timeout=30_000)
             # Two images in flight (two steps) were begun before the change: wait past them.
-            wait_for_images(page, int(page.inner_text("#images")) + 3)
-            image = shown_image(page)
-            assert prompt_accuracy(SECOND_PROMPT, image) == 1.0
-            assert prompt_accuracy(FIRST_PROMPT, image) < 1.0
+            wait_for_images(page, shown_count(page, "#images") + 3)
+            found = drawn(shown_image(page))
+            assert named(SECOND_PROMPT) in found  # the typed prompt's colour and shape, where it puts them
+            assert not any(obj[:2] == named(FIRST_PROMPT)[:2] for obj in found)  # and the first prompt's are gone
             page.screenshot(path=artifacts / "stream_page.png")
+
+            # A second page, its clock ~20 s behind the first's: each page's latency on its own clock.
+            time.sleep(max(0.0, 20 - (time.monotonic() - opened)))
+            second = browser.new_page()
+            second.on("pageerror", lambda error: errors.append(str(error)))
+            second.goto(server)
+            wait_for_images(second, 4)
+            assert second.inner_text("#prompt-in-use") == SECOND_PROMPT
+            for shown in (page, second):
+                assert all(0 < latency < MAX_LATENCY_MS for latency in latencies(shown, 8))
+
+            # A frame that cannot be decoded: its page is told, both count it, the stream goes on. It is
+            # sent until one is read: a newer camera frame can replace it in the queue of one first.
+            second.evaluate("window.badFrames = setInterval(() => socket.send(new Uint8Array(20)), 200)")
+            second.wait_for_function(
+                "document.getElementById('status').textContent.startsWith('a frame from the page is not')")
+            second.evaluate("clearInterval(window.badFrames)")
+            for shown in (page, second):
+                shown.wait_for_function("Number(document.getElementById('bad-frames').textContent) >= 1")
+            wait_for_images(page, shown_count(page, "#images") + 2)
             assert not errors, errors
         finally:
             browser.close()

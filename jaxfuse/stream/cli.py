@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace images already in --output")
     p.add_argument("--t-index", type=int, nargs="+",
                    help="the steps of the 50-step LCM schedule each image goes through (default: 32 45 for "
-                        "image to image, 0 16 32 45 for text to image)")
+                        "image to image, 0 16 32 45 for text to image, 0 32 for --serve on the demo model)")
     p.add_argument("--frame-buffer", type=int, default=1, help="frames that enter per call")
     p.add_argument("--rcfg", choices=[r.value for r in RCFG], default="none", help="residual guidance")
     p.add_argument("--guidance-scale", type=finite_float, default=1.0)
@@ -174,7 +174,11 @@ def planned(args: argparse.Namespace, source: media.FrameSource | None, prompts:
         checked_float("--similarity-threshold", args.similarity_threshold, 0.0, 1.0)
     checked_int("--max-skips", args.max_skips, 0)
     image_to_image = source is not None or args.serve
-    t_index = args.t_index or ((32, 45) if image_to_image else (0, 16, 32, 45))
+    # --serve on the demo model starts from pure noise, so that a typed prompt decides the shapes: the
+    # demo has no ControlNet, and from step 32 on the camera's dark shapes come out blue whatever the
+    # prompt (serve.DEMO_NOTE says so on the page).
+    serve_demo = args.serve and args.model == DEMO_MODEL
+    t_index = args.t_index or ((0, 32) if serve_demo else (32, 45) if image_to_image else (0, 16, 32, 45))
     config = StreamConfig(tuple(t_index), args.frame_buffer, args.rcfg, args.first_step)
     patch_parallel = ParallelConfig(args.devices, args.mode) if args.devices > 1 else None
     loras = lora_weights(args.lora if args.lora is not None or args.model != DEMO_MODEL else ["demo-lcm"])
@@ -280,10 +284,10 @@ def run_planned(args: argparse.Namespace, plan: Plan) -> None:
                     args.serve, height=height, width=width, guidance_scale=args.guidance_scale, delta=args.delta,
                     seed=args.seed, slot_parallel=args.slot_parallel, patch_parallel=patch_parallel)
     if args.serve:
-        from jaxfuse.stream.serve import serve  # aiohttp: the optional extra
+        from jaxfuse.stream.serve import DEMO_NOTE, serve  # aiohttp: the optional extra
 
         print(f"compiling the stream at {stream.request.width}x{stream.request.height}...", file=sys.stderr)
-        serve(stream, args.host, args.port, similarity)
+        serve(stream, args.host, args.port, similarity, note=DEMO_NOTE if args.model == DEMO_MODEL else None)
         return
     spread = (f", one step per device on {config.slots}" if args.slot_parallel else
               f", rows split over {args.devices} devices ({args.mode})" if patch_parallel else "")
