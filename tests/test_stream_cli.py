@@ -91,6 +91,8 @@ def test_every_float_flag_refuses_a_number_that_is_not_finite(base, tmp_path, ca
     (["--guidance-scale", "-1"], "guidance_scale must be a finite number at least 0.0, got -1.0"),
     (["--seed", "-1"], "seed must be in 0..4294967295, got -1"),
     (["--frames", "1000001"], "--frames makes 1000001 images, but a folder holds at most 1000000 in name order"),
+    (["--frames", "16", "--frame-buffer", "1000"], "--frame-buffer 1000 takes that many frames a call, but there "
+     "are 16 (--frames); give --frame-buffer 16 or less."),
 ])
 def test_arguments_the_model_cannot_take_are_refused_before_it_loads(base, tmp_path, capsys, extra, message):
     assert command([*base, "--output", str(tmp_path / "out"), *extra]) == 2

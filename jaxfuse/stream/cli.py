@@ -145,6 +145,10 @@ def check_args(args: argparse.Namespace) -> Plan:
     elif args.frames < 1:
         raise PipelineError(f"--frames {args.frames}: make at least one image.")
     images = args.frames if source is None else source.count
+    if args.frame_buffer > images > 0:  # a video that does not say its length: count 0, not checked
+        raise PipelineError(f"--frame-buffer {args.frame_buffer} takes that many frames a call, but there are "
+                            f"{images} ({'--frames' if source is None else '--input'}); give --frame-buffer "
+                            f"{images} or less.")
     if not media.is_video(args.output) and images > media.MAX_FOLDER_IMAGES:
         raise PipelineError(f"{'--frames' if source is None else '--input'} makes {images} images, but a folder "
                             f"holds at most {media.MAX_FOLDER_IMAGES} in name order (000000.png to 999999.png); "
