@@ -115,7 +115,8 @@ def test_frames_the_model_cannot_take_are_refused_before_it_loads(base, tmp_path
 
 def test_a_stream_the_memory_cannot_hold_is_refused_before_the_model_loads(base, tmp_path, capsys):
     out = ["--output", str(tmp_path / "out")]
-    assert command([*base, *out, "--frame-buffer", "100000", "--height", "256", "--width", "256"]) == 2
+    assert command([*base, *out, "--frames", "100000", "--frame-buffer", "100000", "--height", "256", "--width",
+                    "256"]) == 2
     err = capsys.readouterr().err
     assert re.search(r"--frame-buffer 100000 with 4 --t-index steps and --rcfg none at 256x256 needs about "
                      r"[\d.]+ GiB a call .* more than the [\d.]+ GiB this machine has free; give --frame-buffer \d+ or "
