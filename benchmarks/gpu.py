@@ -70,8 +70,7 @@ import jaxlib
 import numpy as np
 
 from jaxfuse.analysis.cost import abstract_inputs, build_step
-from jaxfuse.checkpoint import export_checkpoint
-from jaxfuse.config import Mode, ParallelConfig, UNetConfig, VAEConfig
+from jaxfuse.config import UNetConfig, VAEConfig
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.demo.architecture import unet_config_json
 from jaxfuse.models import unet as unet_model
@@ -79,9 +78,11 @@ from jaxfuse.models import vae as vae_model
 from jaxfuse.models import vae_tiled
 from jaxfuse.models.layers import attention
 from jaxfuse.parallel.patch import Patch
+from jaxfuse.parallel_config import Mode, ParallelConfig
 from jaxfuse.pipeline import load_pipeline
 from jaxfuse.sampling import tiled
 from jaxfuse.sampling.step import Sampling
+from jaxfuse.weight_conversion import export_checkpoint
 
 DTYPE = jnp.bfloat16
 CUDNN_ATTENTION = "__cudnn$fmha"  # the custom_call_target prefix of XLA's cuDNN fused attention

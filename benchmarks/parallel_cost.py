@@ -47,7 +47,8 @@ def measure(row: dict) -> dict:
     import jax.numpy as jnp
 
     from jaxfuse.analysis.cost import step_cost
-    from jaxfuse.config import ParallelConfig, UNetConfig
+    from jaxfuse.config import UNetConfig
+    from jaxfuse.parallel_config import ParallelConfig
 
     cfg = {"sdxl-base": UNetConfig.sdxl_base, "tiny": UNetConfig.tiny}[row["preset"]]()
     context = {} if row.get("context") is None else {"context": row["context"]}

@@ -30,8 +30,8 @@ from diffusers import (  # noqa: E402
 )
 
 import jaxfuse  # noqa: E402
-from jaxfuse.config import ParallelConfig  # noqa: E402
 from jaxfuse.oracle import CASES, build_tiny_sdxl, random_unet, reference_output, unet_inputs  # noqa: E402
+from jaxfuse.parallel_config import ParallelConfig  # noqa: E402
 
 
 def relative(a, b) -> str:

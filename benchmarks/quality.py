@@ -34,7 +34,7 @@ PSNR_CAP = 100.0  # dB, for images identical to the last bit
 
 
 def settings(devices: list[int], warmups: list[int], contexts: list[float]) -> list[dict]:
-    from jaxfuse.config import GroupNormMode
+    from jaxfuse.parallel_config import GroupNormMode
 
     rows, warm = [], max(warmups)
     for n in devices:
@@ -80,7 +80,7 @@ def autoencoded(pipe, images):
     import numpy as np
 
     x = jnp.asarray(np.transpose(images, (0, 3, 1, 2)), jnp.float32) / 127.5 - 1
-    out = pipe.vae.apply({"params": pipe.vae_params}, x)
+    out = pipe.codec.vae.apply({"params": pipe.codec.params}, x)
     return np.clip((np.transpose(np.asarray(out), (0, 2, 3, 1)) + 1) / 2, 0, 1)
 
 
@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
 
-    from jaxfuse.config import ParallelConfig
     from jaxfuse.demo import DEMO_MODEL
     from jaxfuse.demo.scenes import make_batch
+    from jaxfuse.parallel_config import ParallelConfig
     from jaxfuse.pipeline import load_pipeline
 
     pipe = load_pipeline(args.model or DEMO_MODEL, log=lambda line: print(line, file=sys.stderr),

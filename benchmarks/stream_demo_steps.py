@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pairs = [tuple(int(t) for t in text.split(",")) for text in args.t_index]
 
+    from jaxfuse.commands import lora_weights
     from jaxfuse.demo import DEMO_MODEL
-    from jaxfuse.generate import lora_weights
     from jaxfuse.pipeline import load_pipeline
 
     pipe = load_pipeline(DEMO_MODEL, log=lambda _: None, loras=lora_weights(["demo-lcm"]))

@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from jaxfuse.analysis.hlo import collective_bytes
-    from jaxfuse.config import ParallelConfig
     from jaxfuse.demo import DEMO_LCM_LORA, DEMO_MODEL, DEMO_PROMPT
     from jaxfuse.demo.architecture import IMAGE_SIZE
     from jaxfuse.demo.detect import prompt_accuracy
+    from jaxfuse.parallel_config import ParallelConfig
     from jaxfuse.pipeline import load_pipeline
     from jaxfuse.sampling.stream import StreamConfig
     from jaxfuse.stream import Stream
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             stream = Stream(pipe, prompt, config=StreamConfig(t_index, 1, "none", first_step),
                             image_to_image=frames is not None, guidance_scale=1.0, seed=3, patch_parallel=parallel)
             latents = None if frames is None else np.zeros((1, *stream.state.latents.shape[1:]), np.float32)
-            hlo = jax.jit(stream._program).lower(stream.unet_params, stream.state, stream.cond, stream.guidance,
+            hlo = jax.jit(stream._program).lower(stream.denoiser, stream.state, stream.cond, stream.guidance,
                                                  latents).compile().as_text()
             images = stream.run(frames) if frames is not None else stream.run(calls=calls)
             return images[lag:, 0], sum(collective_bytes(hlo).values())

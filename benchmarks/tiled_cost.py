@@ -166,9 +166,11 @@ def tiled_step(cfg, row: dict):
     from jax.sharding import PartitionSpec as P
 
     from jaxfuse.analysis.cost import abstract_inputs
-    from jaxfuse.config import ParallelConfig
     from jaxfuse.models.unet import UNet2DConditionModel, abstract_params
     from jaxfuse.parallel.views import views_mesh
+    from jaxfuse.parallel_config import ParallelConfig
+    from jaxfuse.sampling.denoiser import Denoiser
+    from jaxfuse.sampling.plan import Plan
     from jaxfuse.sampling.step import Sampling
     from jaxfuse.sampling.tiled import CanvasConditioning, Tiling, views_predictor, whole_canvas
 
@@ -176,13 +178,13 @@ def tiled_step(cfg, row: dict):
     side = row["size"] // VAE_FACTOR
     tiling = Tiling((row["window"],) * 2, (row["stride"],) * 2)
     sampling = Sampling(True, False, ParallelConfig(patches, "sync") if patches > 1 else ParallelConfig())
-    patch = sampling.phases(1)[0][0]
+    kind = Plan.of(sampling.parallel, 1).kinds[0]
     unet = UNet2DConditionModel(cfg, dtype)
     mesh = views_mesh(row["views_devices"], patches=patches)
     predict = views_predictor(tiling, (side, side), VAE_FACTOR, mesh).predict
 
     def step(params, latents, cond, schedule, guidance):
-        return predict(unet, params, sampling, patch, schedule, 0, latents, cond, guidance)[0]
+        return predict(Denoiser(unet, params, kind), sampling, schedule, 0, latents, cond, guidance)[0]
 
     latents, cond, schedule, guidance = abstract_inputs(cfg, 1, row["size"], row["size"], dtype)
     regions = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),

@@ -68,8 +68,9 @@ def tiled_peak(cfg, dtype, size: int, tile: int, cache: dict) -> dict:
     sets it and the host's peak; `cache` keeps each stage's compiled memory."""
     import jax
 
+    from jaxfuse.models.tile_stages import nbytes
     from jaxfuse.models.vae import AutoencoderKL, abstract_params
-    from jaxfuse.models.vae_tiled import nbytes, plan_decode
+    from jaxfuse.models.vae_tiled import plan_decode
 
     vae = AutoencoderKL(cfg, dtype)
     params = abstract_params(cfg, dtype)

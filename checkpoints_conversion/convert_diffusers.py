@@ -11,8 +11,7 @@ params, which `jaxfuse.load_unet` (or `load_vae`, `load_text_encoder`) reads. Th
 matching and writing are `jaxfuse.checkpoint`'s: a checkpoint that does not fit, or holds NaN or
 infinity, is refused with the tensors listed. The destination is checked before anything is read.
 
-Exit codes, as `python -m jaxfuse.generate`'s: 0 converted; 2 an input that cannot work (the
-message names the fix); 1 the environment failed (a file that cannot be read or written).
+Exit codes: every jaxfuse command's (`jaxfuse.commands`); 0 is converted.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxfuse import checkpoint
-from jaxfuse.generate import run_command
+from jaxfuse.commands import run_command
 from jaxfuse.models.clip import load_text_encoder
 from jaxfuse.models.unet import load_unet
 from jaxfuse.models.vae import load_vae

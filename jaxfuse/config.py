@@ -1,5 +1,7 @@
-"""Configurations as frozen dataclasses: the models' (read from diffusers `config.json` files) and
-the parallel settings (`ParallelConfig`, with its choices `Mode` and `GroupNormMode`).
+"""The model configurations diffusers describes in `config.json` files, as frozen dataclasses:
+the UNet's (`UNetConfig`) and the VAE's (`VAEConfig`), with `ConfigError` and the field checks
+every model config shares. The text encoders' config is `jaxfuse.text_encoder_config`; the
+parallel settings are `jaxfuse.parallel_config`.
 
 A config is validated when it is built, so an unsupported checkpoint or setting fails here, with
 the field named, before any weight is read or any function is traced.
@@ -8,9 +10,15 @@ the field named, before any weight is read or any function is traced.
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+# Re-exported for the modules that import the parallel settings from here (the pipeline, spec,
+# generate, sampling and stream).
+from jaxfuse.parallel_config import GroupNormMode as GroupNormMode
+from jaxfuse.parallel_config import Mode as Mode
+from jaxfuse.parallel_config import ParallelConfig as ParallelConfig
+from jaxfuse.parallel_config import ParallelError as ParallelError
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -123,7 +131,7 @@ def _check_groups_divide(num_groups: int, block_out_channels: Sequence[int]) -> 
             raise ConfigError(f"norm_num_groups: {num_groups} does not divide block {i}'s {channels} channels.")
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}: {value!r} is not supported; supported: {list(allowed)}.")
 
@@ -170,10 +178,10 @@ class UNetConfig:
                     f"{name}: has {len(getattr(self, name))} entries, block_out_channels has {n}."
                 )
         for t in self.down_block_types:
-            _check_choice("down_block_types", t, DOWN_BLOCK_TYPES)
+            check_choice("down_block_types", t, DOWN_BLOCK_TYPES)
         for t in self.up_block_types:
-            _check_choice("up_block_types", t, UP_BLOCK_TYPES)
-        _check_choice("addition_embed_type", self.addition_embed_type, ADDITION_EMBED_TYPES)
+            check_choice("up_block_types", t, UP_BLOCK_TYPES)
+        check_choice("addition_embed_type", self.addition_embed_type, ADDITION_EMBED_TYPES)
         if self.addition_embed_type == "text_time" and (
             self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None
         ):
@@ -215,7 +223,7 @@ class UNetConfig:
                 )
         c = {**_DIFFUSERS_UNET_DEFAULTS, **config}
         n = len(c["block_out_channels"])
-        _check_choice("mid_block_type", c["mid_block_type"], MID_BLOCK_TYPES)
+        check_choice("mid_block_type", c["mid_block_type"], MID_BLOCK_TYPES)
         # diffusers' naming quirk: `attention_head_dim` holds the number of heads unless
         # `num_attention_heads` is given.
         heads = c["num_attention_heads"] or c["attention_head_dim"]
@@ -371,14 +379,14 @@ class VAEConfig:
         """Reads a diffusers `vae/config.json` dict; raises `ConfigError` naming the field."""
         _check_class_name(config, "AutoencoderKL")
         c = {**_DIFFUSERS_VAE_DEFAULTS, **config}
-        _check_choice("act_fn", c["act_fn"], ("silu",))
+        check_choice("act_fn", c["act_fn"], ("silu",))
         n = len(c["block_out_channels"])
         for name, allowed in (("down_block_types", VAE_DOWN_BLOCK_TYPES),
                               ("up_block_types", VAE_UP_BLOCK_TYPES)):
             if len(c[name]) != n:
                 raise ConfigError(f"{name}: has {len(c[name])} entries, block_out_channels has {n}.")
             for block_type in c[name]:
-                _check_choice(name, block_type, allowed)
+                check_choice(name, block_type, allowed)
         sample_size = c["sample_size"]
         return cls(
             in_channels=c["in_channels"],
@@ -402,189 +410,3 @@ class VAEConfig:
     def sdxl(cls) -> VAEConfig:
         """stabilityai/stable-diffusion-xl-base-1.0 `vae/config.json` (84M parameters)."""
         return cls()
-
-
-TEXT_ENCODER_HIDDEN_ACTS = ("quick_gelu", "gelu")
-# transformers `architectures` entry -> whether the model ends in a `text_projection`.
-TEXT_ENCODER_ARCHITECTURES = {"CLIPTextModel": False, "CLIPTextModelWithProjection": True}
-
-# transformers `CLIPTextConfig` defaults, for config files that leave a field out.
-_TRANSFORMERS_CLIP_TEXT_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 512,
-    "intermediate_size": 2048,
-    "projection_dim": 512,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 8,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "eos_token_id": 49407,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class TextEncoderConfig:
-    """transformers' CLIP text encoder: `CLIPTextModel`, or `CLIPTextModelWithProjection` when
-    `with_projection`; the defaults are SDXL's first encoder (CLIP ViT-L/14).
-
-    `eos_token_id` decides where the pooled token is: 2, the wrong id that configs written before
-    transformers fixed it carry (SDXL's among them), means the largest token id of the sequence,
-    as in the original CLIP; any other id, its first position.
-    """
-
-    vocab_size: int = 49408
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    projection_dim: int = 768
-    eos_token_id: int = 2
-    with_projection: bool = False
-
-    def __post_init__(self):
-        _check_choice("hidden_act", self.hidden_act, TEXT_ENCODER_HIDDEN_ACTS)
-        if self.num_hidden_layers < 1:
-            raise ConfigError(
-                f"num_hidden_layers: {self.num_hidden_layers}; SDXL reads the input of the last "
-                "layer, so at least 1 is needed."
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"num_attention_heads: {self.num_attention_heads} does not divide hidden_size "
-                f"{self.hidden_size}."
-            )
-        if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
-            raise ConfigError(f"eos_token_id: expected one int, got {self.eos_token_id!r}.")
-
-    @classmethod
-    def from_transformers(cls, config: Mapping[str, Any]) -> TextEncoderConfig:
-        """Reads a transformers `text_encoder/` or `text_encoder_2/` `config.json` dict; raises
-        `ConfigError` naming the field."""
-        architectures = config.get("architectures")
-        if not (isinstance(architectures, Sequence) and len(architectures) == 1
-                and architectures[0] in TEXT_ENCODER_ARCHITECTURES):
-            raise ConfigError(
-                f"architectures: {architectures!r} is not supported; supported: one of "
-                f"{list(TEXT_ENCODER_ARCHITECTURES)}."
-            )
-        _check_choice("model_type", config.get("model_type", "clip_text_model"), ("clip_text_model",))
-        c = {**_TRANSFORMERS_CLIP_TEXT_DEFAULTS, **config}
-        return cls(
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"],
-            num_hidden_layers=c["num_hidden_layers"],
-            num_attention_heads=c["num_attention_heads"],
-            max_position_embeddings=c["max_position_embeddings"],
-            hidden_act=c["hidden_act"],
-            layer_norm_eps=float(c["layer_norm_eps"]),
-            projection_dim=c["projection_dim"],
-            eos_token_id=c["eos_token_id"],
-            with_projection=TEXT_ENCODER_ARCHITECTURES[architectures[0]],
-        )
-
-    @classmethod
-    def clip_l(cls) -> TextEncoderConfig:
-        """stabilityai/stable-diffusion-xl-base-1.0 `text_encoder/config.json` (CLIP ViT-L/14)."""
-        return cls()
-
-    @classmethod
-    def open_clip_bigg(cls) -> TextEncoderConfig:
-        """stabilityai/stable-diffusion-xl-base-1.0 `text_encoder_2/config.json` (OpenCLIP
-        ViT-bigG/14, with its projection)."""
-        return cls(
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_hidden_layers=32,
-            num_attention_heads=20,
-            hidden_act="gelu",
-            projection_dim=1280,
-            with_projection=True,
-        )
-
-
-class ParallelError(ValueError):
-    """Parallel settings that cannot run; the message names the fix."""
-
-
-class Mode(str, enum.Enum):
-    """How the patches of a split image see each other (DESIGN.md, `jaxfuse.parallel.patch`)."""
-
-    SINGLE = "single"  # no mesh: plain SDXL
-    SYNC = "sync"  # fresh context, used at once: equals single
-    DISPLACED = "displaced"  # the previous step's context, own rows fresh (DistriFusion)
-    NAIVE = "naive"  # no context at all: zero halos, local attention and statistics
-    PCPP = "pcpp"  # displaced, but self-attention sees only the two neighbours' nearest tokens (PCPP)
-
-    @property
-    def reads_stale(self) -> bool:
-        """Steps of this mode use the previous step's context, so synchronous warm-up steps
-        must fill it first (displaced and pcpp)."""
-        return self in (Mode.DISPLACED, Mode.PCPP)
-
-
-class GroupNormMode(str, enum.Enum):
-    """Group-norm statistics in `displaced` steps (DistriFusion's ablation, REFERENCES.md)."""
-
-    CORRECTED = "corrected"  # stale statistics with the own patch's replaced by fresh ones
-    CORRECTED_DISTRIFUSION = "corrected-distrifusion"  # E[x], E[x^2] + (fresh - stale) local, not / N
-    STALE = "stale"  # the previous step's whole-image statistics
-    SYNC = "sync"  # fresh whole-image statistics every step (a blocking, tiny exchange)
-    SEPARATE = "separate"  # the own patch's statistics only
-
-
-@dataclasses.dataclass(frozen=True)
-class ParallelConfig:
-    """How one image is spread over devices.
-
-    `mode`: single, sync, displaced, naive or pcpp (`Mode`); `warmup_steps`: synchronous steps
-    before the displaced (or pcpp) ones (DistriFusion's `warmup_steps=K` runs K + 1 of them);
-    `cfg_parallel`: the two guidance halves on two device groups; `gn`: group-norm statistics in
-    displaced and pcpp steps; `context`: in pcpp mode, the fraction p of the patch above and of
-    the patch below that self-attention sees (0.3, as in the PCPP authors' code; p = 1 is the two
-    neighbours in full, not every patch: `displaced` is that).
-    """
-
-    devices: int = 1
-    mode: Mode = Mode.SINGLE
-    warmup_steps: int = 4
-    cfg_parallel: bool = False
-    gn: GroupNormMode = GroupNormMode.CORRECTED
-    context: float = 0.3
-
-    def __post_init__(self):
-        object.__setattr__(self, "mode", Mode(self.mode))
-        object.__setattr__(self, "gn", GroupNormMode(self.gn))
-        if self.devices < 1:
-            raise ParallelError(f"devices must be at least 1, got {self.devices}.")
-        if self.mode == Mode.SINGLE and (self.devices != 1 or self.cfg_parallel):
-            raise ParallelError(f"mode single runs on one device; for {self.devices} devices choose "
-                                "--mode sync, displaced or naive.")
-        if self.cfg_parallel and self.devices % 2:
-            raise ParallelError(f"cfg_parallel splits the devices into two groups; {self.devices} is odd.")
-        if self.warmup_steps < 0:
-            raise ParallelError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
-        if self.mode.reads_stale and self.warmup_steps < 1:
-            raise ParallelError(f"{self.mode.value} mode needs at least one synchronous warm-up step to fill "
-                                "its stale context; use --warmup-steps 1 or more.")
-        if not 0 <= self.context <= 1:
-            raise ParallelError(f"context (--context) is the fraction of each neighbour patch that pcpp attends "
-                                f"to; it must be in [0, 1], got {self.context}.")
-
-    @property
-    def patches(self) -> int:
-        """N: how many patches the image is split into."""
-        return self.devices // 2 if self.cfg_parallel else self.devices
-
-    @property
-    def split(self) -> bool:
-        return self.mode != Mode.SINGLE
-
-    def stale_steps(self, num_steps: int) -> int:
-        """How many of `num_steps` steps use the previous step's context: those after the
-        warm-up in displaced and pcpp mode; none when the warm-up covers every step."""
-        return max(0, num_steps - self.warmup_steps) if self.mode.reads_stale else 0

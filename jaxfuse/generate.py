@@ -15,9 +15,7 @@ every device present, on a CPU over an emulated mesh of 4. Compiled programs are
 cache folder, so a second run with the same shapes starts without compiling
 (`--no-compile-cache` or JAXFUSE_COMPILE_CACHE=0: off).
 
-Exit codes: 0 done; 2 an input that cannot work (the message names the fix); 1 the environment
-failed (a file that cannot be read or written, a damaged cache, processes that cannot join, a
-result that is not finite).
+Exit codes: every jaxfuse command's (`jaxfuse.commands`).
 
 On several hosts, start the same command on each with its place in the run:
 
@@ -32,21 +30,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import monitoring
 
-from jaxfuse import lora, schedulers
+from jaxfuse import schedulers
+from jaxfuse.commands import (
+    HelpFormatter,
+    ProgressBar,
+    add_cache_arguments,
+    check_image_memory,
+    check_step_memory,
+    finite_float,
+    lora_weights,
+    run_command,
+    start_compile_cache,
+)
 from jaxfuse.config import GroupNormMode, Mode, ParallelConfig, ParallelError
-from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT, NAMED_LORAS
+from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.images import read_image
 from jaxfuse.outputs import ImageFiles, check_outputs, image_files, write_image
 from jaxfuse.parallel.mesh import (
@@ -57,45 +62,21 @@ from jaxfuse.parallel.mesh import (
     initialize_processes,
     is_main_process,
 )
-from jaxfuse.pipeline import COMPILE_CACHE_ENV, load_pipeline, use_compile_cache
-from jaxfuse.sampling.tiled import Weighting, view_boxes
-from jaxfuse.spec import (
+from jaxfuse.pipeline import load_pipeline
+from jaxfuse.pipeline.request import (
     DEFAULT_BOOTSTRAP,
     DEFAULT_REGION_WEIGHTING,
     DEFAULT_STEPS,
     DEFAULT_STRENGTH,
     DEFAULT_WEIGHTING,
     TILED_AREA,
-    PipelineError,
-    PipelineSpec,
     Region,
     Request,
 )
+from jaxfuse.sampling.tiled import Weighting, view_boxes
+from jaxfuse.spec import PipelineError, PipelineSpec
 
 DEFAULT_WARMUP_STEPS = ParallelConfig.warmup_steps
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Shows each flag's default once, and none where there is no value to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
-        if shown and "default" not in text and action.option_strings:
-            text += " (default: %(default)s)"
-        return text
-
-
-def finite_float(text: str) -> float:
-    """argparse's type for every float flag: a finite number. float() takes "nan" and "inf", which
-    a flag checked only in some modes (--bootstrap without --region) would carry silently."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,30 +199,6 @@ def seeds(args: argparse.Namespace) -> list[int]:
     return given if len(given) > 1 else [given[0] + i for i in range(args.num_images)]
 
 
-def lora_weights(values: list[str] | None) -> list[tuple[Path, float]]:
-    """--lora FILE[:WEIGHT] values -> (file, weight) pairs, each file checked to exist and not be a
-    pickle; FILE is a path or one of `NAMED_LORAS`. The text after the last colon is the weight
-    unless the whole value names a file."""
-    pairs = []
-    for value in values or []:
-        name, colon, weight_text = value.rpartition(":")
-        path, weight = NAMED_LORAS.get(value, Path(value)), 1.0
-        if colon and not path.is_file():
-            path = NAMED_LORAS.get(name, Path(name))
-            try:
-                weight = float(weight_text)
-            except ValueError:
-                if not path.is_file():  # nothing before the colon is a file either: the whole value is not
-                    lora.check_file(Path(value))
-                raise PipelineError(f"--lora {value}: the weight {weight_text!r} after the colon is not a "
-                                    f"number; write FILE:WEIGHT, e.g. {name}:0.8.") from None
-            if not math.isfinite(weight):
-                raise PipelineError(f"--lora {value}: the weight must be a finite number.")
-        lora.check_file(path)
-        pairs.append((path, weight))
-    return pairs
-
-
 def read_latents(path: Path) -> np.ndarray:
     if not path.is_file():
         raise PipelineError(f"--latents {path}: no such file.")
@@ -249,67 +206,6 @@ def read_latents(path: Path) -> np.ndarray:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # numpy's own words would suggest unpickling it
         raise PipelineError(f"--latents {path} is not a .npy array file; write one with numpy.save.") from e
-
-
-def host_memory() -> int:
-    """The bytes of memory this machine has."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def device_memory() -> int:
-    """The bytes one device holds: an accelerator's own; a CPU device's share of the host's."""
-    stats = jax.local_devices()[0].memory_stats() or {}  # None on CPU
-    return stats.get("bytes_limit") or host_memory() // jax.local_device_count()
-
-
-def gib(size: int) -> str:
-    return f"{size / 2**30:,.1f} GiB"
-
-
-def images_text(count: int, height: int, width: int) -> str:
-    return f"{count} image{'' if count == 1 else 's'} of {width}x{height}"
-
-
-def check_image_memory(count: int, height: int, width: int) -> None:
-    """Refuses images the host cannot hold: process 0 gathers them, float32 [K, H, W, 3], whatever
-    the devices, so this bounds --num-images and the size before anything is made."""
-    need, have = count * height * width * 3 * 4, host_memory()
-    if min(count, height, width) > 0 and need > have:
-        raise PipelineError(f"the pixels of {images_text(count, height, width)} take {gib(need)} as float32, more "
-                            f"than this machine's {gib(have)} of memory; make fewer images per run (--num-images) or "
-                            "smaller ones (--height, --width).")
-
-
-def attention_logits(spec: PipelineSpec, request: Request, parallel: ParallelConfig) -> tuple[int, ...]:
-    """The largest attention logits of one UNet step on one device, [b, heads, t / patches, t]:
-    `models.layers.attention` holds them whole, in float32, at every level that attends (on CPU its
-    own einsum; elsewhere `jax.nn.dot_product_attention`, which with no implementation named runs
-    XLA's, float32 logits too, as of JAX 0.10). t is the level's tokens of the image or, on a
-    canvas, of one view (a device runs one view at a time); b the images, twice with guidance
-    unless --cfg-parallel puts the halves on two devices."""
-    cfg, f = spec.unet, spec.vae_factor
-    height, width = (request.height, request.width) if request.tiles is None else (request.tiles.window,) * 2
-    batch = request.batch * (2 if request.use_guidance and not parallel.cfg_parallel else 1)
-    shapes = []
-    for level, (kind, heads) in enumerate(zip(cfg.down_block_types, cfg.num_attention_heads)):
-        tokens = (height // f >> level) * (width // f >> level)
-        if kind.startswith("CrossAttn"):
-            shapes.append((batch, heads, tokens // parallel.patches, tokens))
-    return max(shapes, key=math.prod, default=(0,))
-
-
-def check_step_memory(spec: PipelineSpec, request: Request, parallel: ParallelConfig) -> None:
-    """Refuses a request whose one UNet step cannot fit a device: its attention logits alone (a
-    lower bound of what the step holds, growing with the square of the tokens) exceed the device."""
-    shape = attention_logits(spec, request, parallel)
-    need, have = 4 * math.prod(shape), device_memory()
-    if need > have:
-        views = " or make a canvas of views (--tiles on)" if request.tiles is None else ""
-        raise PipelineError(f"one UNet step on {images_text(request.batch, request.height, request.width)} needs "
-                            f"{gib(need)} a device for its attention logits alone (float32 {list(shape)}), more than "
-                            f"the {gib(have)} a {jax.default_backend()} device holds; make fewer images per run "
-                            f"(--num-images), smaller ones (--height, --width), split them over more devices "
-                            f"(--devices){views}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,6 +219,18 @@ class Plan:
     parallel: ParallelConfig | None
     processes: ProcessLayout
     loras: list[tuple[Path, float]]
+
+
+def request_arguments(args: argparse.Namespace, image: np.ndarray | None, image_seeds: list[int]) -> dict:
+    """The flags as `Request.parse`'s arguments (the image and the seeds read and listed already)."""
+    return dict(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+        seed=image_seeds, latents=None if args.latents is None else read_latents(args.latents),
+        scheduler=args.scheduler, image=image, strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
+        tiled={"auto": None, "on": True, "off": False}[args.tiles], tile_stride=args.tile_stride,
+        tile_weighting=args.tile_weighting, regions=[Region.parse(r) for r in args.region or []],
+        bootstrap=args.bootstrap)
 
 
 def check_args(args: argparse.Namespace) -> Plan:
@@ -341,15 +249,7 @@ def check_args(args: argparse.Namespace) -> Plan:
     loras = lora_weights(args.lora)
     files = image_files(args.output, args.output_array, len(image_seeds))
     check_outputs(files, args.overwrite)
-    request = spec.request(
-        args.prompt, args.negative_prompt, height=args.height, width=args.width, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, seed=image_seeds,
-        latents=None if args.latents is None else read_latents(args.latents), scheduler=args.scheduler,
-        image=image,
-        strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
-        tiled={"auto": None, "on": True, "off": False}[args.tiles], tile_stride=args.tile_stride,
-        tile_weighting=args.tile_weighting, regions=[Region.parse(r) for r in args.region or []],
-        bootstrap=args.bootstrap)
+    request = Request.parse(spec, **request_arguments(args, image, image_seeds))
     if args.view_patches is not None and request.tiles is None:
         raise ParallelError("--view-patches splits the views of a tiled canvas; add --tiles on, or use --devices.")
     if args.devices is not None and processes.given and args.devices % processes.num_processes:
@@ -360,7 +260,7 @@ def check_args(args: argparse.Namespace) -> Plan:
         return Plan(spec, request, files, parallel, processes, loras)
     parallel = None if args.devices is None else parallel_config(args, args.devices, request.steps_run)
     if parallel is not None:
-        request = spec.spread(request, parallel)
+        request = request.spread(spec, parallel)
     return Plan(spec, request, files, parallel, processes, loras)
 
 
@@ -373,60 +273,11 @@ def canvas_layout(spec: PipelineSpec, args: argparse.Namespace, request: Request
     if devices is not None and devices % patches:
         raise ParallelError(f"--view-patches {patches} must divide the {devices} devices into equal groups.")
     parallel = parallel_config(args, patches, request.steps_run)
-    request = spec.spread(request, parallel)
+    request = request.spread(spec, parallel)
     if devices is None:
         return request, None
     tiles = dataclasses.replace(request.tiles, devices=devices // patches)
     return dataclasses.replace(request, tiles=tiles), parallel
-
-
-class ProgressBar:
-    """A one-line text progress bar on stderr; the rate counts from the end of the first step,
-    so it excludes start-up."""
-
-    def __init__(self, label: str, width: int = 30):
-        self.label, self.width, self.first = label, width, None
-
-    def __call__(self, step: int, total: int) -> None:
-        now = time.perf_counter()
-        if step == 1:
-            self.first = now
-        rate = f" {(step - 1) / (now - self.first):.2f} steps/s" if step > 1 and now > self.first else ""
-        done = int(self.width * step / total)
-        print(f"\r{self.label} [{'#' * done}{'.' * (self.width - done)}] {step}/{total}{rate}",
-              end="\n" if step == total else "", file=sys.stderr, flush=True)
-
-
-def add_cache_arguments(p: argparse.ArgumentParser) -> None:
-    """--cache-dir and --no-compile-cache, as every command that loads a model takes them."""
-    p.add_argument("--cache-dir", type=Path,
-                   help="where converted weights and compiled programs are kept (default: $JAXFUSE_CACHE or "
-                        "~/.cache/jaxfuse)")
-    p.add_argument("--no-compile-cache", action="store_true",
-                   help=f"compile every program afresh instead of keeping them in the cache folder (or set "
-                        f"{COMPILE_CACHE_ENV}=0)")
-
-
-def start_compile_cache(args: argparse.Namespace) -> tuple[Path | None, CompileCacheCounter | None]:
-    """The persistent compile cache's folder and a counter of its hits and misses, or (None, None)
-    when --no-compile-cache or COMPILE_CACHE_ENV=0 turns it off."""
-    if args.no_compile_cache or os.environ.get(COMPILE_CACHE_ENV, "1") == "0":
-        return None, None
-    return use_compile_cache(args.cache_dir), CompileCacheCounter()
-
-
-class CompileCacheCounter:
-    """Counts JAX's persistent-cache hits and misses (each compile asks the cache once)."""
-
-    EVENTS = {"/jax/compilation_cache/cache_hits": "loaded", "/jax/compilation_cache/cache_misses": "compiled"}
-
-    def __init__(self):
-        self.counts = {"loaded": 0, "compiled": 0}
-        monitoring.register_event_listener(self._event)
-
-    def _event(self, name: str, **_) -> None:
-        if name in self.EVENTS:
-            self.counts[self.EVENTS[name]] += 1
 
 
 def describe_canvas(spec: PipelineSpec, request: Request, layout: str) -> str:
@@ -489,15 +340,16 @@ def generate(args: argparse.Namespace) -> None:
                          loras=plan.loras)
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     images = f"{request.batch} images of " if request.batch > 1 else ""
-    steps = (f"{request.steps}" if request.image is None else
-             f"from {args.init_image} at strength {request.strength}: the last {request.steps_run} of {request.steps}")
+    part = request.image_to_image
+    steps = (f"{request.steps}" if part is None else
+             f"from {args.init_image} at strength {part.strength}: the last {request.steps_run} of {request.steps}")
     layout = describe_layout(parallel, request.steps_run)
     if request.tiles is not None:
         layout = describe_canvas(plan.spec, request, layout)
     report(f"generating {images}{request.width}x{request.height}, {steps} {request.scheduler.value} steps on "
            f"{jax.default_backend()} ({layout}{hosts}, {dtype}); "
            + ("compiling first..." if compile_cache is None else f"compiling first (kept in {compile_cache})..."))
-    result = pipe.run(plan.spec.spread(request, parallel), ProgressBar("denoising") if main_process else None)
+    result = pipe.run(request.spread(plan.spec, parallel), ProgressBar("denoising") if main_process else None)
     if not main_process:
         return
     report("peak memory per device: " + ", ".join(f"{phase} {size / 2**20:.0f} MiB" for phase, size in
@@ -507,7 +359,7 @@ def generate(args: argparse.Namespace) -> None:
                     processes=jax.process_count(), dtype=dtype, backend=jax.default_backend(),
                     mode=parallel.mode.value, warmup_steps=parallel.warmup_steps,
                     displaced_steps=parallel.stale_steps(request.steps_run),
-                    strength=request.strength if request.image is not None else None,
+                    strength=part and part.strength,
                     context=parallel.context if parallel.mode == Mode.PCPP else None,
                     compile_cache=cache_counter and cache_counter.counts, images=request.batch)
     for i, files in enumerate(plan.files):
@@ -516,23 +368,6 @@ def generate(args: argparse.Namespace) -> None:
         write_image(files, result.images[i], image_settings, result.timings, args.overwrite)
     print(" ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()), file=sys.stderr)
     print(f"wrote {', '.join(str(f.png) for f in plan.files)}", file=sys.stderr)
-
-
-def run_command(work: Callable[[], None]) -> int:
-    """A command's `work` and its exit code (module doc): 0 done, 2 an input that cannot work,
-    1 the environment failed, 130 interrupted; an error is one line on stderr."""
-    try:
-        work()
-    except ValueError as e:  # the input: PipelineError, ParallelError, OutputError, ConfigError, ConversionError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError) as e:  # the environment: files, the cache, processes, a non-finite result
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted.", file=sys.stderr)
-        return 130
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxfuse.checkpoint import PICKLE_SUFFIXES, checkpoint_name, listing, open_safetensors
+from jaxfuse.weight_conversion import PICKLE_SUFFIXES, checkpoint_name, listing, open_safetensors
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_COMPONENTS = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te": "text_encoder",

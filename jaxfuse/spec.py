@@ -1,12 +1,15 @@
-"""What a pipeline folder holds and what a request to it may ask, checked from the folder's small
-config files alone, before any weight is loaded or anything is compiled."""
+"""What a pipeline folder holds, read from its small config files alone, and the checks of the
+values a request gives (`jaxfuse.pipeline.request` builds requests with them), before any weight is
+loaded or anything is compiled."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,28 +20,12 @@ import numpy as np
 from jaxfuse import schedulers
 from jaxfuse.checkpoint import CONFIG_NAME, MODEL_COMPONENTS, PARAMS_DIR, TOKENIZERS
 from jaxfuse.config import ParallelConfig, UNetConfig, VAEConfig
-from jaxfuse.sampling.tiled import Weighting
 
 
 class PipelineError(ValueError):
     """A model folder or a request the pipeline cannot serve; the message names the fix."""
 
 
-# The steps of a run when none are named, in the command line and the API alike: Euler and
-# DPM++(2M), the usual SDXL samplers, are run at 25-30 steps in practice; diffusers' default is 50.
-DEFAULT_STEPS = 30
-# Image-to-image's share of the schedule when none is named: diffusers' SDXL img2img default.
-DEFAULT_STRENGTH = 0.3
-# How views are averaged when none is named, measured on the demo (benchmarks/tiled_quality.py):
-# Gaussian weights hide the views' borders best (seam measure 2.3 against uniform's 3.3 at half-window
-# stride, 1.5 against 3.6 at a quarter); with regions, uniform ones keep more objects in their region.
-DEFAULT_WEIGHTING, DEFAULT_REGION_WEIGHTING = "gaussian", "uniform"
-# MultiDiffusion bootstraps its regions for 20 of its 50 steps.
-DEFAULT_BOOTSTRAP = 0.4
-# A canvas of at least this many native-size areas is made of fused views unless told otherwise.
-TILED_AREA = 4
-# JAX's default keys hold 32 bits: a larger seed would silently repeat a smaller one's noise.
-MAX_SEED = 2**32 - 1
 # The files a tokenizer folder holds, in either of its two layouts: CLIP's BPE tables as the classic
 # pair, or in the one `tokenizer.json` (all that transformers 5 saves). `CLIPTokenizerFast` reads both.
 TOKENIZER_FILES = (("tokenizer_config.json", "vocab.json", "merges.txt"), ("tokenizer_config.json", "tokenizer.json"))
@@ -81,114 +68,6 @@ def checked_pair(name: str, value: Any, low: int) -> tuple[int, int] | None:
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
         raise PipelineError(f"{name} must be two ints (height, width), got {value!r}.")
     return tuple(checked_int(f"{name}[{i}]", v, low) for i, v in enumerate(value))
-
-
-def checked_image(image: Any, batch: int) -> np.ndarray:
-    """An image-to-image input: [H, W, 3] or [1 or `batch`, H, W, 3], uint8 or floats in [0, 1]
-    (as the pipeline returns them) -> float32 [1 or batch, H, W, 3] in [0, 1]."""
-    array = np.asarray(image)
-    if array.ndim == 3:
-        array = array[None]
-    if array.ndim != 4 or array.shape[-1] != 3 or array.shape[0] not in (1, batch):
-        raise PipelineError(f"image must be [H, W, 3] or [{batch if batch > 1 else 1}, H, W, 3] (RGB, channels "
-                            f"last), got shape {np.shape(image)}.")
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255
-    if not np.issubdtype(array.dtype, np.floating):
-        raise PipelineError(f"image must hold uint8 or floats in [0, 1], got dtype {array.dtype}.")
-    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-        raise PipelineError(f"image must hold finite floats in [0, 1], got values in [{array.min()}, {array.max()}]"
-                            " (scale 0..255 images by 1/255, or pass them as uint8).")
-    return array.astype(np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Region:
-    """A prompt for a box of the canvas, in pixels: columns x0..x1, rows y0..y1 (the command
-    line's "prompt@x0,y0,x1,y1")."""
-
-    prompt: str
-    box: tuple[int, int, int, int]
-
-    @classmethod
-    def parse(cls, text: str) -> Region:
-        prompt, at, box_text = text.rpartition("@")
-        try:
-            box = tuple(int(v) for v in box_text.split(","))
-        except ValueError:
-            box = ()
-        if not at or not prompt.strip() or len(box) != 4:
-            raise PipelineError(f"--region {text!r} must be \"PROMPT@X0,Y0,X1,Y1\", a prompt and a box of the canvas "
-                                "in pixels, e.g. \"a red circle@0,0,256,256\".")
-        return cls(prompt, box)
-
-
-def checked_region(value: Any) -> Region:
-    """A `Region`, or (prompt, (x0, y0, x1, y1)) with a string and four ints, as a `Region`."""
-    if isinstance(value, Region):
-        return value
-    if not (isinstance(value, Sequence) and len(value) == 2 and isinstance(value[0], str)
-            and isinstance(value[1], Sequence) and len(value[1]) == 4):
-        raise PipelineError(f"a region must be (prompt, (x0, y0, x1, y1)), a string and a box in pixels, got "
-                            f"{value!r}.")
-    return Region(value[0], tuple(checked_int("a region's box", v, 0) for v in value[1]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiles:
-    """A canvas made of fused views (MultiDiffusion, `jaxfuse.sampling.tiled`): windows of the
-    model's native size every `stride` pixels, merged with `weighting` ("uniform" or "gaussian"),
-    spread over `devices` device groups (each view split by rows over the request's patch
-    layout); `regions` with their own prompts, bootstrapped for the first `bootstrap` share of
-    the steps."""
-
-    window: int
-    stride: int
-    weighting: str = DEFAULT_WEIGHTING
-    regions: tuple[Region, ...] = ()
-    bootstrap: float = DEFAULT_BOOTSTRAP
-    devices: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """One generation request, checked (`PipelineSpec.request`): every value has its type and
-    range, and the lists agree in length (`batch`)."""
-
-    prompts: list[str]
-    negative_prompts: list[str] | None
-    height: int
-    width: int
-    steps: int
-    guidance_scale: float
-    guidance_rescale: float
-    seeds: list[int]  # one for the whole batch's noise, or one per image
-    latents: np.ndarray | None
-    scheduler: schedulers.SchedulerKind
-    original_size: tuple[int, int] | None
-    crops_coords_top_left: tuple[int, int]
-    target_size: tuple[int, int] | None
-    parallel: ParallelConfig
-    image: np.ndarray | None = None  # image-to-image: [1 or B, H, W, 3] float32 in [0, 1]
-    strength: float = 1.0  # how much of the schedule image-to-image runs, (0, 1]
-    tiles: Tiles | None = None  # a canvas of fused views, or None: one image
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def start_step(self) -> int:
-        """The first step that runs: 0, or later for image-to-image (`schedulers.start_step`)."""
-        return 0 if self.image is None else schedulers.start_step(self.steps, self.strength)
-
-    @property
-    def steps_run(self) -> int:
-        return self.steps - self.start_step
-
-    @property
-    def use_guidance(self) -> bool:
-        return self.guidance_scale > 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,132 +128,8 @@ class PipelineSpec:
     def default_size(self) -> int:
         return (self.unet.sample_size or 128) * self.vae_factor
 
-    def tiles(self, height: int, width: int, tiled: bool | None, stride: Any, weighting: Any, regions: Any,
-              bootstrap: Any, devices: Any) -> Tiles | None:
-        """The checked tiling of a `height` x `width` canvas, or None for one image. `tiled` None:
-        tiled when a stride or regions are given or the canvas holds `TILED_AREA` native areas.
-        `weighting` None: `DEFAULT_WEIGHTING`, with regions `DEFAULT_REGION_WEIGHTING`."""
-        native = self.default_size
-        regions = tuple(checked_region(r) for r in regions)
-        if tiled is None:
-            tiled = stride is not None or bool(regions) or height * width >= TILED_AREA * native**2
-        if not tiled:
-            if regions or stride is not None:
-                raise PipelineError("regions and a tile stride belong to a tiled canvas; drop tiled=False "
-                                    "(--tiles off).")
-            return None
-        f = self.vae_factor
-        for name, size in (("height", height), ("width", width)):
-            if size < native or size % f:
-                raise PipelineError(f"a tiled canvas's {name} must be at least the model's native {native} and a "
-                                    f"multiple of {f} (the VAE factor), got {size}.")
-        stride = native // 2 // f * f if stride is None else checked_int("tile stride", stride, f, native)
-        if stride % f:
-            raise PipelineError(f"tile stride {stride} must be a multiple of {f} (the VAE factor); nearest valid: "
-                                f"{stride // f * f or f}.")
-        if weighting is None:
-            weighting = DEFAULT_REGION_WEIGHTING if regions else DEFAULT_WEIGHTING
-        if weighting not in [w.value for w in Weighting]:
-            raise PipelineError(f"tile weighting {weighting!r} is not one of {', '.join(w.value for w in Weighting)}.")
-        for region in regions:
-            x0, y0, x1, y1 = region.box
-            if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-                raise PipelineError(f"region {region.prompt!r}: box {x0},{y0},{x1},{y1} must satisfy 0 <= x0 < x1 <= "
-                                    f"{width} and 0 <= y0 < y1 <= {height} (the canvas, in pixels).")
-        return Tiles(native, stride, weighting, regions, checked_float("bootstrap", bootstrap, 0.0, 1.0),
-                     checked_int("view devices", devices, 1))
-
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (batch, self.unet.in_channels, height // self.vae_factor, width // self.vae_factor)
-
-    def request(self, prompt: Any, negative_prompt: Any = None, *, height: Any = None, width: Any = None,
-                num_inference_steps: Any = DEFAULT_STEPS, guidance_scale: Any = 5.0, guidance_rescale: Any = 0.0,
-                seed: Any = 0, latents: Any = None, scheduler: Any = "euler", original_size: Any = None,
-                crops_coords_top_left: Any = (0, 0), target_size: Any = None,
-                parallel: ParallelConfig = ParallelConfig(), image: Any = None,
-                strength: Any = DEFAULT_STRENGTH, tiled: bool | None = None, tile_stride: Any = None,
-                tile_weighting: Any = None, regions: Sequence[Any] = (),
-                bootstrap: Any = DEFAULT_BOOTSTRAP, view_devices: Any = 1) -> Request:
-        """The arguments of `SDXLPipeline.generate` checked, or one `PipelineError` naming the
-        fix. `height`/`width` None: the model's size, or the image's. `seed`: one int, or one per
-        image (a single prompt is then repeated for each). `image`: image-to-image from it, at
-        `strength`. The tiling arguments: `PipelineSpec.tiles`."""
-        prompts = checked_prompts("prompt", prompt)
-        seeds = [seed] if isinstance(seed, numbers.Integral) or not isinstance(seed, Sequence) else list(seed)
-        if not seeds:
-            raise PipelineError("seed must be an int or a non-empty list of ints, got [].")
-        seeds = [checked_int("seed", s, 0, MAX_SEED) for s in seeds]
-        if len(seeds) > 1 and len(prompts) == 1:
-            prompts = prompts * len(seeds)
-        if len(seeds) > 1 and len(seeds) != len(prompts):
-            raise PipelineError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt, "
-                                "or one seed for the batch.")
-        negatives = None if negative_prompt is None else checked_prompts("negative_prompt", negative_prompt)
-        if negatives is not None and len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if negatives is not None and len(negatives) != len(prompts):
-            raise PipelineError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one per "
-                                "prompt or a single string.")
-        if image is not None:
-            image = checked_image(image, len(prompts))
-            size = image.shape[1:3]
-            for name, given, own in (("height", height, size[0]), ("width", width, size[1])):
-                if given is not None and given != own:
-                    raise PipelineError(f"{name} {given} differs from the image's {own}; leave it out (the image "
-                                        f"sets the size) or resize the image to "
-                                        f"{height or size[0]}x{width or size[1]}.")
-            height, width = (int(n) for n in size)
-        height = self.default_size if height is None else checked_int("height", height, 1)
-        width = self.default_size if width is None else checked_int("width", width, 1)
-        steps = checked_int("steps", num_inference_steps, 1, self.scheduler.num_train_timesteps)
-        kinds = [k.value for k in schedulers.SchedulerKind]
-        if scheduler not in kinds:
-            raise PipelineError(f"scheduler {scheduler!r} is not one of {', '.join(kinds)}.")
-        try:  # host arithmetic only: a step count this sampler cannot schedule fails here, before loading
-            schedulers.make_schedule(schedulers.SchedulerKind(scheduler), self.scheduler, steps)
-        except ValueError as e:
-            raise PipelineError(str(e)) from None
-        strength = checked_float("strength", strength, 0.0, 1.0)
-        if strength == 0:
-            raise PipelineError("strength must be in (0, 1], got 0, which would return the image unchanged.")
-        if image is not None and int(steps * strength) < 1:
-            raise PipelineError(f"strength {strength} of {steps} steps runs int({steps * strength:g}) = 0 steps; "
-                                f"raise strength to at least {1 / steps:.3g} or the steps to at least "
-                                f"{math.ceil(1 / strength)}.")
-        request = Request(
-            prompts=prompts, negative_prompts=negatives, height=height, width=width, steps=steps,
-            guidance_scale=checked_float("guidance scale", guidance_scale, 0.0,
-                                         why=" (1 or less turns guidance off)"),
-            guidance_rescale=checked_float("guidance rescale", guidance_rescale, 0.0, 1.0),
-            seeds=seeds, latents=None if latents is None else self.checked_latents(latents, len(prompts), height,
-                                                                                     width),
-            scheduler=schedulers.SchedulerKind(scheduler),
-            original_size=checked_pair("original_size", original_size, 1),
-            crops_coords_top_left=checked_pair("crops_coords_top_left", crops_coords_top_left, 0),
-            target_size=checked_pair("target_size", target_size, 1), parallel=ParallelConfig(),
-            image=image, strength=strength,
-            tiles=self.tiles(height, width, tiled, tile_stride, tile_weighting, regions, bootstrap, view_devices))
-        return self.spread(request, parallel)
-
-    def spread(self, request: Request, parallel: ParallelConfig) -> Request:
-        """`request` spread over the devices `parallel` names, checked for that layout."""
-        if not isinstance(parallel, ParallelConfig):
-            raise PipelineError(f"parallel must be a jaxfuse.ParallelConfig, got {parallel!r}.")
-        if request.tiles is None:
-            self.check_size(request.height, request.width, parallel.patches)
-        else:
-            self.check_size(request.tiles.window, request.tiles.window, parallel.patches)
-            if parallel.cfg_parallel:
-                raise PipelineError("a tiled canvas splits its views by rows, not their guidance batch; drop "
-                                    "--cfg-parallel.")
-            if parallel.patches == 1:
-                # A view on one device has no other patch to exchange with, whatever the mode: its
-                # UNet runs whole (the mesh of views-only layouts has no PATCH axis to exchange on).
-                parallel = ParallelConfig()
-        if parallel.cfg_parallel and not request.use_guidance:
-            raise PipelineError("cfg_parallel splits the guidance batch, but guidance_scale <= 1 has none; "
-                                "drop --cfg-parallel or raise --guidance-scale.")
-        return dataclasses.replace(request, parallel=parallel)
 
     def check_size(self, height: int, width: int, patches: int = 1) -> None:
         """One clear error for a (positive) image size the model cannot make. Split over
@@ -426,3 +181,17 @@ class PipelineSpec:
         (SDXL's VAE overflows in half precision)."""
         vae_dtype = jnp.dtype(jnp.float32) if self.vae.force_upcast else dtype
         return {"unet": dtype, "vae": vae_dtype, "text_encoder": dtype, "text_encoder_2": dtype}
+
+
+# Names that moved to `jaxfuse.pipeline.request`; importing them from here works for one more release.
+MOVED_TO_REQUEST = {"Request", "Region", "Tiles", "checked_image", "DEFAULT_STEPS", "DEFAULT_STRENGTH",
+                    "DEFAULT_BOOTSTRAP", "DEFAULT_WEIGHTING", "DEFAULT_REGION_WEIGHTING", "TILED_AREA", "MAX_SEED"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in MOVED_TO_REQUEST:
+        raise AttributeError(f"module 'jaxfuse.spec' has no attribute {name!r}")
+    warnings.warn(f"jaxfuse.spec.{name} moved to jaxfuse.pipeline.request.{name}; the old name goes in the next "
+                  "release.", DeprecationWarning, stacklevel=2)
+    # By name, not an import statement: the request module imports this one.
+    return getattr(importlib.import_module("jaxfuse.pipeline.request"), name)

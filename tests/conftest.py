@@ -10,10 +10,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import atexit  # noqa: E402
 import contextlib  # noqa: E402
 import shutil  # noqa: E402
+import socket  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import zlib  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from unittest import mock  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,6 +42,20 @@ def tiny_sdxl_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sdxl")
     build_tiny_sdxl(path)
     return path
+
+
+@pytest.fixture
+def in_tmp_path(tmp_path, monkeypatch):
+    """The test runs in its own folder: nothing lands where pytest was started. A module asks for
+    it for all its tests with `pytestmark = pytest.mark.usefixtures("in_tmp_path")`."""
+    monkeypatch.chdir(tmp_path)
+
+
+def free_port() -> int:
+    """A loopback port no one listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def scaled_random_params(abstract, seed: int, spread: float):
@@ -73,6 +89,12 @@ def relative_error(ours, reference) -> float:
     return float(np.abs(ours - reference).max() / np.abs(reference).max())
 
 
+def assert_matches(ours, reference, tol: float) -> None:
+    """Every |ours - reference| <= tol x max |reference| (`reference` an array or a torch tensor)."""
+    reference = np.asarray(reference.detach() if hasattr(reference, "detach") else reference)
+    np.testing.assert_allclose(np.asarray(ours), reference, atol=tol * np.abs(reference).max(), rtol=0)
+
+
 def assert_trees_equal(a, b) -> None:
     """Two pytrees with the same structure and bit-identical leaves."""
     assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -91,15 +113,15 @@ def sub_jaxprs(eqn):
 
 
 @contextlib.contextmanager
-def our_step_noise(scheduler, seed: int = 0):
+def our_step_noise(scheduler, seed: int | Sequence[int] = 0):
     """While active, diffusers' stochastic `scheduler` (Euler ancestral, LCM) draws inside `step`
-    the noise jaxfuse draws from `seed` for the same step, counted from the first step that runs
-    (`begin_index` in image-to-image)."""
+    the noise jaxfuse draws from `seed` (one for the batch, or one per image) for the same step,
+    counted from the first step that runs (`begin_index` in image-to-image)."""
     import torch
 
     from jaxfuse import schedulers
 
-    keys = schedulers.noise_keys([seed])
+    keys = schedulers.noise_keys([seed] if isinstance(seed, int) else seed)
 
     def draw(shape, **_):
         i = scheduler.step_index - (scheduler.begin_index or 0)

@@ -42,8 +42,8 @@ def direct(tiny_sdxl_folder):
 
 
 def loaded_params(pipe) -> dict:
-    return {"unet": pipe.unet_params, "vae": pipe.vae_params, "text_encoder": pipe.encoders[0].params,
-            "text_encoder_2": pipe.encoders[1].params}
+    return {"unet": pipe.denoiser.params, "vae": pipe.codec.params, "text_encoder": pipe.text.encoders[0].params,
+            "text_encoder_2": pipe.text.encoders[1].params}
 
 
 def snapshot(folder) -> dict[str, str]:
@@ -178,7 +178,8 @@ def test_tensor_edited_in_place_is_converted_again(tiny_sdxl_folder, tmp_path):
     messages = []
     second = load_pipeline(folder, cache_dir=tmp_path / "cache", log=messages.append)
     assert "converting" in messages[0]
-    np.testing.assert_array_equal(second.unet_params["conv_in"]["kernel"], first.unet_params["conv_in"]["kernel"] + 1)
+    second_kernel, first_kernel = (p.denoiser.params["conv_in"]["kernel"] for p in (second, first))
+    np.testing.assert_array_equal(second_kernel, first_kernel + 1)
 
 
 def test_key_follows_ctime(tiny_sdxl_folder, tmp_path):

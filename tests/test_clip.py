@@ -12,9 +12,10 @@ from conftest import assert_trees_equal, relative_error
 from safetensors.numpy import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from jaxfuse.checkpoint import match_checkpoint
-from jaxfuse.config import ConfigError, TextEncoderConfig
+from jaxfuse.config import ConfigError
 from jaxfuse.models.clip import BUFFERS, abstract_params, eos_positions, load_text_encoder
+from jaxfuse.text_encoder_config import TextEncoderConfig
+from jaxfuse.weight_conversion import match_checkpoint
 
 WEIGHTS = "model.safetensors"
 VOCAB = 100

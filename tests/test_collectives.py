@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxfuse.config import Mode, ParallelConfig
 from jaxfuse.parallel.mesh import make_mesh
 from jaxfuse.parallel.patch import (
     CFG,
@@ -32,6 +31,7 @@ from jaxfuse.parallel.patch import (
     window_of,
     with_own_moments,
 )
+from jaxfuse.parallel_config import Mode, ParallelConfig
 
 DEVICES = (1, 2, 4, 8)
 over_meshes = pytest.mark.parametrize("n", DEVICES, ids=lambda n: f"{n}dev")

@@ -15,11 +15,11 @@ from safetensors.numpy import load_file, save_file
 
 import jaxfuse
 from checkpoints_conversion.convert_diffusers import main
-from jaxfuse.checkpoint import ConversionError, export_checkpoint, match_checkpoint
 from jaxfuse.config import UNetConfig
 from jaxfuse.models.unet import abstract_params
 from jaxfuse.oracle import BASE_LIKE, SDXL_BASE_CONFIG, SDXL_REFINER_CONFIG, random_unet
 from jaxfuse.pipeline import load_pipeline
+from jaxfuse.weight_conversion import ConversionError, export_checkpoint, match_checkpoint
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -41,10 +41,8 @@ def params(folder):
     return jaxfuse.load_unet(folder)[1]
 
 
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    """Every test runs in its own folder: nothing lands where pytest was started."""
-    monkeypatch.chdir(tmp_path)
+# Every test runs in its own folder: nothing lands where pytest was started.
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 def edited_copy(folder, tmp_path, edit):

@@ -14,7 +14,8 @@ from conftest import sub_jaxprs
 
 from jaxfuse.analysis.cost import build_step, compile_step, step_cost
 from jaxfuse.analysis.hlo import collective_bytes
-from jaxfuse.config import ParallelConfig, UNetConfig
+from jaxfuse.config import UNetConfig
+from jaxfuse.parallel_config import ParallelConfig
 
 TINY = UNetConfig.tiny()
 SIZE = 256  # pixels: a 32x32 latent, 4 rows per patch at the lowest level with 8 patches

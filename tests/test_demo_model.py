@@ -13,12 +13,12 @@ import torch
 from conftest import our_step_noise
 from PIL import Image
 
-from jaxfuse.config import ParallelConfig
 from jaxfuse.demo import DEMO_LCM_LORA, DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.demo.architecture import IMAGE_SIZE, demo_architecture
 from jaxfuse.demo.detect import prompt_accuracy
 from jaxfuse.demo.train import TrainConfig, train
 from jaxfuse.generate import main
+from jaxfuse.parallel_config import ParallelConfig
 from jaxfuse.pipeline import load_pipeline
 from jaxfuse.spec import PipelineSpec
 
@@ -88,7 +88,7 @@ def test_training_runs_resumes_and_exports_a_loadable_model(tmp_path):
     pipe = load_pipeline(tmp_path / "model", cache_dir=tmp_path / "cache", log=lambda _: None)
     image = pipe("a red circle in the centre", num_inference_steps=2)[0]
     assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(image).all()
-    assert jax.tree.leaves(pipe.unet_params)[0].dtype == np.float32
+    assert jax.tree.leaves(pipe.denoiser.params)[0].dtype == np.float32
 
 
 @pytest.mark.slow

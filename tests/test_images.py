@@ -10,11 +10,8 @@ from PIL import Image
 
 from jaxfuse.images import ImageError, decode_image, read_image
 
-
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    """Every test runs in its own folder: nothing lands where pytest was started."""
-    monkeypatch.chdir(tmp_path)
+# Every test runs in its own folder: nothing lands where pytest was started.
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 def saved(tmp_path, image, name):

@@ -5,14 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_matches
 from diffusers.models.attention_processor import Attention as TorchAttention
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.upsampling import Upsample2D
 from safetensors.torch import save_file
 
-from jaxfuse.checkpoint import SafetensorsCheckpoint, convert_checkpoint
 from jaxfuse.models import layers
+from jaxfuse.weight_conversion import SafetensorsCheckpoint, convert_checkpoint
 
 
 def flax_params(torch_module, flax_module, *inputs, tmp_path):
@@ -28,11 +29,6 @@ def flax_params(torch_module, flax_module, *inputs, tmp_path):
 
 def nhwc(x):
     return jnp.asarray(x.permute(0, 2, 3, 1).numpy())
-
-
-def assert_matches(ours, reference, tol):
-    ref = reference.detach().numpy()
-    np.testing.assert_allclose(np.asarray(ours), ref, atol=tol * np.abs(ref).max(), rtol=0)
 
 
 X = torch.randn(2, 32, 10, 12, generator=torch.Generator().manual_seed(1))

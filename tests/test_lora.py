@@ -31,15 +31,8 @@ REQUEST = dict(prompt="a red circle at the top left", negative_prompt="a blue sq
                height=HEIGHT, width=WIDTH, num_inference_steps=STEPS)
 
 
-@pytest.fixture(scope="module")
-def folder(tiny_sdxl_folder):
-    return tiny_sdxl_folder
-
-
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    """Every test runs in its own folder: nothing lands where pytest was started."""
-    monkeypatch.chdir(tmp_path)
+# Every test runs in its own folder: nothing lands where pytest was started.
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +41,8 @@ def noise():
 
 
 @pytest.fixture(scope="module")
-def plain(folder, noise, tmp_path_factory):
-    pipe = load_pipeline(folder, cache_dir=tmp_path_factory.mktemp("cache"), log=lambda _: None)
+def plain(tiny_sdxl_folder, noise, tmp_path_factory):
+    pipe = load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path_factory.mktemp("cache"), log=lambda _: None)
     return pipe(**REQUEST, latents=noise)
 
 
@@ -189,24 +182,24 @@ def test_lora_blocks_in_sgm_names():
     assert lora.sgm_name("conv_out", blocks) == "out.2"
 
 
-def test_peft_format_equals_diffusers(folder, noise, plain, tmp_path):
-    path, text_scales = peft_file(folder, tmp_path)
-    ref = diffusers_images(folder, path, 0.8, noise, text_scales)
-    images = ours(folder, path, 0.8, noise, tmp_path)
+def test_peft_format_equals_diffusers(tiny_sdxl_folder, noise, plain, tmp_path):
+    path, text_scales = peft_file(tiny_sdxl_folder, tmp_path)
+    ref = diffusers_images(tiny_sdxl_folder, path, 0.8, noise, text_scales)
+    images = ours(tiny_sdxl_folder, path, 0.8, noise, tmp_path)
     assert np.abs(ref - plain).max() > 0.05  # the LoRA changes the image
     assert np.abs(images - ref).max() < 5e-5  # measured 4.6e-6 (PEFT), 5.2e-6 and 5.9e-6 (kohya)
 
 
 @pytest.mark.parametrize("modules", [KOHYA_DIFFUSERS_NAMES, KOHYA_SGM_NAMES], ids=["diffusers-names", "sgm-names"])
-def test_kohya_format_equals_diffusers(folder, noise, plain, tmp_path, modules):
+def test_kohya_format_equals_diffusers(tiny_sdxl_folder, noise, plain, tmp_path, modules):
     path, text_scales = kohya_file(tmp_path / "kohya.safetensors", modules, seed=1)
-    ref = diffusers_images(folder, path, 0.7, noise, text_scales)
-    images = ours(folder, path, 0.7, noise, tmp_path)
+    ref = diffusers_images(tiny_sdxl_folder, path, 0.7, noise, text_scales)
+    images = ours(tiny_sdxl_folder, path, 0.7, noise, tmp_path)
     assert np.abs(ref - plain).max() > 0.05
     assert np.abs(images - ref).max() < 5e-5  # measured 4.6e-6 (PEFT), 5.2e-6 and 5.9e-6 (kohya)
 
 
-def test_each_kohya_module_takes_its_own_alpha(folder, tmp_path):
+def test_each_kohya_module_takes_its_own_alpha(tiny_sdxl_folder, tmp_path):
     """W += weight x alpha / r x up @ down, per module, in Flax's layout (a dense kernel [in, out],
     a convolution's [kh, kw, in, out])."""
     modules = {
@@ -216,8 +209,9 @@ def test_each_kohya_module_takes_its_own_alpha(folder, tmp_path):
     }
     path, _ = kohya_file(tmp_path / "k.safetensors", {k: KOHYA_DIFFUSERS_NAMES[k] for k in modules}, seed=5,
                          alphas={k: alpha for k, (alpha, _) in modules.items()})
-    base = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None).unet_params
-    fused = load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 0.5)]).unet_params
+    base = load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path / "cache", log=lambda _: None).denoiser.params
+    fused = load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path / "cache", log=lambda _: None,
+                          loras=[(path, 0.5)]).denoiser.params
     tensors = load_file(path)
     for name, (alpha, kernel) in modules.items():
         down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]  # rank 4
@@ -230,20 +224,20 @@ def test_each_kohya_module_takes_its_own_alpha(folder, tmp_path):
 
 def kernels(pipe) -> dict:
     return {c: traverse_util.flatten_dict(tree) for c, tree in
-            (("unet", pipe.unet_params), ("text_encoder", pipe.encoders[0].params),
-             ("text_encoder_2", pipe.encoders[1].params))}
+            (("unet", pipe.denoiser.params), ("text_encoder", pipe.text.encoders[0].params),
+             ("text_encoder_2", pipe.text.encoders[1].params))}
 
 
-def test_two_loras_add_up_and_the_cache_keeps_the_weights_without_them(folder, tmp_path):
+def test_two_loras_add_up_and_the_cache_keeps_the_weights_without_them(tiny_sdxl_folder, tmp_path):
     """Two files fused at once change exactly the kernels each names; a later plain load from the
     same cache gives the model's own weights."""
     first, _ = kohya_file(tmp_path / "a.safetensors", {k: v for k, v in KOHYA_DIFFUSERS_NAMES.items()
                                                         if k not in TEXT_ENCODERS}, seed=2)
     second, _ = kohya_file(tmp_path / "b.safetensors", TEXT_ENCODERS, seed=3)
-    plain = kernels(load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None))
-    both = kernels(load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None,
+    plain = kernels(load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path / "cache", log=lambda _: None))
+    both = kernels(load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path / "cache", log=lambda _: None,
                                  loras=[(first, 0.5), (second, 1.5)]))
-    again = kernels(load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None))
+    again = kernels(load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path / "cache", log=lambda _: None))
     changed = {(c, path) for c in plain for path in plain[c] if not np.array_equal(plain[c][path], both[c][path])}
     assert len(changed) == len(KOHYA_DIFFUSERS_NAMES)  # one kernel per module of the two files
     assert {c for c, _ in changed} == {"unet", "text_encoder", "text_encoder_2"}
@@ -263,19 +257,19 @@ def test_two_loras_add_up_and_the_cache_keeps_the_weights_without_them(folder, t
      r"wrong shapes: 1\n    .*\(4, 48\) with .*\(64, 4\): down_blocks.1.attentions.0.proj_in needs \[r, 64\] "
      r"and \[64, r\]"),
 ])
-def test_a_lora_that_does_not_fit_lists_its_tensors(folder, tmp_path, tensors, message):
+def test_a_lora_that_does_not_fit_lists_its_tensors(tiny_sdxl_folder, tmp_path, tensors, message):
     path = tmp_path / "bad.safetensors"
     save_file({k: np.zeros(shape, np.float32) for k, shape in tensors.items()}, path)
     with pytest.raises(lora.LoraError, match=message):
-        load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
+        load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
     assert not (tmp_path / "cache").exists()  # refused before anything was loaded or converted
 
 
-def test_a_pickled_lora_is_refused(folder, tmp_path):
+def test_a_pickled_lora_is_refused(tiny_sdxl_folder, tmp_path):
     path = tmp_path / "lora.pt"
     path.write_bytes(b"not read")
     with pytest.raises(lora.LoraError, match=r"pickled file \(.pt\) .* use the .safetensors version"):
-        load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
+        load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
 
 
 PROJ_IN = "unet.down_blocks.1.attentions.0.proj_in"
@@ -289,7 +283,7 @@ KOHYA_PROJ_IN = "lora_unet_down_blocks_1_attentions_0_proj_in"
     ({f"{KOHYA_PROJ_IN}.hada_w1_a": (64, 4), f"{KOHYA_PROJ_IN}.hada_w1_b": (4, 64)}, None, "LoHa"),
     ({f"{KOHYA_PROJ_IN}.lokr_w1": (8, 8), f"{KOHYA_PROJ_IN}.lokr_w2": (8, 8)}, None, "LoKr"),
 ], ids=["dora-config", "dora-peft", "dora-kohya", "loha", "lokr"])
-def test_an_adapter_other_than_lora_is_refused_by_name(folder, tmp_path, extra, metadata, kind):
+def test_an_adapter_other_than_lora_is_refused_by_name(tiny_sdxl_folder, tmp_path, extra, metadata, kind):
     """Once "tensors naming no module" for every adapter that is not a plain LoRA."""
     path = tmp_path / "adapter.safetensors"
     tensors = {f"{PROJ_IN}.lora_A.weight": np.zeros((4, 64), np.float32),
@@ -297,11 +291,11 @@ def test_an_adapter_other_than_lora_is_refused_by_name(folder, tmp_path, extra, 
     save_file(tensors | {k: np.zeros(shape, np.float32) for k, shape in extra.items()}, path, metadata)
     with pytest.raises(lora.LoraError, match=rf"^LoRA {path} is a {kind} adapter, which jaxfuse does not fuse .* "
                                              "use a plain LoRA.$"):
-        load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
+        load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
 
 
 @pytest.mark.parametrize("bad", ["up", "alpha"])
-def test_a_lora_holding_nan_is_named_before_anything_loads(folder, tmp_path, bad):
+def test_a_lora_holding_nan_is_named_before_anything_loads(tiny_sdxl_folder, tmp_path, bad):
     """Not "the model's weights hold NaN ... restore the checkpoint": the LoRA and its tensors."""
     path, _ = kohya_file(tmp_path / "k.safetensors", KOHYA_DIFFUSERS_NAMES, seed=7)
     tensors = load_file(path)
@@ -310,17 +304,17 @@ def test_a_lora_holding_nan_is_named_before_anything_loads(folder, tmp_path, bad
     tensors[key] = np.where(np.arange(tensors[key].size).reshape(tensors[key].shape) == 0, np.nan, tensors[key])
     save_file({k: v.astype(np.float32) for k, v in tensors.items()}, path)
     with pytest.raises(lora.LoraError, match=rf"^LoRA {path} holds NaN or infinity, .*\n  tensors: 1\n    {key}\n"):
-        load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
+        load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1.0)])
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_weight_that_overflows_the_weights_names_the_lora(folder, tmp_path):
+def test_a_weight_that_overflows_the_weights_names_the_lora(tiny_sdxl_folder, tmp_path):
     """A finite weight whose update float32 cannot hold: the LoRA and its weight are named, not the checkpoint."""
     path, _ = kohya_file(tmp_path / "k.safetensors", TEXT_ENCODERS, seed=8)
     save_file({k: np.asarray(v * 10) for k, v in load_file(path).items()}, path)  # updates of about 100, times 1e38
     with pytest.raises(lora.LoraError, match=rf"^fusing LoRA {path} at weight 1e\+38 leaves NaN or infinity in the "
                                              r"model's weights; lower the weight .*\n  kernels: 2\n    text_encoder/"):
-        load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1e38)])
+        load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=[(path, 1e38)])
 
 
 @pytest.mark.parametrize("loras, message", [
@@ -330,8 +324,8 @@ def test_a_weight_that_overflows_the_weights_names_the_lora(folder, tmp_path):
     (["style.safetensors"], "loras must be (file, weight) pairs, got 'style.safetensors'."),
     ([(1, 0.5)], "loras must be (file, weight) pairs, got (1, 0.5)."),
 ])
-def test_loras_that_are_not_file_weight_pairs_are_one_clear_error(folder, tmp_path, loras, message):
+def test_loras_that_are_not_file_weight_pairs_are_one_clear_error(tiny_sdxl_folder, tmp_path, loras, message):
     """Once a raw TypeError from multiplying by the weight."""
     with pytest.raises(lora.LoraError) as e:
-        load_pipeline(folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=loras)
+        load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path / "cache", log=lambda _: None, loras=loras)
     assert str(e.value) == message

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxfuse.config import ParallelConfig
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
+from jaxfuse.parallel_config import ParallelConfig
 from jaxfuse.pipeline import load_pipeline
 
 BEFORE = Path(__file__).parent / "fixtures" / "demo_modes_before.npz"

@@ -11,19 +11,14 @@ import time
 
 import numpy as np
 import pytest
+from conftest import free_port
 
-from jaxfuse.config import ParallelConfig, ParallelError
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.parallel.mesh import ProcessJoinError, ProcessLayout, initialize_processes
+from jaxfuse.parallel_config import ParallelConfig, ParallelError
 from jaxfuse.pipeline import load_pipeline
 
 STEPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def generate_command(tmp_path, process: int, port: int, *extra: str) -> list[str]:

@@ -12,10 +12,8 @@ from jaxfuse.outputs import ImageFiles, OutputError, image_files, read_settings,
 IMAGE = np.linspace(0, 1, 4 * 6 * 3, dtype=np.float32).reshape(4, 6, 3)
 
 
-@pytest.fixture(autouse=True)
-def in_tmp_path(tmp_path, monkeypatch):
-    """Every test runs in its own folder: nothing lands where pytest was started."""
-    monkeypatch.chdir(tmp_path)
+# Every test runs in its own folder: nothing lands where pytest was started.
+pytestmark = pytest.mark.usefixtures("in_tmp_path")
 
 
 def test_files_are_numbered_only_for_several_images():

@@ -17,13 +17,16 @@ from jax.sharding import PartitionSpec as P
 from jaxfuse import schedulers
 from jaxfuse.analysis.cost import sharded_step, step_fn
 from jaxfuse.analysis.hlo import collective_bytes
-from jaxfuse.config import GroupNormMode, Mode, ParallelConfig, ParallelError, UNetConfig
+from jaxfuse.config import UNetConfig
 from jaxfuse.models.layers import Attention, apply_patched
 from jaxfuse.models.unet import UNet2DConditionModel
 from jaxfuse.parallel import patch as px
 from jaxfuse.parallel.mesh import make_mesh
 from jaxfuse.parallel.patch import PATCH, Patch
-from jaxfuse.sampling.image import image_loop
+from jaxfuse.parallel_config import GroupNormMode, Mode, ParallelConfig, ParallelError
+from jaxfuse.sampling.denoiser import Denoiser
+from jaxfuse.sampling.image import Direct, Loop, denoise
+from jaxfuse.sampling.plan import Plan, StepKind
 from jaxfuse.sampling.step import Conditioning, Guidance, Sampling
 
 CFG = UNetConfig.tiny()  # 3 levels: a patch's latent rows must halve twice
@@ -73,15 +76,15 @@ def sampling_of(n):
     return Sampling(use_guidance=False, use_rescale=False, parallel=ParallelConfig(n, Mode.SYNC))
 
 
-def sharded(unet, patch, n, stale=None):
-    """One noise prediction on an n-patch mesh (`jaxfuse.analysis.cost.sharded_step`); a
-    stale tree travels between calls stacked over PATCH."""
+def sharded(patch, n, stale=None):
+    """One noise prediction on an n-patch mesh (`jaxfuse.analysis.cost.sharded_step`), a function
+    of (denoiser, *inputs[, stale]); the denoiser's state travels between calls stacked over PATCH."""
     sampling = sampling_of(n)
-    return sharded_step(unet, sampling, patch, make_mesh(sampling.parallel), with_stale=stale is not None)
+    return sharded_step(sampling, StepKind(patch), make_mesh(sampling.parallel), with_state=stale is not None)
 
 
 def run(unet, patch, n, params, inputs, stale=None):
-    return jax.jit(sharded(unet, patch, n, stale))(params, *inputs, *([] if stale is None else [stale]))
+    return jax.jit(sharded(patch, n, stale))(Denoiser(unet, params), *inputs, *([] if stale is None else [stale]))
 
 
 relative = relative_error
@@ -89,7 +92,7 @@ relative = relative_error
 
 @pytest.fixture(scope="module")
 def single(unet, params, inputs):
-    return jax.jit(step_fn(unet, sampling_of(1), Patch()))(params, *inputs)
+    return jax.jit(step_fn(sampling_of(1), StepKind()))(Denoiser(unet, params), *inputs)
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
@@ -141,7 +144,8 @@ def collectives_reaching(jaxpr, outvars):
 
 def step_jaxpr(unet, patch, params, inputs, stale=None):
     """The per-device jaxpr of one step (the body of its shard_map)."""
-    jaxpr = jax.make_jaxpr(sharded(unet, patch, 4, stale))(params, *inputs, *([] if stale is None else [stale]))
+    jaxpr = jax.make_jaxpr(sharded(patch, 4, stale))(Denoiser(unet, params), *inputs,
+                                                     *([] if stale is None else [stale]))
     (outer,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
     return outer.params["jaxpr"]
 
@@ -173,23 +177,43 @@ def count_primitive(jaxpr, name):
                for eqn in jaxpr.eqns)
 
 
+class CountingRunner(Direct):
+    """Runs each program as `Direct` does, and keeps each distinct one's name and UNet bodies (its
+    convolutions)."""
+
+    def __init__(self):
+        self.convolutions = {}
+
+    def run(self, name, fn, *args, donate=None):
+        if name not in self.convolutions:
+            self.convolutions[name] = count_primitive(jax.make_jaxpr(fn)(*args).jaxpr, "conv_general_dilated")
+        return Direct.run(name, fn, *args, donate=donate)
+
+
 @pytest.mark.parametrize("mode", [Mode.DISPLACED, Mode.PCPP])
-def test_a_displaced_loop_compiles_two_unet_bodies(unet, params, inputs, mode):
-    """The whole image loop (warm-up scan, then displaced scan) holds the UNet twice: its stale
-    context starts as zeros shaped by an abstract trace, not by a step peeled out of the scan. A
-    UNet body is counted by its convolutions (the single step's count)."""
-    per_unet = count_primitive(jax.make_jaxpr(step_fn(unet, sampling_of(1), Patch()))(params, *inputs).jaxpr,
+def test_each_kind_of_step_compiles_one_unet_body(unet, params, inputs, mode):
+    """A displaced loop of six steps (two warm-up) runs two step programs, one per kind, each
+    holding the UNet once; the first program's stale context is zeros shaped by an abstract trace,
+    not a step peeled out of the loop (no UNet). A UNet body is counted by its convolutions (the
+    single step's count)."""
+    per_unet = count_primitive(jax.make_jaxpr(step_fn(sampling_of(1), StepKind()))(Denoiser(unet, params),
+                                                                                   *inputs).jaxpr,
                                "conv_general_dilated")
-    sampling = Sampling(False, False, ParallelConfig(4, mode, warmup_steps=1))
-    loop = image_loop(unet, sampling, make_mesh(sampling.parallel))
-    keys = schedulers.noise_keys([0])
-    convolutions = count_primitive(jax.make_jaxpr(loop)(params, *inputs, keys).jaxpr, "conv_general_dilated")
-    assert per_unet > 0 and convolutions == 2 * per_unet
+    parallel = ParallelConfig(4, mode, warmup_steps=2)
+    latents, cond, _, guidance = inputs
+    schedule = schedulers.make_schedule("euler", schedulers.SchedulerConfig(), 6)
+    runner = CountingRunner()
+    loop = Loop(Sampling(False, False, parallel), Plan.of(parallel, 6), make_mesh(parallel))
+    denoise(loop, Denoiser(unet, params), latents, cond, schedule, guidance, schedulers.noise_keys([0]), runner,
+            progress=lambda *_: None)  # one step at a time: each kind's program called again and again
+    steps = {name: count for name, count in runner.convolutions.items() if name[0] == "steps"}
+    assert per_unet > 0 and list(steps.values()) == [per_unet, per_unet]
+    assert runner.convolutions[("initial", *loop.key, loop.plan.state_kind)] == 0
 
 
 def compiled_bytes(unet, patch, n, params, inputs, stale=None):
-    args = (params, *inputs, *([] if stale is None else [stale]))
-    return collective_bytes(jax.jit(sharded(unet, patch, n, stale)).lower(*args).compile().as_text())
+    args = (Denoiser(unet, params), *inputs, *([] if stale is None else [stale]))
+    return collective_bytes(jax.jit(sharded(patch, n, stale)).lower(*args).compile().as_text())
 
 
 @pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), 4])

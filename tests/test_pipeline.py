@@ -20,10 +20,12 @@ from diffusers import (
 
 import jaxfuse
 from checkpoints_conversion.convert_diffusers import main as convert
-from jaxfuse.config import GroupNormMode, Mode, ParallelConfig
 from jaxfuse.models.vae import load_vae
 from jaxfuse.parallel.mesh import make_mesh
+from jaxfuse.parallel_config import GroupNormMode, Mode, ParallelConfig
 from jaxfuse.pipeline import NonFiniteError, load_pipeline
+from jaxfuse.pipeline.load import checked_pipeline
+from jaxfuse.sampling.image import Direct
 from jaxfuse.spec import PipelineError
 
 HEIGHT, WIDTH = 64, 96  # non-square; latents 8x12
@@ -33,19 +35,14 @@ DIFFUSERS_SCHEDULERS = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, 
 
 
 @pytest.fixture(scope="module")
-def folder(tiny_sdxl_folder):
-    return tiny_sdxl_folder
-
-
-@pytest.fixture(scope="module")
-def reference(folder):
+def reference(tiny_sdxl_folder):
     from diffusers import StableDiffusionXLPipeline
-    return StableDiffusionXLPipeline.from_pretrained(folder)
+    return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder)
 
 
 @pytest.fixture(scope="module")
-def pipe(folder, tmp_path_factory):
-    return load_pipeline(folder, cache_dir=tmp_path_factory.mktemp("cache"), log=lambda _: None)
+def pipe(tiny_sdxl_folder, tmp_path_factory):
+    return load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path_factory.mktemp("cache"), log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
@@ -81,38 +78,38 @@ def test_empty_negative_prompt_is_zeros_and_rescale_matches(pipe, reference, noi
     assert np.abs(ours - ref).max() < 2e-5  # measured 2.4e-6
 
 
-def test_second_load_reads_the_cache(folder, tmp_path):
+def test_second_load_reads_the_cache(tiny_sdxl_folder, tmp_path):
     messages = []
-    first = load_pipeline(folder, cache_dir=tmp_path, log=messages.append)
-    second = load_pipeline(folder, cache_dir=tmp_path, log=messages.append)
+    first = load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path, log=messages.append)
+    second = load_pipeline(tiny_sdxl_folder, cache_dir=tmp_path, log=messages.append)
     assert "converting" in messages[0] and "cache" in messages[2]
     (converted,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     third = load_pipeline(converted, log=messages.append)  # a converted folder loads as it is
     assert len(messages) == 5
-    for a, b, c in zip(*(jax.tree.leaves(p.unet_params) for p in (first, second, third))):
+    for a, b, c in zip(*(jax.tree.leaves(p.denoiser.params) for p in (first, second, third))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
-def test_converter_writes_what_the_pipeline_and_the_loaders_read(folder, pipe, tmp_path):
+def test_converter_writes_what_the_pipeline_and_the_loaders_read(tiny_sdxl_folder, pipe, tmp_path):
     """The command-line converter turns the pipeline folder into a converted one (the cache's
     format), which loads as it is, and one model folder into one the model's loader reads."""
-    assert convert([str(folder), str(tmp_path / "pipeline")]) == 0
+    assert convert([str(tiny_sdxl_folder), str(tmp_path / "pipeline")]) == 0
     messages = []
     converted = load_pipeline(tmp_path / "pipeline", log=messages.append)
     assert not any("convert" in m for m in messages)
-    assert_trees_equal(converted.unet_params, pipe.unet_params)
-    assert_trees_equal(converted.encoders[1].params, pipe.encoders[1].params)
-    assert convert([str(folder / "vae"), str(tmp_path / "vae")]) == 0
-    assert_trees_equal(load_vae(tmp_path / "vae")[1], pipe.vae_params)
+    assert_trees_equal(converted.denoiser.params, pipe.denoiser.params)
+    assert_trees_equal(converted.text.encoders[1].params, pipe.text.encoders[1].params)
+    assert convert([str(tiny_sdxl_folder / "vae"), str(tmp_path / "vae")]) == 0
+    assert_trees_equal(load_vae(tmp_path / "vae")[1], pipe.codec.params)
 
 
 @pytest.mark.slow
-def test_bf16_keeps_the_vae_in_float32(folder, tmp_path, noise):
+def test_bf16_keeps_the_vae_in_float32(tiny_sdxl_folder, tmp_path, noise):
     """SDXL's VAE config says `force_upcast`: in a bf16 pipeline it still runs in float32."""
-    pipe = load_pipeline(folder, dtype=jnp.bfloat16, cache_dir=tmp_path, log=lambda _: None)
-    assert {x.dtype for x in jax.tree.leaves(pipe.unet_params)} == {jnp.dtype(jnp.bfloat16)}
-    assert {x.dtype for x in jax.tree.leaves(pipe.vae_params)} == {jnp.dtype(jnp.float32)}
+    pipe = load_pipeline(tiny_sdxl_folder, dtype=jnp.bfloat16, cache_dir=tmp_path, log=lambda _: None)
+    assert {x.dtype for x in jax.tree.leaves(pipe.denoiser.params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(pipe.codec.params)} == {jnp.dtype(jnp.float32)}
     images = pipe("a red circle", height=HEIGHT, width=WIDTH, num_inference_steps=3, latents=noise)
     assert images.dtype == np.float32 and np.isfinite(images).all()
 
@@ -154,19 +151,17 @@ def test_one_seed_per_image_gives_each_image_its_one_image_run(pipe):
 
 
 def with_unet_params(pipe, change):
-    """A pipeline like `pipe` whose UNet's first convolution kernel is `change(kernel)`."""
-    params = jax.tree.map(lambda x: x, pipe.unet_params)
+    """The pipeline `load_pipeline` would assemble from `pipe`'s models with the UNet's first
+    convolution kernel `change(kernel)`."""
+    params = jax.tree.map(lambda x: x, pipe.denoiser.params)
     params["conv_in"]["kernel"] = change(params["conv_in"]["kernel"])
-    return jaxfuse.SDXLPipeline(pipe.spec, pipe.unet, params, pipe.vae, pipe.vae_params, pipe.encoders, pipe.dtype)
+    models = {"unet": (pipe.denoiser.unet, params), "vae": (pipe.codec.vae, pipe.codec.params)}
+    return checked_pipeline(pipe.spec, models, pipe.text.encoders, pipe.dtype)
 
 
-def test_weights_holding_nan_are_named_before_denoising(pipe):
-    broken = with_unet_params(pipe, lambda k: k.at[0, 0, 0, 0].set(jnp.nan))
-    progress = []
+def test_weights_holding_nan_are_named_as_the_pipeline_is_made(pipe):
     with pytest.raises(NonFiniteError, match=r"weights hold NaN or infinity in 1 tensors \(unet/conv_in/kernel\)"):
-        broken("a red circle", height=HEIGHT, width=WIDTH, num_inference_steps=2,
-               progress=lambda *a: progress.append(a))
-    assert progress == []  # raised before the first step
+        with_unet_params(pipe, lambda k: k.at[0, 0, 0, 0].set(jnp.nan))
 
 
 def test_a_result_that_overflows_is_an_error_not_a_black_image(pipe):
@@ -176,9 +171,9 @@ def test_a_result_that_overflows_is_an_error_not_a_black_image(pipe):
         huge("a red circle", height=HEIGHT, width=WIDTH, num_inference_steps=2)
 
 
-def test_folder_missing_a_part_names_it(folder, tmp_path):
+def test_folder_missing_a_part_names_it(tiny_sdxl_folder, tmp_path):
     broken = tmp_path / "broken"
-    shutil.copytree(folder, broken, ignore=shutil.ignore_patterns("text_encoder_2"))
+    shutil.copytree(tiny_sdxl_folder, broken, ignore=shutil.ignore_patterns("text_encoder_2"))
     with pytest.raises(PipelineError, match="missing text_encoder_2/config.json"):
         jaxfuse.load_pipeline(broken)
 
@@ -270,8 +265,8 @@ def test_a_stochastic_sampler_in_sync_equals_single(pipe, tall_noise, scheduler,
 
 def test_image_encode_on_four_devices_equals_one(pipe, tall_noise):
     image = np.random.default_rng(3).uniform(size=(1, TALL, WIDTH, 3)).astype(np.float32)
-    single = pipe.encode_image(image, 2)
-    split = pipe.encode_image(image, 2, make_mesh(ParallelConfig(4, Mode.SYNC)))
+    single = pipe.codec.encode(Direct(), image, 2)
+    split = pipe.codec.encode(Direct(), image, 2, make_mesh(ParallelConfig(4, Mode.SYNC)))
     assert single.shape == (2, 4, TALL // 8, WIDTH // 8)
     assert np.abs(np.asarray(split) - np.asarray(single)).max() < 1e-5 * np.abs(np.asarray(single)).max()  # 8.0e-7
     request = dict(PARALLEL_REQUEST, latents=tall_noise, image=image, strength=0.75, height=None)

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from jaxfuse.config import ParallelConfig
+from jaxfuse.parallel_config import ParallelConfig
+from jaxfuse.pipeline.request import Request
 from jaxfuse.spec import PipelineError, PipelineSpec
 
 HEIGHT, WIDTH = 64, 96
@@ -53,15 +54,15 @@ def spec(tiny_sdxl_folder):
 ])
 def test_a_bad_argument_is_named(spec, prompt, kwargs, message):
     with pytest.raises(PipelineError, match=message):
-        spec.request(prompt, **{"height": HEIGHT, "width": WIDTH, **kwargs})
+        Request.parse(spec, prompt, **{"height": HEIGHT, "width": WIDTH, **kwargs})
 
 
 def test_a_good_request_is_normalised(spec):
-    request = spec.request("a", seed=[4, 5], negative_prompt="b", crops_coords_top_left=[0, 8], height=HEIGHT,
-                           width=WIDTH, num_inference_steps=np.int64(3), guidance_scale=7)
+    request = Request.parse(spec, "a", seed=[4, 5], negative_prompt="b", crops_coords_top_left=[0, 8],
+                            height=HEIGHT, width=WIDTH, num_inference_steps=np.int64(3), guidance_scale=7)
     assert request.prompts == ["a", "a"] and request.negative_prompts == ["b", "b"] and request.seeds == [4, 5]
     assert (request.crops_coords_top_left, request.steps, request.guidance_scale) == ((0, 8), 3, 7.0)
-    assert spec.request("a").height == spec.default_size
+    assert Request.parse(spec, "a").height == spec.default_size
 
 
 def test_the_command_line_checks_start_no_jax_backend(tiny_sdxl_folder, tmp_path):

@@ -2,14 +2,12 @@
 loops driven by a stand-in model (the stochastic ones fed our step noise); the loop as a jitted
 `lax.scan`; config errors."""
 
-import sys
-from unittest import mock
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_matches, our_step_noise
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -20,7 +18,7 @@ from diffusers import (
 from jax import lax
 
 from jaxfuse import schedulers
-from jaxfuse.schedulers import SchedulerKind
+from jaxfuse.scheduler_config import SchedulerKind
 
 # diffusers' own schedulers warn about numpy 2's __array__ protocol; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -45,7 +43,8 @@ SAMPLERS = [(SchedulerKind.EULER, False), (SchedulerKind.EULER, True), (Schedule
             (SchedulerKind.LCM, False)]
 SAMPLER_IDS = ["euler", "euler-karras", "ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler-ancestral", "lcm"]
 NOISE = np.random.default_rng(0).standard_normal((2, 4, 6, 8)).astype(np.float32)
-KEYS = schedulers.noise_keys([5, 6])  # one per image: the stochastic samplers' step noise
+SEEDS = [5, 6]  # one per image: the stochastic samplers' step noise
+KEYS = schedulers.noise_keys(SEEDS)
 
 
 def fake_model(x, t, xp):
@@ -54,19 +53,12 @@ def fake_model(x, t, xp):
     return 0.9 * xp.tanh(x) + 0.1 * xp.cos(0.5 * x + t / 250.0)
 
 
-def our_step_noise(scheduler, shape):
-    """What diffusers' `randn_tensor` returns inside `scheduler.step`: our noise of that step."""
-    noise = schedulers.step_noise(KEYS, scheduler.step_index, shape)
-    return torch.from_numpy(np.array(noise))
-
-
 def reference_loop(scheduler, num_steps: int) -> np.ndarray:
     """diffusers' denoising loop (as in its pipelines) from NOISE -> final latents; a stochastic
     sampler's step draws our step noise."""
     scheduler.set_timesteps(num_steps)
     x = torch.from_numpy(NOISE) * scheduler.init_noise_sigma
-    module = sys.modules[type(scheduler).__module__]
-    with mock.patch.object(module, "randn_tensor", lambda shape, **_: our_step_noise(scheduler, shape)):
+    with our_step_noise(scheduler, SEEDS):
         for t in scheduler.timesteps:
             model_input = scheduler.scale_model_input(x, t)
             x = scheduler.step(fake_model(model_input, float(t), torch), t, x).prev_sample
@@ -98,10 +90,6 @@ def scan_loop(schedule) -> jax.Array:
     carry = (x, schedulers.init_state(schedule, x, KEYS))
     (x, _), _ = lax.scan(lambda c, i: loop_step(schedule, c, i), carry, steps)
     return x
-
-
-def assert_matches(ours, reference, tol):
-    np.testing.assert_allclose(np.asarray(ours), reference, atol=tol * np.abs(reference).max(), rtol=0)
 
 
 def ours_and_diffusers(kind, config, num_steps):
@@ -194,10 +182,7 @@ def test_a_loop_from_a_noised_image_matches_diffusers(kind, karras, start):
         reference.set_begin_index(start)
     first = reference.timesteps[start:start + 1]
     x = reference.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), first)
-    module = sys.modules[type(reference).__module__]
-    with mock.patch.object(module, "randn_tensor",
-                           lambda shape, **_: torch.from_numpy(np.array(schedulers.step_noise(
-                               KEYS, reference.step_index - start, shape)))):
+    with our_step_noise(reference, SEEDS):  # counted from `start`, the scheduler's begin_index
         for t in reference.timesteps[start:]:
             out = fake_model(reference.scale_model_input(x, t), float(t), torch)
             x = reference.step(out, t, x).prev_sample

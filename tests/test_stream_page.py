@@ -14,13 +14,13 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from conftest import free_port
 from PIL import Image
 
 from jaxfuse.demo.detect import detect
@@ -49,12 +49,6 @@ def camera_video(path) -> str:
     frame = b"FRAME\n" + luma.tobytes() + chroma.tobytes() * 2
     path.write_bytes(f"YUV4MPEG2 W{CAMERA_SIDE} H{CAMERA_SIDE} F10:1 Ip A1:1 C420jpeg\n".encode() + frame * 10)
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 that agree with averages written out by hand, the views' loop against the image loop and over
 devices, region prompts, and the pipeline's canvases."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +9,15 @@ import numpy as np
 import pytest
 
 from jaxfuse import schedulers
-from jaxfuse.config import ConfigError, ParallelConfig
+from jaxfuse.config import ConfigError
 from jaxfuse.demo.detect import detect, prompt_accuracy
 from jaxfuse.parallel.mesh import make_mesh
 from jaxfuse.parallel.views import views_mesh
+from jaxfuse.parallel_config import ParallelConfig
 from jaxfuse.pipeline import load_pipeline
-from jaxfuse.sampling.image import denoise, image_loop
+from jaxfuse.pipeline.request import Region, Request
+from jaxfuse.sampling.image import Direct, Loop, Predictor, denoise
+from jaxfuse.sampling.plan import Plan
 from jaxfuse.sampling.step import Guidance, Sampling
 from jaxfuse.sampling.tiled import (
     CanvasConditioning,
@@ -28,11 +30,11 @@ from jaxfuse.sampling.tiled import (
     region_masks,
     view_boxes,
     view_starts,
-    views_loop,
+    views_predictor,
     whole_canvas,
     window_weights,
 )
-from jaxfuse.spec import PipelineError, Region
+from jaxfuse.spec import PipelineError
 
 STEPS = 12  # the region test's denoising steps
 
@@ -117,21 +119,22 @@ def pipe(tiny_sdxl_folder, tmp_path_factory):
 
 
 def loop(pipe, latents, cond, tiling=None, canvas=None, mesh=None, parallel=ParallelConfig(), regions=None):
-    """The image loop (4 Euler steps, guidance 5) on `latents`, on the views of `tiling` (spread
-    over `mesh`, with `regions` or one prompt on the whole canvas) or on the whole image."""
+    """The image loop (4 Euler steps, guidance 5) on `latents` by the pipeline's denoiser: on the
+    views of `tiling` (spread over `mesh`, with `regions` or one prompt on the whole canvas), or on
+    the whole image (split over `mesh`, as `parallel` says)."""
     schedule = schedulers.make_schedule("euler", pipe.spec.scheduler, 4)
-    sampling = Sampling(True, False, parallel)
-    if tiling is None:
-        run = functools.partial(denoise, pipe.unet, sampling=sampling)
-    else:
-        run = views_loop(pipe.unet, sampling, tiling, canvas, pipe.spec.vae_factor, mesh)
+    predictor = Predictor()
+    if tiling is not None:
+        predictor = views_predictor(tiling, canvas, pipe.spec.vae_factor, mesh)
         cond = CanvasConditioning(cond, whole_canvas(canvas, 4) if regions is None else regions)
-    return np.asarray(jax.jit(run)(pipe.unet_params, latents, cond, schedule,
-                                   Guidance(jnp.float32(5.0), jnp.float32(0.0)), schedulers.noise_keys([0])))
+    run = Loop(Sampling(True, False, parallel), Plan.of(parallel, 4), mesh, predictor)
+    return np.asarray(denoise(run, pipe.denoiser, latents, cond, schedule, Guidance(jnp.float32(5.0), jnp.float32(0.0)),
+                              schedulers.noise_keys([0])))
 
 
 def canvas_cond(pipe, height, width):
-    return pipe.conditioning(pipe.spec.request("a red circle", "a blue square", height=height, width=width))
+    request = Request.parse(pipe.spec, "a red circle", "a blue square", height=height, width=width)
+    return pipe.text.conditioning(Direct(), request)
 
 
 def test_one_view_of_the_whole_canvas_is_the_image_loop(pipe):
@@ -236,7 +239,7 @@ def test_a_region_over_the_whole_canvas_with_the_background_prompt_is_one_prompt
 ])
 def test_a_canvas_that_cannot_be_made_is_named(pipe, kwargs, message):
     with pytest.raises(PipelineError, match=message):
-        pipe.spec.request("a red circle", **kwargs)
+        Request.parse(pipe.spec, "a red circle", **kwargs)
 
 
 def test_a_region_is_written_prompt_at_box():
@@ -363,12 +366,9 @@ def test_views_split_in_displaced_mode_keep_their_own_stale_context(pipe):
     latents = np.random.default_rng(5).standard_normal((1, 4, 8, 12)).astype(np.float32)
     cond = canvas_cond(pipe, HEIGHT, WIDTH)
     tiled = loop(pipe, latents, cond, Tiling(WINDOW, WINDOW), (8, 12), views_mesh(1, patches=2), parallel)
-    schedule = schedulers.make_schedule("euler", pipe.spec.scheduler, 4)
-    alone = jax.jit(image_loop(pipe.unet, Sampling(True, False, parallel), make_mesh(parallel)))
     worst = 0.0
     for left in (0, 6):
         tile_cond = cond.replace(time_ids=cond.time_ids.at[:, 3].set(left * pipe.spec.vae_factor).at[:, 5].set(48))
-        tile = np.asarray(alone(pipe.unet_params, latents[..., left:left + 6], tile_cond, schedule,
-                                Guidance(jnp.float32(5.0), jnp.float32(0.0)), schedulers.noise_keys([0])))
+        tile = loop(pipe, latents[..., left:left + 6], tile_cond, mesh=make_mesh(parallel), parallel=parallel)
         worst = max(worst, float(np.abs(tiled[..., left:left + 6] - tile).max() / np.abs(tile).max()))
     assert worst <= 2e-5  # of the tile's max; measured 0 (the same programs, tile by tile)

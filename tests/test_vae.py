@@ -8,9 +8,9 @@ import torch
 from conftest import relative_error
 from diffusers import AutoencoderKL as DiffusersVAE
 
-from jaxfuse.checkpoint import match_checkpoint
 from jaxfuse.config import ConfigError, VAEConfig
 from jaxfuse.models.vae import AutoencoderKL, abstract_params, load_vae
+from jaxfuse.weight_conversion import match_checkpoint
 
 # Four levels, like SDXL's VAE (8 image pixels per latent pixel), with a channel change between
 # levels (1x1 shortcuts) and mid-block attention.

@@ -12,8 +12,10 @@ from jaxfuse.config import VAEConfig
 from jaxfuse.demo import DEMO_MODEL
 from jaxfuse.models import vae_tiled
 from jaxfuse.models.layers import group_moments
+from jaxfuse.models.tile_layout import Grid, own_moments, pool_moments
+from jaxfuse.models.tile_stages import TileOps
 from jaxfuse.models.vae import AttentionBlock, AutoencoderKL, abstract_params, load_vae
-from jaxfuse.models.vae_tiled import Grid, TileOps, own_moments, pool_moments, tiled_decode, tiled_encode
+from jaxfuse.models.vae_tiled import tiled_decode, tiled_encode
 from jaxfuse.parallel.views import views_mesh
 
 # SDXL's layout at a small width, as test_vae.py's "sdxl-like" case: four levels (8 image pixels

@@ -27,33 +27,35 @@ import jax.numpy as jnp
 
 from jaxfuse import schedulers
 from jaxfuse.analysis.hlo import collective_bytes
-from jaxfuse.config import ParallelConfig, UNetConfig
+from jaxfuse.config import UNetConfig
 from jaxfuse.models.unet import UNet2DConditionModel, abstract_params
 from jaxfuse.parallel.mesh import ROWS, make_mesh
-from jaxfuse.parallel.patch import Patch
-from jaxfuse.sampling.image import loop_specs, stale_spec
-from jaxfuse.sampling.step import Conditioning, Guidance, Sampling, predict_noise
+from jaxfuse.parallel_config import ParallelConfig
+from jaxfuse.sampling.denoiser import Conditioning, Denoiser, ModelState
+from jaxfuse.sampling.image import Loop
+from jaxfuse.sampling.plan import Plan, StepKind
+from jaxfuse.sampling.step import Guidance, Sampling, predict_noise
 
 
-def step_fn(unet: UNet2DConditionModel, sampling: Sampling, patch: Patch) -> Callable:
-    """The first step of a schedule as a function: (params, latents [B, 4, h, w], cond, schedule,
-    guidance[, stale]) -> noise[, the stale context it writes]."""
+def step_fn(sampling: Sampling, kind: StepKind) -> Callable:
+    """The first step of a schedule as a function: (denoiser, latents [B, 4, h, w], cond, schedule,
+    guidance[, state]) -> noise[, the denoiser's state it writes]."""
 
-    def step(params, latents, cond, schedule, guidance, stale=None):
-        noise, written = predict_noise(unet, params, sampling, patch, schedule, 0, latents, cond, guidance, stale)
-        return (noise, written) if patch.writes_stale else noise
+    def step(denoiser, latents, cond, schedule, guidance, state=ModelState()):
+        noise, written = predict_noise(denoiser.of_kind(kind), sampling, schedule, 0, latents, cond, guidance, state)
+        return (noise, written) if kind.writes_state else noise
 
     return step
 
 
-def sharded_step(unet: UNet2DConditionModel, sampling: Sampling, patch: Patch, mesh,
-                 with_stale: bool = False) -> Callable:
+def sharded_step(sampling: Sampling, kind: StepKind, mesh, with_state: bool = False) -> Callable:
     """`step_fn` over `mesh`, each device on its rows, inputs laid out as the image loop's. The
-    stale tree crosses the `shard_map` boundary stacked over every device along its first axis."""
-    stacked = stale_spec(mesh)
-    in_specs = loop_specs(sampling)[:5] + ((stacked,) if with_stale else ())  # no noise keys: no sampler step
-    out_specs = (ROWS, stacked) if patch.writes_stale else ROWS
-    return jax.shard_map(step_fn(unet, sampling, patch), mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    denoiser's state crosses the `shard_map` boundary stacked over every device along its first axis."""
+    loop = Loop(sampling, Plan((kind,)), mesh)
+    stacked = loop.carry_specs().model
+    in_specs = loop.input_specs()[:5] + ((stacked,) if with_state else ())  # no noise keys: no sampler step
+    out_specs = (ROWS, stacked) if kind.writes_state else ROWS
+    return jax.shard_map(step_fn(sampling, kind), mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,23 +101,23 @@ def build_step(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: in
     """The jitted step of `parallel.mode` (displaced, pcpp: a step after warm-up) for `images`
     guided images at height x width, with its abstract arguments: (step, args, sizes) where sizes
     holds the per-device bytes of the parameters and of the stale context."""
-    unet = UNet2DConditionModel(cfg, dtype)
-    params = abstract_params(cfg, dtype)
+    denoiser = Denoiser(UNet2DConditionModel(cfg, dtype), abstract_params(cfg, dtype))
     sampling = Sampling(use_guidance=True, use_rescale=False, parallel=parallel)
-    args = [params, *abstract_inputs(cfg, images, height, width, dtype)]
-    sizes = {"params": nbytes(params), "stale": 0}
+    args = [denoiser, *abstract_inputs(cfg, images, height, width, dtype)]
+    sizes = {"params": nbytes(denoiser.params), "stale": 0}
     if not parallel.split:
-        return jax.jit(step_fn(unet, sampling, Patch())), args, sizes
+        return jax.jit(step_fn(sampling, StepKind())), args, sizes
 
     mesh = make_mesh(parallel)
-    phases = sampling.phases(parallel.warmup_steps + 1)
-    first, patch = phases[0][0], phases[-1][0]
-    if patch.reads_stale:  # what the warm-up steps leave for it
-        stale = jax.eval_shape(sharded_step(unet, sampling, first, mesh), *args)[1]
-        sizes["stale"] = nbytes(stale) // parallel.devices
-        args.append(stale)
-    fn = sharded_step(unet, sampling, patch, mesh, with_stale=patch.reads_stale)
-    return jax.jit(fn, donate_argnums=(len(args) - 1,) if patch.reads_stale else ()), args, sizes
+    plan = Plan.of(parallel, parallel.warmup_steps + 1)
+    first, kind = plan.kinds[0], plan.kinds[-1]
+    reads = kind.patch.reads_stale
+    if reads:  # what the warm-up steps leave for it
+        state = jax.eval_shape(sharded_step(sampling, first, mesh), *args)[1]
+        sizes["stale"] = nbytes(state) // parallel.devices
+        args.append(state)
+    fn = sharded_step(sampling, kind, mesh, with_state=reads)
+    return jax.jit(fn, donate_argnums=(len(args) - 1,) if reads else ()), args, sizes
 
 
 def compile_step(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int, dtype: Any = jnp.float32,

@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxfuse.checkpoint import CONFIG_NAME, WEIGHTS_NAME, export_checkpoint
-from jaxfuse.config import TextEncoderConfig, UNetConfig, VAEConfig
+from jaxfuse.checkpoint import CONFIG_NAME
+from jaxfuse.config import UNetConfig, VAEConfig
 from jaxfuse.demo.scenes import VOCABULARY
 from jaxfuse.models.clip import WEIGHTS_NAME as TEXT_WEIGHTS_NAME
+from jaxfuse.text_encoder_config import TextEncoderConfig
+from jaxfuse.weight_conversion import WEIGHTS_NAME, export_checkpoint
 
 # The model's resolution: 32 x 32 latents, 4 latent rows per patch on 8 devices. At 128 pixels a
 # shape is 3 to 4 latents wide and this small VAE rounds stars and triangles into blobs; at 256 the

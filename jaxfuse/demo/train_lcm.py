@@ -43,6 +43,7 @@ from jaxfuse.demo import DEMO_MODEL, scenes
 from jaxfuse.demo.architecture import IMAGE_SIZE
 from jaxfuse.demo.train import TIME_IDS, Checkpoint, adamw, command, run_loop
 from jaxfuse.pipeline import SDXLPipeline, load_pipeline
+from jaxfuse.runtime.programs import CallRecord
 
 # The UNet layers that get a LoRA (by the end of their diffusers module name), as LCM-LoRA for SDXL.
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -103,7 +104,7 @@ def boundary(t: jax.Array, scaling: float) -> tuple[jax.Array, jax.Array]:
 
 def make_step(pipe: SDXLPipeline, modules: dict, cfg: LCMConfig, tx: optax.GradientTransformation):
     """The jitted `step(state, latents, context, pooled, key) -> (state, loss)`."""
-    unet, base = pipe.unet, pipe.unet_params
+    unet, base = pipe.denoiser.unet, pipe.denoiser.params
     alphas = jnp.asarray(schedulers.train_alphas_cumprod(pipe.spec.scheduler.for_sampler(schedulers.SchedulerKind.LCM)))
     skip = alphas.shape[0] // cfg.ddim_steps
 
@@ -157,8 +158,9 @@ def batch(pipe: SDXLPipeline, seed: int, count: int) -> tuple[jax.Array, jax.Arr
     """Fresh scenes as the UNet's latents (the VAE's mean, scaled) and their captions' context and
     pooled embedding."""
     images, captions = scenes.make_batch(seed, count, IMAGE_SIZE)
-    context, pooled = pipe.encode_prompts(captions)
-    return pipe.encode_image(images.astype(np.float32) / 255, count), context, pooled
+    run = pipe.programs.for_call(CallRecord())
+    context, pooled = pipe.text.encode(run, captions)
+    return pipe.codec.encode(run, images.astype(np.float32) / 255, count), context, pooled
 
 
 def export_lora(adapters: dict, path: Path) -> None:
@@ -177,8 +179,8 @@ def train(cfg: LCMConfig, workdir: Path, export: Path | None, log=print) -> dict
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "lcm_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     pipe = load_pipeline(DEMO_MODEL, cache_dir=workdir / "cache", log=log)
-    modules = lora_modules(pipe.unet_params)
-    adapters = init_lora(pipe.unet_params, modules, cfg.rank, jax.random.key(cfg.seed))
+    modules = lora_modules(pipe.denoiser.params)
+    adapters = init_lora(pipe.denoiser.params, modules, cfg.rank, jax.random.key(cfg.seed))
     log(f"LoRA of rank {cfg.rank} on {len(modules)} UNet layers: "
         f"{sum(x.size for x in jax.tree.leaves(adapters)):,} parameters")
     tx = adamw(cfg.lr, cfg.warmup_steps)

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxfuse.checkpoint import CONFIG_NAME, component_folder, load_params
-from jaxfuse.config import TextEncoderConfig
 from jaxfuse.models.layers import Dtype, attention
+from jaxfuse.text_encoder_config import TextEncoderConfig
 
 WEIGHTS_NAME = "model"  # transformers' file stem: model.safetensors, model.fp16.safetensors
 # Saved by older transformers versions next to the weights; not a parameter.

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxfuse.config import GroupNormMode, Mode
 from jaxfuse.parallel import patch as px
 from jaxfuse.parallel.patch import Patch
+from jaxfuse.parallel_config import GroupNormMode, Mode
 
 Dtype = Any
 Padding = tuple[tuple[int, int], tuple[int, int]]

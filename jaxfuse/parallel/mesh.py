@@ -26,8 +26,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxfuse.config import ParallelConfig, ParallelError
 from jaxfuse.parallel.patch import CFG, PATCH
+from jaxfuse.parallel_config import ParallelConfig, ParallelError
 
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 # Emulated CPU devices per process when the user names no count: enough to show patch

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxfuse.config import GroupNormMode, Mode, ParallelConfig
+from jaxfuse.parallel_config import GroupNormMode, Mode, ParallelConfig
 
 PATCH = "patch"  # mesh axis over which the image rows are split
 CFG = "cfg"  # mesh axis over which the guidance batch halves are split

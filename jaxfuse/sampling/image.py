@@ -1,32 +1,38 @@
-"""The image loop: a batch of images denoised step by step, with the latents, the sampler's state
-and the stale context in a named carry. Each phase (`Sampling.phases`: a displaced or pcpp run's
-synchronous warm-up, then its displaced steps) is one loop over its steps; on a mesh it runs
-inside `shard_map`, each device on its rows of the latents.
+"""The image loop: a batch of images denoised step by step over the step plan, with the latents,
+the sampler's state and the denoiser's state in a named carry.
 
-`denoise` is the whole loop as one function (one `lax.scan` per phase). The pipeline runs the same
-pieces as separate programs (`initial_program`, then `steps_program` per phase) whose step range
-is an argument: the host can then run one step at a time and report progress between them, with
-no host callback inside a program; a program with a host callback never enters JAX's persistent
-compilation cache.
+    loop = Loop(sampling, Plan.of(parallel, steps), mesh)
+    latents = denoise(loop, Denoiser(unet, params), latents, cond, schedule, guidance, noise_keys)
+
+`denoise` is the one host driver every caller uses (the pipeline, the canvases, the tests): it runs
+the loop as separate compiled programs, `initial_program` and then one `steps_program` per kind of
+step (`Plan.phases`), whose step range is an argument. The host can then run one step at a time and
+report progress between them with no host callback inside a program (a program with a host
+callback never enters JAX's persistent compilation cache), and each kind compiles once however
+often the plan returns to it. On a mesh each program runs inside `shard_map`, each device on its
+rows of the latents (or, for a canvas's views, on its views: `Predictor`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import flax
 import jax
+import numpy as np
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxfuse import schedulers
-from jaxfuse.parallel.mesh import ROWS
-from jaxfuse.parallel.patch import CFG, Patch, own_rows, vary_like
-from jaxfuse.sampling.step import Conditioning, Guidance, Sampling, initial_stale, predict_noise
+from jaxfuse.config import ConfigError
+from jaxfuse.parallel.mesh import ROWS, place
+from jaxfuse.parallel.patch import own_rows, vary_like
+from jaxfuse.sampling.denoiser import Denoiser, ModelState, initial_state
+from jaxfuse.sampling.plan import Plan
+from jaxfuse.sampling.step import Guidance, Sampling, predict_noise
 
 
 @flax.struct.dataclass
@@ -35,7 +41,7 @@ class ImageCarry:
 
     latents: jax.Array  # [B, C, h, w] this device's rows
     scheduler: schedulers.SchedulerState
-    stale: Any  # the previous step's exchanges (`jaxfuse.parallel.patch`); None when no step keeps any
+    model: ModelState  # the denoiser's state (the stale context of displaced steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +60,84 @@ class Predictor:
         return P() if self.whole_latents else ROWS
 
 
-def initial_carry(unet: Any, params: Any, latents: jax.Array, cond: Conditioning, schedule: schedulers.Schedule,
-                  guidance: Guidance, noise_keys: jax.Array, sampling: Sampling,
-                  predictor: Predictor = Predictor()) -> ImageCarry:
-    """The carry before step 0: the latents, a fresh sampler state drawing its step noise from
-    `noise_keys`, zero stale context shaped as the predictor writes it."""
-    return ImageCarry(latents, schedulers.init_state(schedule, latents, noise_keys),
-                      initial_stale(unet, params, sampling, schedule, latents, cond, guidance, predictor.predict))
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """What shapes the loop's compiled programs: the guidance settings and layout, the kind of
+    every step, the mesh (None: one device) and what predicts the noise."""
+
+    sampling: Sampling
+    plan: Plan
+    mesh: Mesh | None = None
+    predictor: Predictor = Predictor()
+
+    def __post_init__(self):
+        if self.predictor.whole_latents and self.sampling.parallel.cfg_parallel:
+            raise ConfigError("the views of a canvas split each view by rows, not its guidance batch; drop "
+                              "cfg_parallel.")
+
+    @property
+    def key(self) -> Any:
+        """What identifies the loop's programs among those a runner keeps (with their argument
+        shapes): a canvas's predictor is a new function each run, named by what makes it."""
+        mesh = None if self.mesh is None or self.predictor.key is None else (
+            self.mesh.axis_names, self.mesh.devices.shape, tuple(d.id for d in self.mesh.devices.flat))
+        return self.sampling, self.predictor.key, mesh
+
+    def input_specs(self) -> tuple:
+        """`shard_map` in_specs of (denoiser, latents, cond, schedule, guidance, noise_keys): the
+        latents split by rows (or whole, as the predictor says), the conditioning as the denoiser
+        lays it out, the rest replicated."""
+        return P(), self.predictor.latents_spec, Denoiser.cond_specs(self.sampling.parallel), P(), P(), P()
+
+    def carry_specs(self) -> ImageCarry:
+        """How the carry crosses a `shard_map` boundary; the denoiser's state as every device's own
+        leaves stacked along their first axis."""
+        latents = self.predictor.latents_spec
+        stale = None if self.plan.state_kind is None else P(self.mesh.axis_names)
+        return ImageCarry(latents, schedulers.SchedulerState(prev_x0=latents, noise_keys=P()), ModelState(stale))
+
+    def initial_carry(self, denoiser: Denoiser, latents: jax.Array, cond: Any, schedule: schedulers.Schedule,
+                      guidance: Guidance, noise_keys: jax.Array) -> ImageCarry:
+        """The carry before step 0: the latents, a fresh sampler state drawing its step noise from
+        `noise_keys`, zero denoiser state shaped as the plan's first step that keeps any writes it."""
+        state, kind = ModelState(), self.plan.state_kind
+        if kind is not None:
+            state = initial_state(lambda: self.predictor.predict(denoiser.of_kind(kind), self.sampling, schedule, 0,
+                                                                 latents, cond, guidance)[1])
+        return ImageCarry(latents, schedulers.init_state(schedule, latents, noise_keys), state)
+
+    def run_steps(self, denoiser: Denoiser, carry: ImageCarry, cond: Any, schedule: schedulers.Schedule,
+                  guidance: Guidance, start: Any, stop: Any) -> ImageCarry:
+        """Steps start..stop-1 by `denoiser` (set to their kind). With Python int bounds the loop
+        is a `lax.scan`; with traced ones one compiled program serves every range."""
+        split = denoiser.kind.patch.split and not self.predictor.whole_latents
+
+        def step(i, carry: ImageCarry) -> ImageCarry:
+            noise, state = self.predictor.predict(denoiser, self.sampling, schedule, i, carry.latents, cond,
+                                                  guidance, carry.model)
+            fresh = sampler_noise(carry.scheduler, i, carry.latents, split) if schedule.kind.stochastic else None
+            x, scheduler_state = schedulers.step(schedule, carry.scheduler, i, noise, carry.latents, fresh)
+            return ImageCarry(x, scheduler_state, vary_like(state, carry.model))
+
+        return lax.fori_loop(start, stop, step, carry)
+
+    def initial_program(self) -> Callable:
+        """`initial_carry` as a function of (denoiser, latents, cond, schedule, guidance,
+        noise_keys); on the mesh, laid out as `input_specs` and `carry_specs` say."""
+        if self.mesh is None:
+            return self.initial_carry
+        return jax.shard_map(self.initial_carry, mesh=self.mesh, in_specs=self.input_specs(),
+                             out_specs=self.carry_specs())
+
+    def steps_program(self) -> Callable:
+        """`run_steps` as a function of (denoiser, carry, cond, schedule, guidance, start, stop),
+        the bounds traced; on the mesh, laid out as `input_specs` and `carry_specs` say."""
+        if self.mesh is None:
+            return self.run_steps
+        denoiser, _, cond, schedule, guidance, _ = self.input_specs()
+        carry = self.carry_specs()
+        return jax.shard_map(self.run_steps, mesh=self.mesh,
+                             in_specs=(denoiser, carry, cond, schedule, guidance, P(), P()), out_specs=carry)
 
 
 def sampler_noise(state: schedulers.SchedulerState, i: jax.Array, latents: jax.Array, split: bool) -> jax.Array:
@@ -72,79 +149,51 @@ def sampler_noise(state: schedulers.SchedulerState, i: jax.Array, latents: jax.A
     return own_rows(draw, latents.shape, axis=2) if split else draw(latents.shape)
 
 
-def run_steps(unet: Any, sampling: Sampling, patch: Patch, params: Any, carry: ImageCarry, cond: Conditioning,
-              schedule: schedulers.Schedule, guidance: Guidance, start: Any, stop: Any,
-              predictor: Predictor = Predictor()) -> ImageCarry:
-    """Steps start..stop-1, each layer seeing the other patches as `patch` says. With Python int
-    bounds the loop is a `lax.scan`; with traced ones one compiled program serves every range."""
+class Runner(Protocol):
+    """Where a loop's programs compile and run: `runtime.programs.Programs` keeps them, times them
+    and places parameters once per mesh; `Direct` compiles every call afresh."""
 
-    def step(i, carry: ImageCarry) -> ImageCarry:
-        noise, stale = predictor.predict(unet, params, sampling, patch, schedule, i, carry.latents, cond, guidance,
-                                         carry.stale)
-        split = patch.split and not predictor.whole_latents
-        fresh = sampler_noise(carry.scheduler, i, carry.latents, split) if schedule.kind.stochastic else None
-        x, state = schedulers.step(schedule, carry.scheduler, i, noise, carry.latents, fresh)
-        return ImageCarry(x, state, vary_like(stale, carry.stale))
+    def run(self, name: Any, fn: Callable, *args, donate: int | None = None) -> Any: ...
 
-    return lax.fori_loop(start, stop, step, carry)
+    def replicated(self, name: str, tree: Any, mesh: Mesh) -> Any: ...
 
 
-def denoise(unet: Any, params: Any, latents: jax.Array, cond: Conditioning, schedule: schedulers.Schedule,
-            guidance: Guidance, noise_keys: jax.Array, sampling: Sampling,
-            predictor: Predictor = Predictor()) -> jax.Array:
-    """The whole sampling loop: latents [B, C, h, w] -> denoised latents."""
-    carry = initial_carry(unet, params, latents, cond, schedule, guidance, noise_keys, sampling, predictor)
-    for patch, start, stop in sampling.phases(schedule.timesteps.shape[0]):
-        carry = run_steps(unet, sampling, patch, params, carry, cond, schedule, guidance, start, stop, predictor)
+class Direct:
+    """A `Runner` that jits each program where it is called and keeps nothing (tests, scripts)."""
+
+    @staticmethod
+    def run(name: Any, fn: Callable, *args, donate: int | None = None) -> Any:
+        return jax.jit(fn, donate_argnums=() if donate is None else (donate,))(*args)
+
+    @staticmethod
+    def replicated(name: str, tree: Any, mesh: Mesh) -> Any:
+        return place(tree, NamedSharding(mesh, P()))
+
+
+def denoise(loop: Loop, denoiser: Denoiser, latents: jax.Array, cond: Any, schedule: schedulers.Schedule,
+            guidance: Guidance, noise_keys: jax.Array, runner: Runner = Direct(),
+            progress: Callable[[int, int], None] | None = None) -> jax.Array:
+    """Initial latents [B, C, h, w] -> denoised latents; on the loop's mesh, laid out as its
+    predictor says (split by rows, or a canvas's views spread). With a progress callback the host
+    runs one step at a time (the same compiled program as a phase's whole range) and reports each
+    when it is done."""
+    args = (latents, cond, schedule, guidance, noise_keys)
+    if loop.mesh is not None:
+        denoiser = runner.replicated("unet", denoiser, loop.mesh)
+        args = [place(a, NamedSharding(loop.mesh, spec)) for a, spec in zip(args, loop.input_specs()[1:])]
+    _, cond, schedule, guidance, _ = args
+    carry = runner.run(("initial", *loop.key, loop.plan.state_kind), loop.initial_program(), denoiser, *args)
+    total = len(loop.plan.kinds)
+    # Every process of a multi-host run must launch the same programs in the same order,
+    # whichever of them reports progress: across processes the host always steps.
+    stepwise = progress is not None or jax.process_count() > 1
+    steps = loop.steps_program()
+    for kind, start, stop in loop.plan.phases():
+        bounds = [(i, i + 1) for i in range(start, stop)] if stepwise else [(start, stop)]
+        for first, end in bounds:
+            carry = runner.run(("steps", *loop.key, kind), steps, denoiser.of_kind(kind), carry, cond, schedule,
+                               guidance, np.int32(first), np.int32(end), donate=1)
+            if progress is not None:
+                jax.block_until_ready(carry.latents)
+                progress(end, total)
     return carry.latents
-
-
-def loop_specs(sampling: Sampling, predictor: Predictor = Predictor()) -> tuple:
-    """`shard_map` in_specs of `denoise`'s (params, latents, cond, schedule, guidance, noise_keys):
-    the latents split by rows (or whole, as the predictor says), the conditioning by guidance half
-    with `cfg_parallel`, the rest replicated."""
-    return P(), predictor.latents_spec, P(CFG) if sampling.parallel.cfg_parallel else P(), P(), P(), P()
-
-
-def stale_spec(mesh: Mesh) -> P:
-    """How the stale tree crosses a `shard_map` boundary: every device's own leaves stacked along
-    their first axis."""
-    return P(mesh.axis_names)
-
-
-def carry_specs(sampling: Sampling, mesh: Mesh, predictor: Predictor = Predictor()) -> ImageCarry:
-    latents = predictor.latents_spec
-    return ImageCarry(latents, schedulers.SchedulerState(prev_x0=latents, noise_keys=P()),
-                      stale_spec(mesh) if sampling.keeps_stale else None)
-
-
-def image_loop(unet: Any, sampling: Sampling, mesh: Mesh | None, predictor: Predictor = Predictor()) -> Callable:
-    """`denoise` as a function of (params, latents, cond, schedule, guidance, noise_keys); on `mesh`, over its
-    devices with the inputs laid out as `loop_specs` says."""
-    loop = functools.partial(denoise, unet, sampling=sampling, predictor=predictor)
-    if mesh is None:
-        return loop
-    return jax.shard_map(loop, mesh=mesh, in_specs=loop_specs(sampling, predictor), out_specs=predictor.latents_spec)
-
-
-def initial_program(unet: Any, sampling: Sampling, mesh: Mesh | None, predictor: Predictor = Predictor()) -> Callable:
-    """`initial_carry` as a function of (params, latents, cond, schedule, guidance, noise_keys); on `mesh`,
-    laid out as `loop_specs` and `carry_specs` say."""
-    first = functools.partial(initial_carry, unet, sampling=sampling, predictor=predictor)
-    if mesh is None:
-        return first
-    return jax.shard_map(first, mesh=mesh, in_specs=loop_specs(sampling, predictor),
-                         out_specs=carry_specs(sampling, mesh, predictor))
-
-
-def steps_program(unet: Any, sampling: Sampling, patch: Patch, mesh: Mesh | None,
-                  predictor: Predictor = Predictor()) -> Callable:
-    """`run_steps` of one phase as a function of (params, carry, cond, schedule, guidance, start,
-    stop), the bounds traced; on `mesh`, laid out as `loop_specs` and `carry_specs` say."""
-    steps = functools.partial(run_steps, unet, sampling, patch, predictor=predictor)
-    if mesh is None:
-        return steps
-    params, _, cond, schedule, guidance, _ = loop_specs(sampling, predictor)
-    carry = carry_specs(sampling, mesh, predictor)
-    return jax.shard_map(steps, mesh=mesh, in_specs=(params, carry, cond, schedule, guidance, P(), P()),
-                         out_specs=carry)

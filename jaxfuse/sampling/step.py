@@ -1,11 +1,12 @@
-"""One UNet prediction for one denoising step, the piece every sampling loop shares:
+"""One noise prediction for one denoising step, the piece every sampling loop shares:
 
-    noise, stale = predict_noise(unet, params, sampling, patch, schedule, i, latents, cond, guidance, stale)
+    noise, state = predict_noise(denoiser, sampling, schedule, i, latents, cond, guidance, state)
 
 It scales the latents for the sampler, doubles them into the guidance batch (or, with
-`cfg_parallel`, leaves each `CFG` group its half), runs the UNet under `patch` with the previous
-step's stale context, joins the two guidance halves, and applies classifier-free guidance and its
-rescaling. It runs as it is on one device, or inside `shard_map` on a device's rows.
+`cfg_parallel`, leaves each `CFG` group its half), runs the denoiser (`sampling.denoiser`: the
+UNet set to the step's kind, with the state of the step before), joins the two guidance halves,
+and applies classifier-free guidance and its rescaling. It runs as it is on one device, or inside
+`shard_map` on a device's rows.
 
 Legend: B images, B' the UNet's batch (2B with guidance, B per group with `cfg_parallel`), C the
 latent channels, h/w the latent rows (this device's) and columns.
@@ -14,28 +15,15 @@ latent channels, h/w the latent rows (this device's) and columns.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 
 from jaxfuse import schedulers
-from jaxfuse.config import Mode, ParallelConfig
-from jaxfuse.models.layers import apply_patched
+from jaxfuse.config import ParallelConfig
 from jaxfuse.parallel import patch as px
-from jaxfuse.parallel.patch import Patch
-
-
-@flax.struct.dataclass
-class Conditioning:
-    """What the UNet reads besides the latents: [B', 77, context], [B', pooled], [B', 6]. With
-    classifier-free guidance B' = 2B, the unconditional half first (diffusers' order)."""
-
-    context: jax.Array
-    text_embeds: jax.Array
-    time_ids: jax.Array
+from jaxfuse.sampling.denoiser import Conditioning, Denoiser, ModelState
 
 
 @flax.struct.dataclass
@@ -54,20 +42,6 @@ class Sampling:
     use_rescale: bool  # guidance rescale > 0
     parallel: ParallelConfig = ParallelConfig()
 
-    def phases(self, num_steps: int) -> list[tuple[Patch, int, int]]:
-        """(the layers' view, first step, end step) of each run of steps alike: displaced (and
-        pcpp) runs its warm-up steps synchronously, recording their context for the steps after."""
-        p = self.parallel
-        if p.mode.reads_stale:
-            warm = min(p.warmup_steps, num_steps)
-            return [(Patch.of(p, Mode.SYNC, record=True), 0, warm), (Patch.of(p), warm, num_steps)]
-        return [(Patch.of(p), 0, num_steps)]
-
-    @property
-    def keeps_stale(self) -> bool:
-        """Some step of the loop writes stale context, so the loop carries it."""
-        return self.parallel.mode.reads_stale
-
 
 def guide(noise: jax.Array, guidance: Guidance, sampling: Sampling) -> jax.Array:
     """Classifier-free guidance on [2B, ...] predictions (unconditional half first) -> [B, ...].
@@ -85,36 +59,20 @@ def guide(noise: jax.Array, guidance: Guidance, sampling: Sampling) -> jax.Array
     return guidance.rescale * guided * ratio + (1 - guidance.rescale) * guided
 
 
-def predict_noise(unet: Any, params: Any, sampling: Sampling, patch: Patch, schedule: schedulers.Schedule,
-                  i: jax.Array, latents: jax.Array, cond: Conditioning, guidance: Guidance,
-                  stale: Any = None) -> tuple[jax.Array, Any]:
+def predict_noise(denoiser: Denoiser, sampling: Sampling, schedule: schedulers.Schedule, i: jax.Array,
+                  latents: jax.Array, cond: Conditioning, guidance: Guidance,
+                  state: ModelState = ModelState()) -> tuple[jax.Array, ModelState]:
     """Latents [B, C, h, w] at step i ([], or [B]: each image at its own step) -> the guided noise
-    prediction [B, C, h, w] float32 and the stale context for the next step (this step's exchanges
-    when `patch` writes them, `stale` as given otherwise)."""
+    prediction [B, C, h, w] float32 and the denoiser's state for the next step."""
     model_input = schedulers.scale_model_input(schedule, latents, i)
     timesteps = jnp.asarray(schedule.timesteps)[i]  # [] or, with one step index per image, [B]
     if sampling.use_guidance and not sampling.parallel.cfg_parallel:
         model_input = jnp.concatenate([model_input, model_input])
         timesteps = jnp.concatenate([timesteps, timesteps]) if timesteps.ndim else timesteps
-    noise, stale = apply_patched(unet, patch, params, stale, model_input, timesteps, cond.context,
-                                 text_embeds=cond.text_embeds, time_ids=cond.time_ids)
+    noise, state = denoiser.apply(model_input, timesteps, cond, state)
     if sampling.parallel.cfg_parallel:
         noise = px.join_guidance_halves(noise)
     noise = noise.astype(jnp.float32)
     if sampling.use_guidance:
         noise = guide(noise, guidance, sampling)
-    return noise, stale
-
-
-def initial_stale(unet: Any, params: Any, sampling: Sampling, schedule: schedulers.Schedule, latents: jax.Array,
-                  cond: Any, guidance: Guidance, predict: Callable = predict_noise) -> Any:
-    """The stale context a loop starts with: zeros shaped like what its first recording step
-    (`predict`, default `predict_noise`) writes, found by tracing that step abstractly
-    (`jax.eval_shape`, nothing runs), so the loop compiles one UNet body per phase. None when no
-    step keeps context."""
-    if not sampling.keeps_stale:
-        return None
-    record, _, _ = sampling.phases(1)[0]
-    shapes = jax.eval_shape(
-        lambda: predict(unet, params, sampling, record, schedule, 0, latents, cond, guidance)[1])
-    return px.zeros_like_shapes(shapes)
+    return noise, state

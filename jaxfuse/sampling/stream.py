@@ -2,8 +2,8 @@
 each at its own step, so every call advances all of them by one step and one finished image leaves.
 
     state = initial_state(config, latent_shape, seed)
-    state, finished = stream_step(unet, params, config, schedule, cond, guidance, state, frame)
-    program = stream_program(unet, config, schedule, mesh)   # the same, one slot per device
+    state, finished = stream_step(denoiser, config, schedule, cond, guidance, state, frame)
+    program = stream_program(config, schedule, mesh)   # (denoiser, state, cond, guidance, frame), one slot a device
 
 With `t_index_list` of n steps and f frames per call, slot s (0..n-1) holds f images at step s of
 the stream's schedule (`schedulers.lcm_at`): slot 0 the frames that enter this call, slots 1..n-1
@@ -65,9 +65,12 @@ from jax.sharding import PartitionSpec as P
 from jaxfuse import schedulers
 from jaxfuse.config import ConfigError, Mode, ParallelConfig
 from jaxfuse.parallel.mesh import ROWS
-from jaxfuse.parallel.patch import PATCH, Patch, own_rows, vary_like, zeros_like_shapes
+from jaxfuse.parallel.patch import PATCH, Patch, own_rows, vary_like
 from jaxfuse.parallel.slots import SLOT_ROWS, SLOTS, Slots
-from jaxfuse.sampling.step import Conditioning, Guidance, Sampling, predict_noise
+from jaxfuse.sampling import denoiser as denoisers
+from jaxfuse.sampling.denoiser import Conditioning, Denoiser, ModelState
+from jaxfuse.sampling.plan import StepKind
+from jaxfuse.sampling.step import Guidance, Sampling, predict_noise
 
 
 class RCFG(str, enum.Enum):
@@ -128,7 +131,7 @@ class StreamState:
     next_noise: jax.Array  # [R, C, h, w] float32: the next slot's (a row's step noises it to that slot)
     key: jax.Array  # [2] uint32 key data: text-to-image input noise, folded with `calls`
     calls: jax.Array  # [] int32
-    stale: Any = None  # displaced patch parallelism: each image's context from its previous step
+    model: ModelState = ModelState()  # the denoiser's: displaced, each image's context from its previous step
 
 
 @flax.struct.dataclass
@@ -155,7 +158,7 @@ def state_specs(mesh: Mesh, stale: bool) -> StreamState:
     """How a `StreamState` crosses a `shard_map` over `mesh`: along `SLOTS` rows by slot, along
     `PATCH` every latent by its rows and the stale context stacked; keys and counts replicated."""
     rows = SLOT_ROWS if SLOTS in mesh.axis_names else ROWS
-    return StreamState(rows, rows, rows, rows, P(), P(), P(PATCH) if stale else None)
+    return StreamState(rows, rows, rows, rows, P(), P(), ModelState(P(PATCH) if stale else None))
 
 
 def entering_latents(config: StreamConfig, schedule: schedulers.Schedule, state: StreamState,
@@ -185,58 +188,59 @@ def concat_rows(*conds: Conditioning) -> Conditioning:
     return jax.tree.map(lambda *v: jnp.concatenate(v), *conds)
 
 
-def guided_noise(unet, params, config: StreamConfig, schedule: schedulers.Schedule, patch: Patch,
-                 slot: jax.Array, x: jax.Array, residual: jax.Array, cond: Conditioning, guidance: StreamGuidance,
-                 stale: Any, entering: Slots | None) -> tuple[jax.Array, jax.Array, Any]:
+def guided_noise(denoiser: Denoiser, config: StreamConfig, schedule: schedulers.Schedule, slot: jax.Array,
+                 x: jax.Array, residual: jax.Array, cond: Conditioning, guidance: StreamGuidance, state: ModelState,
+                 entering: Slots | None) -> tuple[jax.Array, jax.Array, ModelState]:
     """The guided noise prediction [r, C, h, w] of the rows `x` at their slots `slot` [r], the
-    residual noise it used, and the UNet's stale context after it (`patch`: how it sees the other
-    patches; None when not kept). `entering`: where these rows hold the entering frames (the
-    first f), whose residual `initialize` replaces by their unconditional prediction; None: they
-    hold none. `cond`: [1] the prompt, or [2] negative prompt and prompt. UNet batch rows:
+    residual noise it used, and the denoiser's state after it (`denoiser` set to the step's kind).
+    `entering`: where these rows hold the entering frames (the first f), whose residual
+    `initialize` replaces by their unconditional prediction; None: they hold none. `cond`: [1] the
+    prompt, or [2] negative prompt and prompt. UNet batch rows:
     `full` [unconditional r; conditional r], `initialize` [unconditional f; conditional r]."""
     rcfg, f, rows = config.rcfg, config.frame_buffer_size, x.shape[0]
     cond_rows = rows_of(cond, cond.context.shape[0] - 1, rows)
     if rcfg is RCFG.FULL:
         sampling = Sampling(use_guidance=True, use_rescale=False)
-        noise, stale = predict_noise(unet, params, sampling, patch, schedule, slot, x,
+        noise, state = predict_noise(denoiser, sampling, schedule, slot, x,
                                      concat_rows(rows_of(cond, 0, rows), cond_rows),
-                                     Guidance(guidance.scale, jnp.zeros((), jnp.float32)), stale)
-        return noise, residual, stale
+                                     Guidance(guidance.scale, jnp.zeros((), jnp.float32)), state)
+        return noise, residual, state
     plain = Sampling(use_guidance=False, use_rescale=False)
     if rcfg is RCFG.INITIALIZE and entering is not None:
-        both, stale = predict_noise(unet, params, plain, patch, schedule, jnp.concatenate([slot[:f], slot]),
-                                    jnp.concatenate([x[:f], x]), concat_rows(rows_of(cond, 0, f), cond_rows),
-                                    None, stale)
+        both, state = predict_noise(denoiser, plain, schedule, jnp.concatenate([slot[:f], slot]),
+                                    jnp.concatenate([x[:f], x]), concat_rows(rows_of(cond, 0, f), cond_rows), None,
+                                    state)
         negative, cond_noise = both[:f], both[f:]
         residual = entering.with_first(residual, negative)
     else:
-        cond_noise, stale = predict_noise(unet, params, plain, patch, schedule, slot, x, cond_rows, None, stale)
+        cond_noise, state = predict_noise(denoiser, plain, schedule, slot, x, cond_rows, None, state)
     if rcfg is RCFG.NONE:
-        return cond_noise, residual, stale
+        return cond_noise, residual, state
     negative = guidance.delta * residual
-    return negative + guidance.scale * (cond_noise - negative), residual, stale
+    return negative + guidance.scale * (cond_noise - negative), residual, state
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How a call's rows are spread: `slots` (all on one device, or one slot per device), and
-    `patch`, how the UNet sees the other patches when every image is split by rows (`PATCH`)."""
+    `kind`, how the denoiser's layers see the other patches when every image is split by rows
+    (`PATCH`)."""
 
     slots: Slots
-    patch: Patch = Patch()
+    kind: StepKind = StepKind()
 
     @property
     def keeps_stale(self) -> bool:
-        return self.patch.reads_stale
+        return self.kind.patch.reads_stale
 
     def entering_first(self, config: StreamConfig) -> bool:
         """The entering rows take a synchronous step of their own (`FirstStep.SYNC`)."""
         return self.keeps_stale and config.first_step is FirstStep.SYNC
 
     @property
-    def recording(self) -> Patch:
+    def recording(self) -> StepKind:
         """A synchronous step that writes its exchanges, as the displaced steps after it read them."""
-        return dataclasses.replace(self.patch, mode=Mode.SYNC, record=True)
+        return StepKind(dataclasses.replace(self.kind.patch, mode=Mode.SYNC, record=True))
 
     def displaced_rows(self, config: StreamConfig) -> tuple[slice, Slots | None]:
         """The rows held that the displaced call steps, and where among them the entering frames
@@ -246,22 +250,22 @@ class Layout:
             return slice(config.frame_buffer_size, None), None
         return slice(None), self.slots
 
-    def predict(self, unet, params, config: StreamConfig, schedule: schedulers.Schedule, slot: jax.Array,
+    def predict(self, denoiser: Denoiser, config: StreamConfig, schedule: schedulers.Schedule, slot: jax.Array,
                 x: jax.Array, residual: jax.Array, cond: Conditioning, guidance: StreamGuidance,
-                stale: Any) -> tuple[jax.Array, jax.Array, Any]:
-        """`guided_noise` of every row held, and the stale context each image takes to its next
+                state: ModelState) -> tuple[jax.Array, jax.Array, ModelState]:
+        """`guided_noise` of every row held, and the denoiser's state each image takes to its next
         step: it moves with the image to the next slot (`stale_sources`)."""
-        def run(patch, rows, stale, entering):
-            return guided_noise(unet, params, config, schedule, patch, slot[rows], x[rows], residual[rows], cond,
-                                guidance, stale, entering)
+        def run(kind, rows, state, entering):
+            return guided_noise(denoiser.of_kind(kind), config, schedule, slot[rows], x[rows], residual[rows], cond,
+                                guidance, state, entering)
 
         if not self.keeps_stale:
-            return run(self.patch, slice(None), None, self.slots)
+            return run(self.kind, slice(None), state, self.slots)
         rows, entering = self.displaced_rows(config)
-        noise, residual, written = run(self.patch, rows, stale, entering)
+        noise, residual, written = run(self.kind, rows, state, entering)
         if self.entering_first(config):
             f = config.frame_buffer_size
-            first = run(self.recording, slice(0, f), None, Slots(1, f))
+            first = run(self.recording, slice(0, f), ModelState(), Slots(1, f))
             noise, residual = jnp.concatenate([first[0], noise]), jnp.concatenate([first[1], residual])
             written = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first[2], written)
         return noise, residual, take_rows(written, stale_sources(config))
@@ -294,12 +298,12 @@ def stale_sources(config: StreamConfig) -> np.ndarray:
     return np.concatenate(sources)
 
 
-def take_rows(stale: Any, sources: np.ndarray) -> Any:
-    """Each stale leaf [B, ...] (the batch leads) -> [len(sources), ...], its rows `sources`."""
-    return jax.tree.map(lambda leaf: jnp.take(leaf, jnp.asarray(sources), axis=0), stale)
+def take_rows(state: Any, sources: np.ndarray) -> Any:
+    """Each state leaf [B, ...] (the batch leads) -> [len(sources), ...], its rows `sources`."""
+    return jax.tree.map(lambda leaf: jnp.take(leaf, jnp.asarray(sources), axis=0), state)
 
 
-def advance(unet, params, config: StreamConfig, schedule: schedulers.Schedule, cond: Conditioning,
+def advance(denoiser: Denoiser, config: StreamConfig, schedule: schedulers.Schedule, cond: Conditioning,
             guidance: StreamGuidance, state: StreamState, frame: jax.Array | None,
             layout: Layout) -> tuple[StreamState, jax.Array]:
     """One call on the rows held (`layout`): the frames entering (`frame` [f, C, h, w] clean
@@ -307,12 +311,12 @@ def advance(unet, params, config: StreamConfig, schedule: schedulers.Schedule, c
     result moves to the next slot: (the next state, the stepped rows [r, C, h, w], whose last
     slot's are the denoised images that leave)."""
     slots = layout.slots
-    entering, entering_noise = entering_latents(config, schedule, state, frame, layout.patch.split)
+    entering, entering_noise = entering_latents(config, schedule, state, frame, layout.kind.patch.split)
     x = slots.with_first(state.latents, entering)
     residual = slots.with_first(state.residual, entering_noise)
     slot = slots.of_rows()
-    noise, residual, stale = layout.predict(unet, params, config, schedule, slot, x, residual, cond, guidance,
-                                            state.stale)
+    noise, residual, model = layout.predict(denoiser, config, schedule, slot, x, residual, cond, guidance,
+                                            state.model)
     # Each row moves to the next slot's timestep with that slot's noise; the last slot's "next
     # step" is the clean estimate (noise weight 0), which is the image that leaves.
     stepped, _ = schedulers.step(schedule, schedulers.init_state(schedule, x, None), slot, noise, x, state.next_noise)
@@ -320,17 +324,15 @@ def advance(unet, params, config: StreamConfig, schedule: schedulers.Schedule, c
         residual = slots.to_next(next_residual(schedule, slot, noise, residual, state.next_noise))
     else:
         residual = state.residual
-    if stale is not None:
-        stale = vary_like(stale, state.stale)
     return state.replace(latents=slots.to_next(stepped), residual=residual, calls=state.calls + 1,
-                         stale=stale), stepped
+                         model=vary_like(model, state.model)), stepped
 
 
-def stream_step(unet, params, config: StreamConfig, schedule: schedulers.Schedule, cond: Conditioning,
+def stream_step(denoiser: Denoiser, config: StreamConfig, schedule: schedulers.Schedule, cond: Conditioning,
                 guidance: StreamGuidance, state: StreamState,
                 frame: jax.Array | None = None) -> tuple[StreamState, jax.Array]:
     """One call on one device: (the next state, the f denoised latents that leave [f, C, h, w])."""
-    return stream_program(unet, config, schedule, None)(params, state, cond, guidance, frame)
+    return stream_program(config, schedule, None)(denoiser, state, cond, guidance, frame)
 
 
 def layout_of(config: StreamConfig, mesh: Mesh | None, parallel: ParallelConfig) -> Layout:
@@ -344,33 +346,33 @@ def layout_of(config: StreamConfig, mesh: Mesh | None, parallel: ParallelConfig)
     patch = Patch.of(parallel)
     if patch.reads_stale and config.first_step is FirstStep.SYNC and config.slots == 1:
         patch = dataclasses.replace(patch, mode=Mode.SYNC)  # every step is an image's first
-    return Layout(here, patch)
+    return Layout(here, StepKind(patch))
 
 
-def stream_program(unet, config: StreamConfig, schedule: schedulers.Schedule, mesh: Mesh | None,
+def stream_program(config: StreamConfig, schedule: schedulers.Schedule, mesh: Mesh | None,
                    parallel: ParallelConfig = ParallelConfig()) -> Callable:
-    """`stream_step` as a function of (params, state, cond, guidance, frame); on a `SLOTS` mesh
+    """`stream_step` as a function of (denoiser, state, cond, guidance, frame); on a `SLOTS` mesh
     each device steps its slot and hands its images to the next; on a `PATCH` mesh every device
     steps its rows of every image, as `parallel.mode` says (a displaced stream's state carries
     the stale context: start it with `on_mesh`)."""
     layout = layout_of(config, mesh, parallel)
 
-    def run(params, state, cond, guidance, frame):
-        return advance(unet, params, config, schedule, cond, guidance, state, frame, layout)
+    def run(denoiser, state, cond, guidance, frame):
+        return advance(denoiser, config, schedule, cond, guidance, state, frame, layout)
 
     if mesh is not None:
         specs = state_specs(mesh, layout.keeps_stale)
         rows, frame_spec = (SLOT_ROWS, P()) if layout.slots.spread else (ROWS, ROWS)
         run = jax.shard_map(run, mesh=mesh, in_specs=(P(), specs, P(), P(), frame_spec), out_specs=(specs, rows))
 
-    def program(params, state, cond, guidance, frame):
-        state, stepped = run(params, state, cond, guidance, frame)
+    def program(denoiser, state, cond, guidance, frame):
+        state, stepped = run(denoiser, state, cond, guidance, frame)
         return state, stepped[-config.frame_buffer_size:]
 
     return program
 
 
-def on_mesh(unet, params, config: StreamConfig, schedule: schedulers.Schedule, cond: Conditioning,
+def on_mesh(denoiser: Denoiser, config: StreamConfig, schedule: schedulers.Schedule, cond: Conditioning,
             guidance: StreamGuidance, state: StreamState, mesh: Mesh, parallel: ParallelConfig) -> StreamState:
     """`state` laid out on `mesh` as the stream program's calls hand it on (so the first call
     compiles the same program as the others), with zero stale context for a displaced
@@ -378,17 +380,16 @@ def on_mesh(unet, params, config: StreamConfig, schedule: schedulers.Schedule, c
     layout = layout_of(config, mesh, parallel)
     specs = state_specs(mesh, layout.keeps_stale)
     if layout.keeps_stale:
-        def zeros(params, state, cond, guidance):
+        def zeros(denoiser, state, cond, guidance):
             # What the displaced call reads is shaped as what a recording call on its rows writes.
             rows, entering = layout.displaced_rows(config)
-            shapes = jax.eval_shape(lambda: guided_noise(
-                unet, params, config, schedule, layout.recording, layout.slots.of_rows()[rows], state.latents[rows],
-                state.residual[rows], cond, guidance, None, entering)[2])
-            return zeros_like_shapes(shapes)
+            return denoisers.initial_state(lambda: guided_noise(
+                denoiser.of_kind(layout.recording), config, schedule, layout.slots.of_rows()[rows],
+                state.latents[rows], state.residual[rows], cond, guidance, ModelState(), entering)[2])
 
-        stale = jax.jit(jax.shard_map(zeros, mesh=mesh, in_specs=(P(), state_specs(mesh, False), P(), P()),
-                                      out_specs=P(PATCH)))(params, state, cond, guidance)
-        state = state.replace(stale=stale)
+        model = jax.jit(jax.shard_map(zeros, mesh=mesh, in_specs=(P(), state_specs(mesh, False), P(), P()),
+                                      out_specs=specs.model))(denoiser, state, cond, guidance)
+        state = state.replace(model=model)
     # The specs as the program's outputs carry them (no trailing None), which the compiled call
     # tells apart from the same layout spelled longer.
     def sharding(spec: P) -> NamedSharding:
@@ -401,8 +402,8 @@ def on_mesh(unet, params, config: StreamConfig, schedule: schedulers.Schedule, c
     state = jax.device_put(state, shardings)
     # An empty stale leaf (a stride-2 convolution's halo below) comes out of the program replicated.
     replicated = NamedSharding(mesh, P())
-    return state.replace(stale=jax.tree.map(lambda x: jax.device_put(x, replicated) if x.size == 0 else x,
-                                            state.stale))
+    return state.replace(model=jax.tree.map(lambda x: jax.device_put(x, replicated) if x.size == 0 else x,
+                                            state.model))
 
 
 def next_residual(schedule: schedulers.Schedule, slot: jax.Array, noise: jax.Array, residual: jax.Array,

@@ -7,8 +7,8 @@ the crop and the merge; uniform weights (MultiDiffusion) or Gaussian ones centre
     boxes = view_boxes((H, W), window=(h, w), stride=(sh, sw))   # [V, 2] top-left corners
     views = crop(canvas, boxes, (h, w))                          # [V, B, C, h, w]
     canvas = merge(views, boxes, (H, W), window_weights((h, w), Weighting.GAUSSIAN))
-    loop = views_loop(unet, sampling, Tiling((h, w), (sh, sw)), (H, W), vae_factor, mesh)  # the image loop on views
-    latents = loop(params, latents, CanvasConditioning(cond, whole_canvas(...)), schedule, guidance, noise_keys)
+    loop = Loop(sampling, plan, mesh, views_predictor(Tiling((h, w), (sh, sw)), (H, W), vae_factor, mesh))
+    latents = denoise(loop, denoiser, latents, CanvasConditioning(cond, whole_canvas(...)), schedule, guidance, keys)
 
 Region prompts (MultiDiffusion's region-based generation): prompt p weighs each pixel by its mask
 (the background, prompt 0, where no region is); every view is predicted once per prompt, and in
@@ -41,8 +41,9 @@ from jaxfuse import schedulers
 from jaxfuse.config import ConfigError
 from jaxfuse.parallel.patch import PATCH, vary_like
 from jaxfuse.parallel.views import VIEWS, Views
-from jaxfuse.sampling.image import Predictor, image_loop
-from jaxfuse.sampling.step import Conditioning, predict_noise
+from jaxfuse.sampling.denoiser import Conditioning, Denoiser, ModelState
+from jaxfuse.sampling.image import Predictor
+from jaxfuse.sampling.step import predict_noise
 
 GAUSSIAN_VARIANCE = 0.01  # Mixture of Diffusers' variance, on coordinates scaled to the window's side
 
@@ -210,7 +211,7 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
     a time (`lax.map`: the memory of one), with SDXL's micro-conditioning that of a window-sized
     crop of the canvas at the view's corner, and the predictions merged, weighted by the window's
     weights and the prompts' masks. The image loop (`sampling.image`) runs it as it runs `predict_noise`; the
-    stale context of displaced steps is kept per view ([S, ...]).
+    denoiser's state (the stale context of displaced steps) is kept per view ([S, ...]).
 
     Inside `shard_map`, the canvas replicated: with `spread` (over `VIEWS`) each device predicts
     its share of the views, padded to a multiple of the devices with views that count for nothing;
@@ -221,9 +222,8 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
     layout = Views(spread, split)
     pixels = jnp.asarray(tiling.window, jnp.float32) * vae_factor
 
-    def predict(unet: Any, params: Any, sampling: Any, patch: Any, schedule: Any, i: jax.Array,
-                latents: jax.Array, cond: CanvasConditioning, guidance: Any,
-                stale: Any = None) -> tuple[jax.Array, Any]:
+    def predict(denoiser: Denoiser, sampling: Any, schedule: Any, i: jax.Array, latents: jax.Array,
+                cond: CanvasConditioning, guidance: Any, state: ModelState = ModelState()) -> tuple[jax.Array, Any]:
         mine, counts = layout.mine(boxes)
         regions = cond.regions
         prompts = regions.masks.shape[0]
@@ -231,7 +231,7 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
         colours, noise = region_draws(regions, i, shape) if prompts > 1 else (None, None)
 
         def one(view):
-            corner, count, view_stale = view
+            corner, count, view_state = view
             masks = crop_one(regions.masks, corner, tiling.window)  # [P, h, w]
             view_noise = None if noise is None else crop_one(noise, corner, tiling.window)
             inputs = bootstrapped(crop_one(latents, corner, tiling.window), masks, colours, view_noise,
@@ -240,29 +240,18 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
             # a window-sized crop of the canvas at its corner.
             time_ids = cond.prompts.time_ids.at[:, 2:4].set(corner * vae_factor).at[:, 4:6].set(pixels)
             view_cond = cond.prompts.replace(time_ids=time_ids)
-            out, view_stale = predict_noise(unet, params, sampling, patch, schedule, i, layout.own_rows(inputs, 2),
-                                            view_cond, guidance, view_stale)  # [P B, C, h', w]
+            out, view_state = predict_noise(denoiser, sampling, schedule, i, layout.own_rows(inputs, 2), view_cond,
+                                            guidance, view_state)  # [P B, C, h', w]
             mask_weights = layout.own_rows(masks * weights * count, 1)[:, None, None]  # [P, 1, 1, h', w]
             weighted = (out.reshape(prompts, -1, *out.shape[1:]) * mask_weights).sum(0)
-            return (weighted, mask_weights.sum(0)[0, 0]), view_stale
+            return (weighted, mask_weights.sum(0)[0, 0]), view_state
 
-        (weighted, view_weights), stale = lax.map(one, (mine, counts, stale))
+        (weighted, view_weights), state = lax.map(one, (mine, counts, state))
         rows = mine + jnp.asarray([layout.first_row(tiling.window[0]), 0])
         total, weight = layout.join(merge_sums(weighted, view_weights, rows, canvas))
-        return total / weight, stale
+        return total / weight, state
 
     return predict
-
-
-def views_loop(unet: Any, sampling: Any, tiling: Tiling, canvas: tuple[int, int], vae_factor: int,
-               mesh: Mesh | None) -> Callable:
-    """The image loop (`image.denoise`) on a canvas's views, as a function of (params, latents,
-    cond: CanvasConditioning, schedule, guidance, noise_keys); on `mesh` (`views_mesh`: `VIEWS`,
-    or `VIEWS` x `PATCH` with the sampling's patch parallelism inside each view) the views spread
-    over its devices and everything else replicated."""
-    if sampling.parallel.cfg_parallel:
-        raise ConfigError("the views of a canvas split each view by rows, not its guidance batch; drop cfg_parallel.")
-    return image_loop(unet, sampling, mesh, views_predictor(tiling, canvas, vae_factor, mesh))
 
 
 def views_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, mesh: Mesh | None) -> Predictor:

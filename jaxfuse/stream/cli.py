@@ -18,8 +18,8 @@ stream, with a prompt box. The default model is the built-in demo with its few-s
 loads, the sizes against an estimate of the memory a call needs (`program.call_bytes`); images
 already in `--output` are kept unless `--overwrite` is given, and a run holds `--output` while it
 runs, so a second run into it fails at once. Compiled programs are kept in the cache folder, as
-`generate` keeps them (`--no-compile-cache` or JAXFUSE_COMPILE_CACHE=0: off). Exit codes as
-`python -m jaxfuse.generate`'s: 0 done, 2 an input that cannot work, 1 the environment failed.
+`generate` keeps them (`--no-compile-cache` or JAXFUSE_COMPILE_CACHE=0: off). Exit codes: every
+jaxfuse command's (`jaxfuse.commands`).
 """
 
 from __future__ import annotations
@@ -40,16 +40,24 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxfuse.commands import (
+    HelpFormatter,
+    add_cache_arguments,
+    finite_float,
+    lora_weights,
+    run_command,
+    start_compile_cache,
+)
 from jaxfuse.config import ParallelConfig, ParallelError
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
-from jaxfuse.generate import add_cache_arguments, finite_float, lora_weights, run_command, start_compile_cache
 from jaxfuse.parallel.mesh import emulate_cpu_devices
 from jaxfuse.pipeline import load_pipeline
+from jaxfuse.runtime.memory import free_memory
 from jaxfuse.sampling.stream import RCFG, FirstStep, StreamConfig
 from jaxfuse.spec import PipelineError, PipelineSpec, checked_float, checked_int
 from jaxfuse.stream import media
 from jaxfuse.stream.host import SimilarityFilter, run_threaded
-from jaxfuse.stream.program import Stream, call_bytes, checked_stream, memory_bytes
+from jaxfuse.stream.program import Stream, call_bytes, checked_stream
 
 # An output video's rate: kept as a fraction over at most 1001 (NTSC's), so slower than one frame in
 # 1000 s rounds to nothing; Matroska and WebM keep time in milliseconds, so faster than 1000 a second
@@ -61,7 +69,7 @@ LISTEN_FIXES = {errno.EADDRINUSE: "another program listens there: give another -
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxfuse.stream", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", type=Path, default=DEMO_MODEL, help="a diffusers SDXL pipeline folder")
     p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                    help="a LoRA fused into the weights, repeatable (default with the demo model: demo-lcm)")
@@ -230,7 +238,7 @@ def check_devices(plan: Plan, devices: int, slot_parallel: bool) -> None:
         raise ParallelError(f"{what} needs {devices} devices, but {present} {jax.default_backend()} devices are "
                             "present.")
     config, (height, width) = plan.config, plan.size
-    need, (have, holder) = call_bytes(plan.spec, config, height, width), memory_bytes(devices)
+    need, (have, holder) = call_bytes(plan.spec, config, height, width), free_memory(devices)
     if need > have:
         one_frame = call_bytes(plan.spec, dataclasses.replace(config, frame_buffer_size=1), height, width)
         fits = have // one_frame  # the estimate grows in proportion to the frames a call

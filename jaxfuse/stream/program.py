@@ -6,9 +6,6 @@ Legend: f frames per call, T calls, H/W the image size.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,14 +16,15 @@ from jax.sharding import PartitionSpec as P
 
 from jaxfuse import schedulers
 from jaxfuse.config import ParallelConfig
-from jaxfuse.models.vae import AutoencoderKL
 from jaxfuse.parallel.mesh import make_mesh, place
 from jaxfuse.parallel.slots import slots_mesh
-from jaxfuse.pipeline import SDXLPipeline, check_finite, vae_mean
+from jaxfuse.pipeline.request import Request, check_finite, checked_image
+from jaxfuse.pipeline.sdxl import SDXLPipeline
+from jaxfuse.runtime.programs import CallRecord, Programs
 from jaxfuse.sampling import stream
 from jaxfuse.sampling.stream import RCFG, StreamConfig, StreamGuidance
 from jaxfuse.schedulers import PredictionType
-from jaxfuse.spec import PipelineError, PipelineSpec, Request, checked_float, checked_image
+from jaxfuse.spec import PipelineError, PipelineSpec, checked_float
 
 STREAM_SCHEDULE_STEPS = 50  # the LCM schedule `t_index_list` indexes (StreamDiffusion's num_inference_steps)
 
@@ -49,8 +47,8 @@ def checked_stream(spec: PipelineSpec, prompt: Any, negative_prompt: Any = None,
     checked_float("guidance_scale", guidance_scale, 0.0)
     checked_float("delta", delta, 0.0)
     # A stream's image is one image at any size: never a canvas of fused views.
-    request = spec.request(prompt, negative_prompt, height=height, width=width, seed=seed, parallel=parallel,
-                           tiled=False)
+    request = Request.parse(spec, prompt, negative_prompt, height=height, width=width, seed=seed, parallel=parallel,
+                            tiled=False)
     return request, schedulers.lcm_at(spec.scheduler, schedule_steps, config.t_index_list)
 
 
@@ -78,24 +76,6 @@ def call_bytes(spec: PipelineSpec, config: StreamConfig, height: int, width: int
               + [attention((h >> level) * (w >> level), heads) for level, heads in levels])
     unet_rows = {RCFG.FULL: 2 * config.rows, RCFG.INITIALIZE: config.rows + f}.get(config.rcfg, config.rows)
     return f * image + unet_rows * row
-
-
-def memory_bytes(devices: int) -> tuple[int, str]:
-    """The memory free on `devices` devices together, and where, in words: an accelerator's as
-    JAX reports it; on a CPU the machine's (its emulated devices share it), what Linux could hand
-    out now without swapping and what is left of a container's limit, where they tell."""
-    device = jax.devices()[0]
-    stats = device.memory_stats()
-    if stats and "bytes_limit" in stats:
-        return devices * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"{devices} {device.device_kind} hold"
-    free = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        meminfo = Path("/proc/meminfo").read_text().splitlines()
-        free.append(1024 * int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1]))
-    with contextlib.suppress(OSError, ValueError):  # cgroup v2; its memory.max is "max" where there is no limit
-        cgroup = Path("/sys/fs/cgroup")
-        free.append(int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text()))
-    return min(free), "this machine has free"
 
 
 class Stream:
@@ -128,16 +108,18 @@ class Stream:
         mesh = slots_mesh(config.slots) if slot_parallel else make_mesh(parallel) if patch_parallel else None
         # On a mesh, what the calls read lives on its devices (replicated; the state as it is split).
         self._placed = (lambda tree: tree) if mesh is None else (lambda tree: place(tree, NamedSharding(mesh, P())))
-        self.unet_params, self.vae_params = self._placed(pipe.unet_params), self._placed(pipe.vae_params)
-        self.cond = self._placed(pipe.conditioning(self.request, negative=True))
+        # The stream's programs are its own (they close over its settings); what it compiled and the
+        # peak memory per device of its calls are in `record`.
+        self.programs, self.record = Programs(), CallRecord()
+        self.denoiser, self.vae_params = self._placed(pipe.denoiser), self._placed(pipe.codec.params)
+        self.cond = self._placed(pipe.text.conditioning(pipe.programs.for_call(self.record), self.request,
+                                                        negative=True))
         latent_shape = pipe.spec.latent_shape(1, self.request.height, self.request.width)[1:]
         self.state = stream.initial_state(config, latent_shape, seed)
         if mesh is not None:
-            self.state = stream.on_mesh(pipe.unet, self.unet_params, config, self.schedule, self.cond,
-                                           self.guidance, self.state, mesh, parallel)
-        self._program = stream.stream_program(pipe.unet, config, self.schedule, mesh, parallel)
-        self._call = jax.jit(self._images, donate_argnums=2)
-        self._clip = jax.jit(self._scan, donate_argnums=2)
+            self.state = stream.on_mesh(self.denoiser, config, self.schedule, self.cond, self.guidance, self.state,
+                                        mesh, parallel)
+        self._program = stream.stream_program(config, self.schedule, mesh, parallel)
 
     @property
     def frame_shape(self) -> tuple[int, int, int, int]:
@@ -146,27 +128,24 @@ class Stream:
     def update_prompt(self, prompt: str, negative_prompt: str | None = None) -> None:
         """The prompt of every step from the next call on (the images in flight too, as the
         reference implementation does)."""
-        request = self.pipe.spec.request(prompt, negative_prompt, height=self.request.height,
-                                         width=self.request.width)
-        self.cond = self._placed(self.pipe.conditioning(request, negative=True))
+        request = Request.parse(self.pipe.spec, prompt, negative_prompt, height=self.request.height,
+                                width=self.request.width, tiled=False)
+        self.cond = self._placed(self.pipe.text.conditioning(self.pipe.programs.for_call(self.record), request,
+                                                             negative=True))
         self.request = request
 
-    def _images(self, unet_params, vae_params, state, cond, guidance, frames):
+    def _images(self, denoiser, vae_params, state, cond, guidance, frames):
         """One call: frames [f, H, W, 3] (or None) -> (the next state, images [f, H, W, 3])."""
-        pipe = self.pipe
-        latents = None
-        if frames is not None:
-            latents = pipe.unet_latents(pipe.vae_function(vae_mean)(vae_params, pipe.vae_input(frames)))
-        state, finished = self._program(unet_params, state, cond, guidance, latents)
-        decoded = pipe.vae_function(AutoencoderKL.decode)(vae_params, pipe.vae_latents(finished))
-        return state, pipe.images(decoded)
+        codec = self.pipe.codec
+        latents = None if frames is None else codec.encode_latents(vae_params, frames)
+        state, finished = self._program(denoiser, state, cond, guidance, latents)
+        return state, codec.decode_images(vae_params, finished)
 
-    def _scan(self, unet_params, vae_params, state, cond, guidance, clip):
+    def _scan(self, denoiser, vae_params, state, cond, guidance, clip):
         """Every call of a clip [T, f, H, W, 3] (or an int32 [T] of call numbers for
         text-to-image) -> (the state after it, images [T, f, H, W, 3])."""
         def call(state, frames):
-            return self._images(unet_params, vae_params, state, cond, guidance,
-                                frames if self.image_to_image else None)
+            return self._images(denoiser, vae_params, state, cond, guidance, frames if self.image_to_image else None)
 
         return jax.lax.scan(call, state, clip)
 
@@ -186,8 +165,9 @@ class Stream:
         return frames
 
     def __call__(self, frames: Any = None) -> np.ndarray:
-        self.state, images = self._call(self.unet_params, self.vae_params, self.state, self.cond,
-                                        self.guidance, self._frames(frames))
+        self.state, images = self.programs.run("stream", self._images, self.denoiser, self.vae_params, self.state,
+                                               self.cond, self.guidance, self._frames(frames), donate=2,
+                                               record=self.record)
         return self._checked(images)
 
     def run(self, clip: Any = None, calls: int | None = None) -> np.ndarray:
@@ -201,8 +181,8 @@ class Stream:
             if clip is not None or calls is None:
                 raise PipelineError("this stream draws from text alone: pass calls=T and no clip.")
             xs = np.arange(calls, dtype=np.int32)
-        self.state, images = self._clip(self.unet_params, self.vae_params, self.state, self.cond,
-                                        self.guidance, xs)
+        self.state, images = self.programs.run("clip", self._scan, self.denoiser, self.vae_params, self.state,
+                                               self.cond, self.guidance, xs, donate=2, record=self.record)
         return self._checked(images)
 
     @staticmethod

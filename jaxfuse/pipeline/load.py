@@ -1,0 +1,144 @@
+"""Loading a pipeline: its models from a diffusers folder or the converted-weights cache, LoRAs
+planned against the model and fused, the weights checked finite; and joining the processes of a
+multi-host run (`start_processes`), which the caller does before anything starts JAX."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from transformers import CLIPTokenizerFast
+
+from jaxfuse import checkpoint, lora
+from jaxfuse.models import clip as clip_model
+from jaxfuse.models import unet as unet_model
+from jaxfuse.models.clip import load_text_encoder
+from jaxfuse.models.unet import load_unet
+from jaxfuse.models.vae import load_vae
+from jaxfuse.parallel.mesh import ProcessLayout, initialize_processes
+from jaxfuse.pipeline.request import NonFiniteError
+from jaxfuse.pipeline.sdxl import SDXLPipeline
+from jaxfuse.pipeline.text import TextEncoder
+from jaxfuse.runtime.programs import Programs
+from jaxfuse.spec import PipelineSpec
+
+LOADERS = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder, "text_encoder_2": load_text_encoder}
+
+
+def start_processes(coordinator_address: str | None = None, num_processes: int | None = None,
+                    process_id: int | None = None, timeout_s: int = 300) -> None:
+    """Joins the processes of a multi-host run (`jax.distributed.initialize`), before anything
+    else uses JAX: every process calls it with its place in the run (none of the three in a
+    cluster JAX recognises by itself: a TPU pod slice, SLURM). A pipeline then spreads an image
+    over every process's devices. `python -m jaxfuse.generate` calls it from its flags."""
+    initialize_processes(ProcessLayout(coordinator_address, num_processes, process_id, timeout_s))
+
+
+def load_models(spec: PipelineSpec, source: Path, dtype: Any) -> dict[str, tuple[Any, Any]]:
+    """Each model of the pipeline `spec` describes, as (module, params), read from `source` (its
+    folder, or a converted copy of it) in the model's dtype (`PipelineSpec.dtypes`)."""
+    dtypes = spec.dtypes(jnp.dtype(dtype))
+    return {c: LOADERS[c](source / c, dtype=dtypes[c]) for c in checkpoint.MODEL_COMPONENTS}
+
+
+def plan_loras(spec: PipelineSpec, loras: Sequence[tuple[str | Path, float]]) -> list[tuple[Path, list]]:
+    """Each (LoRA file, weight) checked against the model's parameter shapes, from the config
+    files and the LoRA's header, and its tensors checked finite: (file, its `lora.LoraUpdate`s)."""
+    pairs = lora.checked_loras(loras)
+    if not pairs:
+        return []
+    abstract = {"unet": unet_model.abstract_params(spec.unet)}
+    for component in ("text_encoder", "text_encoder_2"):
+        abstract[component] = clip_model.abstract_params(clip_model.read_config(spec.folder / component))
+    return [(path, lora.plan_lora(path, weight, abstract)) for path, weight in pairs]
+
+
+def check_weights_finite(programs: Programs, named: dict[str, Any]) -> None:
+    """Raises `NonFiniteError` naming the first parameters of `named` (model name -> tree) that
+    hold NaN or infinity, checked on the devices."""
+    flags = programs.run("weights_finite", lambda tree: jax.tree.map(lambda x: jnp.isfinite(x).all(), tree), named)
+    bad = ["/".join(str(getattr(k, "key", k)) for k in path)
+           for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0] if not ok]
+    if bad:
+        raise NonFiniteError(f"the model's weights hold NaN or infinity in {len(bad)} tensors ({', '.join(bad[:5])}"
+                             f"{', ...' if len(bad) > 5 else ''}); the checkpoint is damaged: restore it from "
+                             "its original copy.")
+
+
+def checked_pipeline(spec: PipelineSpec, models: dict[str, tuple[Any, Any]], encoders: Sequence[TextEncoder],
+                     dtype: Any, loras: Sequence[tuple[Path, float]] = ()) -> SDXLPipeline:
+    """The pipeline of loaded `models` and `encoders`, its weights checked finite first."""
+    pipe = SDXLPipeline(spec, *models["unet"], *models["vae"], encoders, dtype, loras)
+    check_weights_finite(pipe.programs, {"unet": pipe.denoiser.params, "vae": pipe.codec.params,
+                                         **{f"text_encoder_{i}": e.params for i, e in enumerate(encoders)}})
+    return pipe
+
+
+def read_models(spec: PipelineSpec, dtype: Any, cache_dir: str | Path | None,
+                log: Callable[[str], None]) -> dict[str, tuple[Any, Any]]:
+    """The models of `spec`'s folder, from the converted-weights cache when it holds them, else
+    converted (and cached, on one process)."""
+    folder, source, cache = spec.folder, spec.folder, None
+    # Across processes each one converts for itself: the cache's orbax checkpoint would make every
+    # process write and wait for the others.
+    if not spec.converted and jax.process_count() == 1:
+        cache = checkpoint.cache_folder(folder, dtype, cache_dir)
+        if cache.is_dir():  # only a finished entry is renamed to this name (`checkpoint.save_pipeline`)
+            log(f"loading converted weights from the cache {cache}")
+            source = cache
+        else:
+            log(f"converting {folder} to JAX once; the converted weights are cached in {cache}")
+    if source is cache:
+        return checkpoint.read_cache(cache, lambda entry: load_models(spec, entry, dtype))
+    models = load_models(spec, source, dtype)
+    if cache is not None:
+        # When another process cached the same model meanwhile, its entry is kept: same values as ours.
+        try:
+            checkpoint.save_pipeline(folder, cache, {c: params for c, (_, params) in models.items()})
+        except OSError as e:  # the weights are loaded: a cache that cannot be written costs the next run only
+            log(f"warning: the converted weights could not be cached ({e}); the next run converts again.")
+    return models
+
+
+def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str | Path | None = None,
+                  log: Callable[[str], None] = print, *, loras: Sequence[tuple[str | Path, float]] = (),
+                  **processes: Any) -> SDXLPipeline:
+    """An SDXL pipeline from a diffusers folder (converted once and cached under `cache_dir`,
+    default `$JAXFUSE_CACHE` or ~/.cache/jaxfuse) or from a converted folder. A cache entry is
+    checked against its manifest first; a damaged one raises `checkpoint.CacheError`, naming the
+    folder to delete. Weights that hold NaN or infinity raise `NonFiniteError`.
+
+    `loras`: (safetensors file, weight) pairs, diffusers/PEFT or kohya (`jaxfuse.lora`), fused into
+    the UNet's and text encoders' weights after loading; each is checked against the model before
+    any weight is read, and raises `lora.LoraError` (a ValueError) listing what does not fit.
+
+    Across hosts, every process calls `start_processes` first, then this with the same folder.
+    (`coordinator_address`, `num_processes` and `process_id` here still start them, with a
+    DeprecationWarning, until the next release.)
+    """
+    spec = PipelineSpec.read(folder)
+    lora_updates = plan_loras(spec, loras)
+    if processes:
+        warnings.warn("load_pipeline(coordinator_address=..., num_processes=..., process_id=...) is deprecated: "
+                      "call jaxfuse.start_processes(...) before loading.", DeprecationWarning, stacklevel=2)
+        start_processes(**processes)
+    start = time.perf_counter()
+    models = read_models(spec, dtype, cache_dir, log)
+    if lora_updates:  # after the cache: an entry holds the model's own weights only
+        fused = lora.fuse({c: models[c][1] for c in lora.COMPONENTS}, lora_updates)
+        models.update({c: (models[c][0], fused[c]) for c in lora.COMPONENTS})
+        log("fused " + ", ".join(f"{path.name} ({len(updates)} modules)" for path, updates in lora_updates))
+    log(f"loaded the model in {time.perf_counter() - start:.1f} s")
+
+    # The fast tokenizer reads a tokenizer folder of either layout (`spec.TOKENIZER_FILES`). In transformers 5
+    # it is the `CLIPTokenizer` diffusers loads; in 4, `CLIPTokenizer` is a slow one that reads the classic pair only.
+    encoders = [TextEncoder(CLIPTokenizerFast.from_pretrained(spec.folder / tokenizer, local_files_only=True),
+                            *models[model])
+                for tokenizer, model in zip(checkpoint.TOKENIZERS, ("text_encoder", "text_encoder_2"))]
+    fused = [(path, updates[0].weight) for path, updates in lora_updates]
+    return checked_pipeline(spec, models, encoders, dtype, fused)

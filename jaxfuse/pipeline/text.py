@@ -1,0 +1,78 @@
+"""Prompts to what the UNet reads: tokenizing, the two CLIP encoders, negative prompts and SDXL's
+micro-conditioning (`sampling.denoiser.Conditioning`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfuse.pipeline.request import Request
+from jaxfuse.sampling.denoiser import Conditioning
+from jaxfuse.sampling.image import Runner
+
+
+@dataclasses.dataclass
+class TextEncoder:
+    """One tokenizer with its CLIP encoder."""
+
+    tokenizer: Any
+    module: Any
+    params: Any
+
+    def token_ids(self, prompts: Sequence[str]) -> np.ndarray:
+        """Prompts -> [B, 77] int32 token ids, padded; a prompt longer than CLIP reads is cut, with
+        a warning."""
+        max_length = self.tokenizer.model_max_length
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=max_length,
+                             truncation=True, return_tensors="np").input_ids
+        full = self.tokenizer(list(prompts)).input_ids
+        for prompt, tokens in zip(prompts, full):
+            if len(tokens) > max_length:
+                print(f"warning: the prompt {prompt!r} is longer than CLIP's {max_length} tokens; "
+                      "the end was cut off.", file=sys.stderr)
+        return ids.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+    """SDXL's text side: its encoders, whether an absent negative prompt is zeros (the model
+    folder's `force_zeros_for_empty_prompt`), and the dtype the UNet reads."""
+
+    encoders: tuple[TextEncoder, ...]
+    force_zeros_for_empty_prompt: bool
+    dtype: Any
+
+    def encode(self, run: Runner, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        """Prompts -> context [B, 77, sum of widths] (each encoder's penultimate layer, side by
+        side) and the last encoder's pooled embedding [B, pooled]."""
+        contexts, pooled = [], None
+        for i, encoder in enumerate(self.encoders):
+            apply = encoder.module.apply
+            hidden, pooled = run.run(f"text_encoder_{i}", lambda p, ids: apply({"params": p}, ids), encoder.params,
+                                     encoder.token_ids(prompts))
+            contexts.append(hidden)
+        return jnp.concatenate(contexts, axis=-1), pooled
+
+    def conditioning(self, run: Runner, request: Request, negative: bool | None = None) -> Conditioning:
+        """Text embeddings and SDXL micro-conditioning, unconditional half first when guiding (or
+        when `negative` asks for it whatever the guidance scale)."""
+        context, pooled = self.encode(run, request.prompts)
+        size = (request.height, request.width)
+        time_ids = jnp.asarray([*(request.original_size or size), *request.crops_coords_top_left,
+                                *(request.target_size or size)], jnp.float32)
+        time_ids = jnp.broadcast_to(time_ids, (request.batch, time_ids.shape[0]))
+        if request.use_guidance if negative is None else negative:
+            if request.negative_prompts is None and self.force_zeros_for_empty_prompt:
+                neg_context, neg_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
+            else:
+                neg_context, neg_pooled = self.encode(run, request.negative_prompts or [""] * request.batch)
+            context = jnp.concatenate([neg_context, context])
+            pooled = jnp.concatenate([neg_pooled, pooled])
+            time_ids = jnp.concatenate([time_ids, time_ids])
+        return Conditioning(context.astype(self.dtype), pooled.astype(self.dtype), time_ids)
