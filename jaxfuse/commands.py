@@ -203,3 +203,9 @@ def check_step_memory(spec: PipelineSpec, request: Request, parallel: ParallelCo
                             f"the {gib(have)} a {jax.default_backend()} device holds; make fewer images per run "
                             f"(--num-images), smaller ones (--height, --width), split them over more devices "
                             f"(--devices){views}.")
+
+
+def peak_memory_text(memory: dict[str, int]) -> str:
+    """The peak memory per device of the (at most three) largest phases' programs, in words."""
+    largest = sorted(memory.items(), key=lambda item: -item[1])[:3]
+    return "peak memory per device: " + ", ".join(f"{phase} {size / 2**20:.1f} MiB" for phase, size in largest)

@@ -47,6 +47,7 @@ from jaxfuse.commands import (
     check_step_memory,
     finite_float,
     lora_weights,
+    peak_memory_text,
     run_command,
     start_compile_cache,
 )
@@ -352,8 +353,7 @@ def generate(args: argparse.Namespace) -> None:
     result = pipe.run(request.spread(plan.spec, parallel), ProgressBar("denoising") if main_process else None)
     if not main_process:
         return
-    report("peak memory per device: " + ", ".join(f"{phase} {size / 2**20:.0f} MiB" for phase, size in
-                                                   sorted(result.memory.items(), key=lambda item: -item[1])[:3]))
+    report(peak_memory_text(result.memory))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings.update(height=request.height, width=request.width, devices=devices,
                     processes=jax.process_count(), dtype=dtype, backend=jax.default_backend(),

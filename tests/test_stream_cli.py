@@ -180,6 +180,14 @@ def test_serve_refuses_a_host_or_port_it_cannot_listen_on(base, capsys):
     assert "--host 192.0.2.1 is not an address of this machine" in capsys.readouterr().err
 
 
+def test_the_command_says_how_long_it_compiled_and_the_memory_a_device_needed(tiny_sdxl_folder, tmp_path, capsys):
+    assert cli.main(["--model", str(tiny_sdxl_folder), "--cache-dir", str(tmp_path / "cache"), "--frames", "2",
+                     "--height", "32", "--width", "32", "--output", str(tmp_path / "out"), "--no-compile-cache"]) == 0
+    found = re.search(r"compiling took (\d+\.\d+) s; peak memory per device: stream (\d+\.\d) MiB",
+                      capsys.readouterr().err)
+    assert found and float(found[1]) > 0 and float(found[2]) > 0
+
+
 @pytest.mark.slow
 def test_a_second_run_loads_the_stream_from_the_compile_cache(tiny_sdxl_folder, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != COMPILE_CACHE_ENV}

@@ -45,6 +45,7 @@ from jaxfuse.commands import (
     add_cache_arguments,
     finite_float,
     lora_weights,
+    peak_memory_text,
     run_command,
     start_compile_cache,
 )
@@ -346,6 +347,8 @@ def run_planned(args: argparse.Namespace, plan: Plan) -> None:
                                   f"{cache_counter.counts['loaded']} loaded from the compile cache")
     print(f"\nwrote {count['saved']} images to {args.output}: {counts.calls} stream calls, {counts.skipped} "
           f"frames skipped as alike{programs or ''}", file=sys.stderr)
+    print(f"compiling took {stream.record.compile_seconds:.2f} s; {peak_memory_text(stream.record.memory)}",
+          file=sys.stderr)
 
 
 def frame_groups(frames: Iterator[np.ndarray], f: int, count: dict) -> Iterator[np.ndarray]:

@@ -43,6 +43,7 @@ import numpy as np
 import PIL.Image
 from aiohttp import WSMsgType, web
 
+from jaxfuse.commands import peak_memory_text
 from jaxfuse.images import ImageError, decode_image
 from jaxfuse.outputs import pil_image
 from jaxfuse.spec import PipelineError
@@ -266,4 +267,5 @@ def serve(stream: Stream, host: str, port: int, similarity: SimilarityFilter | N
 
     server = LiveServer(stream, similarity, note, log)
     stream(np.full(stream.frame_shape, 0.5, np.float32))  # compiles before the first page connects
+    log(f"compiling took {stream.record.compile_seconds:.2f} s; {peak_memory_text(stream.record.memory)}")
     asyncio.run(server.serve(host, port))
