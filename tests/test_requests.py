@@ -78,3 +78,19 @@ def test_the_command_line_checks_start_no_jax_backend(tiny_sdxl_folder, tmp_path
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_names_that_moved_to_the_request_module_still_import_from_spec_with_a_warning():
+    import jaxfuse.pipeline.request as request_module
+    import jaxfuse.spec as spec_module
+
+    for name in ("Request", "Region", "Tiles", "DEFAULT_STEPS"):
+        with pytest.warns(DeprecationWarning, match=f"jaxfuse.spec.{name} moved to jaxfuse.pipeline.request"):
+            assert getattr(spec_module, name) is getattr(request_module, name)
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        spec_module.Nothing  # noqa: B018
+
+
+def test_an_argument_no_part_takes_is_named_with_those_a_request_takes(spec):
+    with pytest.raises(PipelineError, match="unknown argument strenght; a request takes .*strength"):
+        Request.parse(spec, "a", strenght=0.5)

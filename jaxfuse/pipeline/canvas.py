@@ -52,11 +52,14 @@ class WholeImage:
 
 @dataclasses.dataclass(frozen=True)
 class Canvas:
-    """A canvas of fused views of the native size (the request's `Tiles`)."""
+    """A canvas of fused views of the native size (the request's `Tiles`), each view denoised as
+    `image` denoises one image."""
 
-    spec: PipelineSpec
-    text: Text
-    codec: Codec
+    image: WholeImage
+
+    @property
+    def spec(self) -> PipelineSpec:
+        return self.image.spec
 
     def mesh(self, request: Request) -> Mesh | None:
         """The views over `VIEWS`, each split by rows over `PATCH` when the request's layout splits."""
@@ -91,8 +94,7 @@ class Canvas:
         copies = 1 + len(tiles.regions)
         prompts = request.prompts + [r.prompt for r in tiles.regions for _ in range(request.batch)]
         negatives = None if request.negative_prompts is None else request.negative_prompts * copies
-        cond = self.text.conditioning(run, dataclasses.replace(request, prompts=prompts, negative_prompts=negatives),
-                                      request.use_guidance)
+        cond = self.image.conditioning(run, dataclasses.replace(request, prompts=prompts, negative_prompts=negatives))
         canvas = self.latent_size(request)
         if not tiles.regions:
             return tiled.CanvasConditioning(cond, tiled.whole_canvas(canvas, self.spec.unet.in_channels))
@@ -114,10 +116,11 @@ class Canvas:
         side = 8  # latent pixels
         pixels = side * self.spec.vae_factor
         colours = np.asarray(jax.random.uniform(key, (count, 1, 1, 3)))
-        latents = self.codec.encode(run, np.broadcast_to(colours, (count, pixels, pixels, 3)), count)
+        latents = self.image.codec.encode(run, np.broadcast_to(colours, (count, pixels, pixels, 3)), count)
         return latents[:, :, side // 2, side // 2]
 
 
 def layout_of(request: Request, spec: PipelineSpec, text: Text, codec: Codec) -> WholeImage | Canvas:
     """The request's layout: a canvas of views when it has `Tiles`, one image otherwise."""
-    return (WholeImage if request.tiles is None else Canvas)(spec, text, codec)
+    image = WholeImage(spec, text, codec)
+    return image if request.tiles is None else Canvas(image)

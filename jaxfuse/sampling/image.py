@@ -90,11 +90,10 @@ class Loop:
         return P(), self.predictor.latents_spec, Denoiser.cond_specs(self.sampling.parallel), P(), P(), P()
 
     def carry_specs(self) -> ImageCarry:
-        """How the carry crosses a `shard_map` boundary; the denoiser's state as every device's own
-        leaves stacked along their first axis."""
+        """How the carry crosses a `shard_map` boundary; the denoiser's state, whatever it holds, as
+        every device's own leaves stacked along their first axis."""
         latents = self.predictor.latents_spec
-        stale = None if self.plan.state_kind is None else P(self.mesh.axis_names)
-        return ImageCarry(latents, schedulers.SchedulerState(prev_x0=latents, noise_keys=P()), ModelState(stale))
+        return ImageCarry(latents, schedulers.SchedulerState(prev_x0=latents, noise_keys=P()), P(self.mesh.axis_names))
 
     def initial_carry(self, denoiser: Denoiser, latents: jax.Array, cond: Any, schedule: schedulers.Schedule,
                       guidance: Guidance, noise_keys: jax.Array) -> ImageCarry:
