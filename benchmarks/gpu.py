@@ -77,10 +77,10 @@ from jaxfuse.models import unet as unet_model
 from jaxfuse.models import vae as vae_model
 from jaxfuse.models import vae_tiled
 from jaxfuse.models.layers import attention
-from jaxfuse.parallel.patch import Patch
 from jaxfuse.parallel_config import Mode, ParallelConfig
 from jaxfuse.pipeline import load_pipeline
 from jaxfuse.sampling import tiled
+from jaxfuse.sampling.denoiser import Denoiser
 from jaxfuse.sampling.step import Sampling
 from jaxfuse.weight_conversion import export_checkpoint
 
@@ -247,7 +247,7 @@ def step_program(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: 
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(args[1:]))))
     inputs = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype)
                           if isinstance(a, jax.ShapeDtypeStruct) else a, args[1:])
-    return compile_program(step, (random_params(cfg), *inputs))
+    return compile_program(step, (args[0].replace(params=random_params(cfg)), *inputs))
 
 
 def single_step(preset: Preset, size: int | None = None) -> Program:
@@ -418,7 +418,7 @@ def canvas_section(preset: Preset) -> list[dict]:
     unet, sampling = unet_model.UNet2DConditionModel(preset.cfg, DTYPE), Sampling(True, False)
 
     def step(params, x, canvas):
-        return predictor.predict(unet, params, sampling, Patch(), schedule, 0, x, canvas, guidance)[0]
+        return predictor.predict(Denoiser(unet, params), sampling, schedule, 0, x, canvas, guidance)[0]
 
     x = jax.random.normal(jax.random.key(4), latents.shape)
     views = compile_program(jax.jit(step), (random_params(preset.cfg), x, canvas)).timing(preset.repeats)

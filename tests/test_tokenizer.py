@@ -11,6 +11,7 @@ from diffusers import StableDiffusionXLPipeline
 from transformers import CLIPTokenizer
 
 from jaxfuse.pipeline import load_pipeline
+from jaxfuse.sampling.image import Direct
 from jaxfuse.spec import PipelineError, PipelineSpec
 
 # Words the tiny vocabulary spells whole, words that fall back to bytes, capitals, punctuation,
@@ -49,13 +50,13 @@ def test_token_ids_equal_diffusers(layout, folders):
     """Both tokenizers, padded to 77 (the second with "!", as SDXL's) and cut at 77, as diffusers
     tokenizes; and the same ids from either layout."""
     ours, reference = layout
-    for encoder, tokenizer in zip(ours.encoders, (reference.tokenizer, reference.tokenizer_2)):
+    for encoder, tokenizer in zip(ours.text.encoders, (reference.tokenizer, reference.tokenizer_2)):
         expected = tokenizer(PROMPTS, padding="max_length", max_length=tokenizer.model_max_length,
                              truncation=True, return_tensors="np").input_ids
         np.testing.assert_array_equal(encoder.token_ids(PROMPTS), expected)
-    first, second = (encoder.token_ids([""])[0] for encoder in ours.encoders)
+    first, second = (encoder.token_ids([""])[0] for encoder in ours.text.encoders)
     assert first[2] == first[1] and second[2] == reference.tokenizer_2.convert_tokens_to_ids("!") != first[2]
-    for encoder, name in zip(ours.encoders, ("tokenizer", "tokenizer_2")):
+    for encoder, name in zip(ours.text.encoders, ("tokenizer", "tokenizer_2")):
         classic = CLIPTokenizer.from_pretrained(folders["classic"] / name)
         np.testing.assert_array_equal(encoder.token_ids(PROMPTS), classic(PROMPTS, padding="max_length", max_length=77,
                                                                           truncation=True).input_ids)
@@ -63,7 +64,7 @@ def test_token_ids_equal_diffusers(layout, folders):
 
 def test_prompt_embeddings_equal_diffusers(layout):
     ours, reference = layout
-    context, pooled = ours.encode_prompts(PROMPTS)
+    context, pooled = ours.text.encode(Direct(), PROMPTS)
     with torch.no_grad():
         ref_context, _, ref_pooled, _ = reference.encode_prompt(PROMPTS, device="cpu",
                                                                 do_classifier_free_guidance=False)
