@@ -249,6 +249,11 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def mesh_key(mesh: Mesh | None) -> Any:
+    """What identifies a mesh for reuse of compiled programs and placed parameters."""
+    return None if mesh is None else (mesh.axis_names, mesh.devices.shape, tuple(d.id for d in mesh.devices.flat))
+
+
 def place(tree: Any, sharding: NamedSharding) -> Any:
     """Every array of `tree` (the same values in every process) laid out as `sharding`; across
     processes, each process supplies only the shards its own devices hold."""

@@ -20,9 +20,8 @@ from jax.sharding import PartitionSpec as P
 from jaxfuse.config import Mode, VAEConfig
 from jaxfuse.models import vae_tiled
 from jaxfuse.models.vae import AutoencoderKL
-from jaxfuse.parallel.mesh import ROWS, gather, place
+from jaxfuse.parallel.mesh import ROWS, gather, mesh_key, place
 from jaxfuse.parallel.patch import Patch
-from jaxfuse.runtime.programs import mesh_key
 from jaxfuse.sampling.image import Runner
 
 

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxfuse import checkpoint
 from jaxfuse.analysis.cost import peak_bytes
-from jaxfuse.parallel.mesh import place
+from jaxfuse.parallel.mesh import mesh_key, place
 
 # Set to 0 to keep the commands from using the persistent compilation cache.
 COMPILE_CACHE_ENV = "JAXFUSE_COMPILE_CACHE"
@@ -53,11 +53,6 @@ def use_compile_cache(cache_dir: str | Path | None = None) -> Path:
         # encoders, noise, checks) add up to several seconds of a run too.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return Path(jax.config.jax_compilation_cache_dir)
-
-
-def mesh_key(mesh: Mesh | None) -> Any:
-    """What identifies a mesh for reuse of compiled programs and placed parameters."""
-    return None if mesh is None else (mesh.axis_names, mesh.devices.shape, tuple(d.id for d in mesh.devices.flat))
 
 
 @dataclasses.dataclass

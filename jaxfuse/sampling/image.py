@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxfuse import schedulers
 from jaxfuse.config import ConfigError
-from jaxfuse.parallel.mesh import ROWS, place
+from jaxfuse.parallel.mesh import ROWS, mesh_key, place
 from jaxfuse.parallel.patch import own_rows, vary_like
 from jaxfuse.sampling.denoiser import Denoiser, ModelState, initial_state
 from jaxfuse.sampling.plan import Plan
@@ -79,9 +79,7 @@ class Loop:
     def key(self) -> Any:
         """What identifies the loop's programs among those a runner keeps (with their argument
         shapes): a canvas's predictor is a new function each run, named by what makes it."""
-        mesh = None if self.mesh is None or self.predictor.key is None else (
-            self.mesh.axis_names, self.mesh.devices.shape, tuple(d.id for d in self.mesh.devices.flat))
-        return self.sampling, self.predictor.key, mesh
+        return self.sampling, self.predictor.key, None if self.predictor.key is None else mesh_key(self.mesh)
 
     def input_specs(self) -> tuple:
         """`shard_map` in_specs of (denoiser, latents, cond, schedule, guidance, noise_keys): the
