@@ -100,6 +100,13 @@ def lora_weights(values: list[str] | None) -> list[tuple[Path, float]]:
     return pairs
 
 
+def add_vae_argument(p: argparse.ArgumentParser) -> None:
+    """--vae, as every command that loads a model takes it."""
+    p.add_argument("--vae", type=Path,
+                   help="a diffusers VAE folder (or a pipeline folder holding vae/) to use in place of the model's "
+                        "own, e.g. SDXL's fp16-fix VAE")
+
+
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     """--cache-dir and --no-compile-cache, as every command that loads a model takes them."""
     p.add_argument("--cache-dir", type=Path,

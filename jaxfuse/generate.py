@@ -43,6 +43,7 @@ from jaxfuse.commands import (
     HelpFormatter,
     ProgressBar,
     add_cache_arguments,
+    add_vae_argument,
     check_image_memory,
     check_step_memory,
     finite_float,
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=DEMO_MODEL,
                    help="a diffusers SDXL pipeline folder, or one converted by jaxfuse (default: the built-in "
                         "demo model, 256x256 scenes of coloured shapes)")
+    add_vae_argument(p)
     p.add_argument("--prompt", default=DEMO_PROMPT, help="what to draw")
     p.add_argument("--negative-prompt", help="what to steer away from (default: none; SDXL then uses zeros)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's size)")
@@ -242,7 +244,7 @@ def check_args(args: argparse.Namespace) -> Plan:
     if args.strength is not None and args.init_image is None:
         raise PipelineError("--strength sets how much of an --image is redrawn; add --image, or drop --strength.")
     processes = ProcessLayout(args.coordinator_address, args.num_processes, args.process_id, args.process_timeout)
-    spec = PipelineSpec.read(args.model)
+    spec = PipelineSpec.read(args.model, args.vae)
     image = None if args.init_image is None else read_image(args.init_image, "--image")
     size = image.shape[:2] if image is not None else (args.height or spec.default_size, args.width or spec.default_size)
     check_image_memory(args.num_images or len(args.seed or [0]), *size)  # before --num-images K lists K seeds
@@ -338,7 +340,7 @@ def generate(args: argparse.Namespace) -> None:
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
 
     pipe = load_pipeline(plan.spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir, log=report,
-                         loras=plan.loras)
+                         loras=plan.loras, vae=args.vae)
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     images = f"{request.batch} images of " if request.batch > 1 else ""
     part = request.image_to_image

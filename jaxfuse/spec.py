@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfuse import schedulers
-from jaxfuse.checkpoint import CONFIG_NAME, MODEL_COMPONENTS, PARAMS_DIR, TOKENIZERS
+from jaxfuse.checkpoint import CONFIG_NAME, MODEL_COMPONENTS, PARAMS_DIR, TOKENIZERS, component_folder
 from jaxfuse.config import ParallelConfig, UNetConfig, VAEConfig
 
 
@@ -70,6 +70,14 @@ def checked_pair(name: str, value: Any, low: int) -> tuple[int, int] | None:
     return tuple(checked_int(f"{name}[{i}]", v, low) for i, v in enumerate(value))
 
 
+def read_config(path: Path) -> dict:
+    """A config file's JSON, or one `PipelineError` naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path} is not valid JSON ({e}); restore it from the model's original copy.") from e
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
     """What a pipeline folder holds, read from its small config files alone, so a request can
@@ -81,9 +89,11 @@ class PipelineSpec:
     scheduler: schedulers.SchedulerConfig
     force_zeros_for_empty_prompt: bool
     converted: bool  # every model folder holds orbax params already
+    vae_folder: Path | None = None  # a VAE that replaces the model's own (`with_vae`); None: the model's
 
     @classmethod
-    def read(cls, folder: str | Path) -> PipelineSpec:
+    def read(cls, folder: str | Path, vae: str | Path | None = None) -> PipelineSpec:
+        """The spec of a pipeline folder; with `vae`, of the model with that VAE (`with_vae`)."""
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise PipelineError(f"{folder} is not a folder; pass a diffusers SDXL pipeline folder.")
@@ -100,13 +110,9 @@ class PipelineSpec:
                                 + why)
 
         def config(name):
-            try:
-                return json.loads((folder / name).read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise PipelineError(f"{folder / name} is not valid JSON ({e}); restore it from the model's "
-                                    "original copy.") from e
+            return read_config(folder / name)
 
-        return cls(
+        spec = cls(
             folder=folder,
             unet=UNetConfig.from_diffusers(config(f"unet/{CONFIG_NAME}")),
             vae=VAEConfig.from_diffusers(config(f"vae/{CONFIG_NAME}")),
@@ -114,6 +120,21 @@ class PipelineSpec:
             force_zeros_for_empty_prompt=bool(config("model_index.json").get("force_zeros_for_empty_prompt", True)),
             converted=all((folder / c / PARAMS_DIR).is_dir() for c in MODEL_COMPONENTS),
         )
+        return spec if vae is None else spec.with_vae(vae)
+
+    def with_vae(self, vae: str | Path) -> PipelineSpec:
+        """This model with the VAE in `vae` (a diffusers VAE folder, or a pipeline folder holding
+        one) in place of its own, e.g. SDXL's fp16-fix VAE; checked against the UNet."""
+        try:
+            folder = component_folder(vae, "vae")
+        except FileNotFoundError:
+            raise PipelineError(f"the VAE {vae} holds no {CONFIG_NAME}: pass a diffusers VAE folder ({CONFIG_NAME} "
+                                "and its safetensors) or a pipeline folder holding vae/.") from None
+        cfg = VAEConfig.from_diffusers(read_config(folder / CONFIG_NAME))
+        if cfg.latent_channels != self.unet.in_channels:
+            raise PipelineError(f"the VAE {vae} makes latents of {cfg.latent_channels} channels; this model's UNet "
+                                f"reads {self.unet.in_channels}: pass a VAE made for it.")
+        return dataclasses.replace(self, vae=cfg, vae_folder=folder)
 
     @property
     def vae_factor(self) -> int:

@@ -138,6 +138,7 @@ def failure(capsys, code, argv, *messages):
     (["--num-images", "3", "--seed", "1", "--seed", "2"], "--seed given 2 times for --num-images 3"),
     (["--strength", "0.5"], "--strength sets how much of an --image is redrawn; add --image"),
     (["--image", "missing.png"], "--image missing.png: no such file"),
+    (["--vae", "no-vae-here"], "the VAE no-vae-here holds no config.json: pass a diffusers VAE folder"),
     (["--scheduler", "lcm", "--steps", "60"], "LCM takes at most original_inference_steps = 50 steps, got 60"),
     (["--lora", "missing.safetensors:0.5"], "LoRA missing.safetensors: no such file"),
     (["--lora", "style.ckpt"], "LoRA style.ckpt: a pickled file (.ckpt) can run code when read and is refused"),

@@ -362,3 +362,47 @@ def test_four_threads_sharing_a_pipeline_each_get_their_own_progress_timings_and
         assert np.abs(both.images - one.images).max() <= 1e-6  # measured 0: the same programs on the same inputs
         assert set(both.timings) >= {"compile", "encode", "denoise", "decode"} and both.memory["steps"] > 0
         assert both.timings["compile"] == 0  # the runs alone compiled every program, once
+
+
+@pytest.fixture(scope="module")
+def other_vae(tiny_sdxl_folder, tmp_path_factory):
+    """A VAE of the tiny model's shape with other weights, saved by diffusers (a fixed VAE in place
+    of a model's own, as SDXL's fp16-fix VAE is)."""
+    from diffusers import AutoencoderKL
+
+    from jaxfuse.oracle import perturbed
+
+    folder = tmp_path_factory.mktemp("other-vae")
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(tiny_sdxl_folder / "vae"))
+    perturbed(vae, seed=9).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("strength", [None, 0.75])
+def test_a_vae_in_place_of_the_models_own_equals_diffusers_with_it(tiny_sdxl_folder, reference, pipe, noise,
+                                                                   source_image, other_vae, tmp_path, strength):
+    """Text to image (the VAE decodes) and image to image (it encodes too) with the other VAE, as
+    diffusers makes them with that VAE in the pipeline; both differ from the model's own VAE's."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    ours = load_pipeline(tiny_sdxl_folder, vae=other_vae, cache_dir=tmp_path, log=lambda _: None)
+    with_other = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_folder,
+                                                           vae=AutoencoderKL.from_pretrained(other_vae))
+    kwargs = dict(prompt="a red circle at the top left", guidance_scale=6.0)
+    if strength is None:
+        request = dict(height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, latents=noise)
+        ref = reference_images(with_other, "euler", noise, **kwargs)
+    else:
+        request = dict(image=source_image, strength=strength, num_inference_steps=STEPS, latents=noise)
+        ref = reference_img2img(with_other, source_image, noise, strength, "euler", **kwargs)
+    images = ours(**kwargs, **request)
+    assert np.abs(images - ref).max() < 5e-5  # measured 2.2e-6 (text to image), 2.5e-6 (image to image)
+    assert np.abs(images - pipe(**kwargs, **request)).max() > 1e-2  # not the model's own VAE
+
+
+def test_a_vae_that_cannot_serve_the_model_is_refused_before_anything_loads(tiny_sdxl_folder, tmp_path):
+    with pytest.raises(PipelineError, match=f"the VAE {tmp_path} holds no config.json: pass a diffusers VAE folder"):
+        load_pipeline(tiny_sdxl_folder, vae=tmp_path)
+    (tmp_path / "config.json").write_text('{"_class_name": "AutoencoderKL", "latent_channels": 16}')
+    with pytest.raises(PipelineError, match="makes latents of 16 channels; this model's UNet reads 4"):
+        load_pipeline(tiny_sdxl_folder, vae=tmp_path)

@@ -107,11 +107,14 @@ def read_models(spec: PipelineSpec, dtype: Any, cache_dir: str | Path | None,
 
 def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str | Path | None = None,
                   log: Callable[[str], None] = print, *, loras: Sequence[tuple[str | Path, float]] = (),
-                  **processes: Any) -> SDXLPipeline:
+                  vae: str | Path | None = None, **processes: Any) -> SDXLPipeline:
     """An SDXL pipeline from a diffusers folder (converted once and cached under `cache_dir`,
     default `$JAXFUSE_CACHE` or ~/.cache/jaxfuse) or from a converted folder. A cache entry is
     checked against its manifest first; a damaged one raises `checkpoint.CacheError`, naming the
     folder to delete. Weights that hold NaN or infinity raise `NonFiniteError`.
+
+    `vae`: a diffusers VAE folder (or a pipeline folder holding one) used in place of the model's
+    own, such as SDXL's fp16-fix VAE; checked against the UNet before any weight is read.
 
     `loras`: (safetensors file, weight) pairs, diffusers/PEFT or kohya (`jaxfuse.lora`), fused into
     the UNet's and text encoders' weights after loading; each is checked against the model before
@@ -121,14 +124,18 @@ def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str |
     (`coordinator_address`, `num_processes` and `process_id` here still start them, with a
     DeprecationWarning, until the next release.)
     """
-    spec = PipelineSpec.read(folder)
+    own = PipelineSpec.read(folder)
+    spec = own if vae is None else own.with_vae(vae)
     lora_updates = plan_loras(spec, loras)
     if processes:
         warnings.warn("load_pipeline(coordinator_address=..., num_processes=..., process_id=...) is deprecated: "
                       "call jaxfuse.start_processes(...) before loading.", DeprecationWarning, stacklevel=2)
         start_processes(**processes)
     start = time.perf_counter()
-    models = read_models(spec, dtype, cache_dir, log)
+    models = read_models(own, dtype, cache_dir, log)  # the cache holds the model's own weights
+    if spec.vae_folder is not None:  # the replacement is read as it is
+        models["vae"] = load_vae(spec.vae_folder, dtype=spec.dtypes(jnp.dtype(dtype))["vae"])
+        log(f"the VAE from {spec.vae_folder}")
     if lora_updates:  # after the cache: an entry holds the model's own weights only
         fused = lora.fuse({c: models[c][1] for c in lora.COMPONENTS}, lora_updates)
         models.update({c: (models[c][0], fused[c]) for c in lora.COMPONENTS})

@@ -43,6 +43,7 @@ import numpy as np
 from jaxfuse.commands import (
     HelpFormatter,
     add_cache_arguments,
+    add_vae_argument,
     finite_float,
     lora_weights,
     peak_memory_text,
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxfuse.stream", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--model", type=Path, default=DEMO_MODEL, help="a diffusers SDXL pipeline folder")
+    add_vae_argument(p)
     p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                    help="a LoRA fused into the weights, repeatable (default with the demo model: demo-lcm)")
     p.add_argument("--prompt", default=DEMO_PROMPT)
@@ -195,7 +197,7 @@ def planned(args: argparse.Namespace, source: media.FrameSource | None, prompts:
     config = StreamConfig(tuple(t_index), args.frame_buffer, args.rcfg, args.first_step)
     patch_parallel = ParallelConfig(args.devices, args.mode) if args.devices > 1 else None
     loras = lora_weights(args.lora if args.lora is not None or args.model != DEMO_MODEL else ["demo-lcm"])
-    spec = PipelineSpec.read(args.model)
+    spec = PipelineSpec.read(args.model, args.vae)
     height, width = source.size if source is not None else (args.height, args.width)
     request, _ = checked_stream(spec, prompts[0], args.negative_prompt, config=config, height=height, width=width,
                                 seed=args.seed, guidance_scale=args.guidance_scale, delta=args.delta,
@@ -291,7 +293,7 @@ def run_planned(args: argparse.Namespace, plan: Plan) -> None:
     emulate_cpu_devices(devices)  # before JAX starts; not on GPU
     _, cache_counter = start_compile_cache(args)
     check_devices(plan, devices, args.slot_parallel)
-    pipe = load_pipeline(args.model, cache_dir=args.cache_dir, loras=plan.loras,
+    pipe = load_pipeline(args.model, cache_dir=args.cache_dir, loras=plan.loras, vae=args.vae,
                          log=lambda line: print(line, file=sys.stderr))
     stream = Stream(pipe, prompts[0], args.negative_prompt, config=config, image_to_image=source is not None or
                     args.serve, height=height, width=width, guidance_scale=args.guidance_scale, delta=args.delta,
