@@ -96,3 +96,21 @@ def test_a_tokenizer_folder_of_neither_layout_names_both(folders, tmp_path, sour
     with pytest.raises(PipelineError, match=f"{message}. A tokenizer folder holds tokenizer_config.json with "
                                             "either tokenizer.json or vocab.json and merges.txt."):
         PipelineSpec.read(broken)
+
+
+def test_threads_tokenizing_at_once_each_get_their_own_padding():
+    """A fast tokenizer keeps its padding settings on one shared object: threads sharing a pipeline
+    tokenize one at a time (without the encoder's lock this run fails: ragged ids, measured)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import CLIPTokenizerFast
+
+    from jaxfuse.demo import DEMO_MODEL
+    from jaxfuse.pipeline.text import TextEncoder
+
+    encoder = TextEncoder(CLIPTokenizerFast.from_pretrained(DEMO_MODEL / "tokenizer_2", local_files_only=True),
+                          None, None)
+    prompts = [["a"], ["a red circle at the top left and a blue square at the bottom right"], ["b c", "d e f g"]]
+    with ThreadPoolExecutor(8) as pool:
+        shapes = set(pool.map(lambda i: encoder.token_ids(prompts[i % 3]).shape, range(3000)))
+    assert shapes == {(1, 77), (2, 77)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,14 +25,19 @@ class TextEncoder:
     tokenizer: Any
     module: Any
     params: Any
+    # A fast tokenizer sets its padding and truncation on the shared Rust tokenizer before each call:
+    # two threads tokenizing at once could each encode with the other's settings (measured: ids of 5
+    # tokens instead of 77 with four threads on one pipeline). Tokenizing is short; one at a time.
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def token_ids(self, prompts: Sequence[str]) -> np.ndarray:
         """Prompts -> [B, 77] int32 token ids, padded; a prompt longer than CLIP reads is cut, with
         a warning."""
         max_length = self.tokenizer.model_max_length
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=max_length,
-                             truncation=True, return_tensors="np").input_ids
-        full = self.tokenizer(list(prompts)).input_ids
+        with self.lock:
+            ids = self.tokenizer(list(prompts), padding="max_length", max_length=max_length,
+                                 truncation=True, return_tensors="np").input_ids
+            full = self.tokenizer(list(prompts)).input_ids
         for prompt, tokens in zip(prompts, full):
             if len(tokens) > max_length:
                 print(f"warning: the prompt {prompt!r} is longer than CLIP's {max_length} tokens; "
