@@ -75,13 +75,11 @@ class ImageToImage:
     image: np.ndarray  # [1 or B, H, W, 3] float32 in [0, 1]
     strength: float  # the share of the schedule that runs, (0, 1]
 
-    @staticmethod
-    def size(image: Any, batch: int) -> tuple[int, int] | None:
-        """The size a request with `image` has (None: no image)."""
-        return None if image is None else checked_image(image, batch).shape[1:3]
-
     @classmethod
-    def parse(cls, spec: PipelineSpec, request: Request, image: Any, strength: Any) -> ImageToImage | None:
+    def parse(cls, spec: PipelineSpec, request: Request, image: np.ndarray | None,
+              strength: Any) -> ImageToImage | None:
+        """The part, or None without an image; `image` is checked already (`checked_image`: it
+        sets the request's size before the parts are parsed)."""
         strength = checked_float("strength", strength, 0.0, 1.0)
         if strength == 0:
             raise PipelineError("strength must be in (0, 1], got 0, which would return the image unchanged.")
@@ -92,7 +90,7 @@ class ImageToImage:
             raise PipelineError(f"strength {strength} of {steps} steps runs int({steps * strength:g}) = 0 steps; "
                                 f"raise strength to at least {1 / steps:.3g} or the steps to at least "
                                 f"{math.ceil(1 / strength)}.")
-        return cls(checked_image(image, request.batch), strength)
+        return cls(image, strength)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,8 +253,9 @@ class Request:
             raise PipelineError(f"unknown argument{'s' * (len(unknown) > 1)} {', '.join(unknown)}; a request takes "
                                 f"the core arguments of `Request.parse` and {', '.join(sorted(known))}.")
         prompts, seeds, negatives = checked_batch(prompt, seed, negative_prompt)
-        image_size = ImageToImage.size(parts.get("image"), len(prompts))
-        if image_size is not None:
+        if parts.get("image") is not None:  # checked once, here: it sets the size
+            parts["image"] = checked_image(parts["image"], len(prompts))
+            image_size = parts["image"].shape[1:3]
             for name, given, own in (("height", height, image_size[0]), ("width", width, image_size[1])):
                 if given is not None and given != own:
                     raise PipelineError(f"{name} {given} differs from the image's {own}; leave it out (the image "
