@@ -101,7 +101,8 @@ def write_pipeline(folder: Path, dst: Path, params: dict[str, Any]) -> None:
     for component, tree in params.items():
         save_params(dst / component, (folder / component / CONFIG_NAME).read_text(), tree)
     for component in (*TOKENIZERS, "scheduler"):
-        shutil.copytree(folder / component, dst / component)
+        if (folder / component).is_dir():  # the refiner has no first tokenizer
+            shutil.copytree(folder / component, dst / component)
     shutil.copy2(folder / "model_index.json", dst / "model_index.json")
     (dst / MANIFEST_NAME).write_text(json.dumps(folder_manifest(dst), indent=1))
 
@@ -259,7 +260,7 @@ def cache_folder(folder: Path, dtype: Any, cache_dir: str | Path | None = None) 
     """
     dtype = jnp.dtype(dtype)
     digest = hashlib.sha256(f"{CACHE_FORMAT} {dtype.name}".encode())
-    for component in MODEL_COMPONENTS:
+    for component in filter(lambda c: (folder / c).is_dir(), MODEL_COMPONENTS):  # the refiner has 3 of the 4
         for path in sorted((folder / component).iterdir()):
             if path.is_file():
                 digest.update(f"{component}/{path.name}".encode())

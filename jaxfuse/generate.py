@@ -66,7 +66,10 @@ from jaxfuse.parallel.mesh import (
 )
 from jaxfuse.pipeline import load_pipeline
 from jaxfuse.pipeline.request import (
+    DEFAULT_AESTHETIC_SCORE,
     DEFAULT_BOOTSTRAP,
+    DEFAULT_NEGATIVE_AESTHETIC_SCORE,
+    DEFAULT_REFINER_START,
     DEFAULT_REGION_WEIGHTING,
     DEFAULT_STEPS,
     DEFAULT_STRENGTH,
@@ -125,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the image as float32 HxWx3 in [0, 1] to this .npy file")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_cache_arguments(p)
+    refiner = p.add_argument_group("the refiner (SDXL's ensemble of experts)")
+    refiner.add_argument("--refiner", type=Path, metavar="FOLDER",
+                         help="a refiner's pipeline folder (e.g. stable-diffusion-xl-refiner-1.0) that finishes the "
+                              "image from the model's latents")
+    refiner.add_argument("--refiner-start", type=finite_float,
+                         help=f"the share of the noise the model removes before the refiner takes over, in (0, 1) "
+                              f"(default with --refiner: {DEFAULT_REFINER_START})")
+    refiner.add_argument("--aesthetic-score", type=finite_float,
+                         help=f"the refiner's aesthetic score, 0 to 10 (default: {DEFAULT_AESTHETIC_SCORE})")
+    refiner.add_argument("--negative-aesthetic-score", type=finite_float,
+                         help=f"the negative half's aesthetic score, 0 to 10 (default: "
+                              f"{DEFAULT_NEGATIVE_AESTHETIC_SCORE})")
     parallel = p.add_argument_group("patch parallelism")
     parallel.add_argument("--devices", type=int,
                           help="devices to split the image over (default: every device present, or the most "
@@ -233,7 +248,9 @@ def request_arguments(args: argparse.Namespace, image: np.ndarray | None, image_
         scheduler=args.scheduler, image=image, strength=DEFAULT_STRENGTH if args.strength is None else args.strength,
         tiled={"auto": None, "on": True, "off": False}[args.tiles], tile_stride=args.tile_stride,
         tile_weighting=args.tile_weighting, regions=[Region.parse(r) for r in args.region or []],
-        bootstrap=args.bootstrap)
+        bootstrap=args.bootstrap,
+        refiner_start=DEFAULT_REFINER_START if args.refiner and args.refiner_start is None else args.refiner_start,
+        aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score)
 
 
 def check_args(args: argparse.Namespace) -> Plan:
@@ -245,6 +262,8 @@ def check_args(args: argparse.Namespace) -> Plan:
         raise PipelineError("--strength sets how much of an --image is redrawn; add --image, or drop --strength.")
     processes = ProcessLayout(args.coordinator_address, args.num_processes, args.process_id, args.process_timeout)
     spec = PipelineSpec.read(args.model, args.vae)
+    if args.refiner is not None:
+        spec = spec.with_refiner(PipelineSpec.read(args.refiner))
     image = None if args.init_image is None else read_image(args.init_image, "--image")
     size = image.shape[:2] if image is not None else (args.height or spec.default_size, args.width or spec.default_size)
     check_image_memory(args.num_images or len(args.seed or [0]), *size)  # before --num-images K lists K seeds
@@ -340,12 +359,14 @@ def generate(args: argparse.Namespace) -> None:
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
 
     pipe = load_pipeline(plan.spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir, log=report,
-                         loras=plan.loras, vae=args.vae)
+                         loras=plan.loras, vae=args.vae, refiner=args.refiner)
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     images = f"{request.batch} images of " if request.batch > 1 else ""
     part = request.image_to_image
     steps = (f"{request.steps}" if part is None else
              f"from {args.init_image} at strength {part.strength}: the last {request.steps_run} of {request.steps}")
+    if request.refine is not None:
+        steps += f" (the refiner's from step {request.refine.refiner_first + 1})"
     layout = describe_layout(parallel, request.steps_run)
     if request.tiles is not None:
         layout = describe_canvas(plan.spec, request, layout)
@@ -361,7 +382,9 @@ def generate(args: argparse.Namespace) -> None:
                     processes=jax.process_count(), dtype=dtype, backend=jax.default_backend(),
                     mode=parallel.mode.value, warmup_steps=parallel.warmup_steps,
                     displaced_steps=parallel.stale_steps(request.steps_run),
-                    strength=part and part.strength,
+                    strength=part and part.strength, refiner_start=request.refine and request.refine.start,
+                    aesthetic_score=request.aesthetics and request.aesthetics.score,
+                    negative_aesthetic_score=request.aesthetics and request.aesthetics.negative_score,
                     context=parallel.context if parallel.mode == Mode.PCPP else None,
                     compile_cache=cache_counter and cache_counter.counts, images=request.batch)
     for i, files in enumerate(plan.files):

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxfuse.single_file import sgm_blocks, sgm_name
 from jaxfuse.weight_conversion import PICKLE_SUFFIXES, checkpoint_name, listing, open_safetensors
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -51,14 +52,6 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for PEFT's config in th
 # Adapters that are not LoRAs, by a part of their tensors' names: DoRA's magnitudes (PEFT's, and
 # kohya's/LyCORIS's `dora_scale`), LyCORIS's Hadamard (LoHa) and Kronecker (LoKr) factors.
 OTHER_ADAPTERS = {"lora_magnitude_vector": "DoRA", "dora_scale": "DoRA", "hada_w1_a": "LoHa", "lokr_w1": "LoKr"}
-# A ResNet's parts in the SGM UNet.
-SGM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-SGM_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-           "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-           "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2",
-           "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-           "mid_block.resnets.1": "middle_block.2"}
 
 
 class LoraError(ValueError):
@@ -85,50 +78,6 @@ def module_kernels(abstract: Any) -> dict[str, tuple[str, ...]]:
                for path in traverse_util.flatten_dict(abstract) if path[-1] == "kernel"}
     return kernels | {name.removeprefix("text_model."): path for name, path in kernels.items()
                       if name.startswith("text_model.")}
-
-
-def sgm_blocks(modules: Sequence[str]) -> dict[str, str]:
-    """diffusers block name -> the SGM UNet's, for the blocks among `modules` (UNet module names):
-    input_blocks count conv_in, then per level its ResNet (and attention) layers and its
-    downsampler; output_blocks per level its layers, the upsampler inside the last one."""
-    table = dict(SGM_TOP)
-    count = {}  # (down_blocks|up_blocks, level) -> layers
-    for name in modules:
-        if m := re.match(r"(down_blocks|up_blocks)\.(\d+)\.resnets\.(\d+)\.", name):
-            key = (m[1], int(m[2]))
-            count[key] = max(count.get(key, 0), int(m[3]) + 1)
-    levels = 1 + max((level for kind, level in count if kind == "down_blocks"), default=-1)
-    block = 1
-    for level in range(levels):
-        for j in range(count.get(("down_blocks", level), 0)):
-            table[f"down_blocks.{level}.resnets.{j}"] = f"input_blocks.{block}.0"
-            table[f"down_blocks.{level}.attentions.{j}"] = f"input_blocks.{block}.1"
-            block += 1
-        table[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{block}.0.op"
-        block += 1
-    block = 0
-    for level in range(levels):
-        attends = any(name.startswith(f"up_blocks.{level}.attentions.") for name in modules)
-        for j in range(count.get(("up_blocks", level), 0)):
-            table[f"up_blocks.{level}.resnets.{j}"] = f"output_blocks.{block}.0"
-            table[f"up_blocks.{level}.attentions.{j}"] = f"output_blocks.{block}.1"
-            block += 1
-        table[f"up_blocks.{level}.upsamplers.0.conv"] = f"output_blocks.{block - 1}.{2 if attends else 1}.conv"
-    return table
-
-
-def sgm_name(module: str, blocks: Mapping[str, str]) -> str | None:
-    """A diffusers UNet module name in the SGM UNet's names (None outside its blocks)."""
-    for block, sgm in blocks.items():
-        if module == block:
-            return sgm
-        if module.startswith(block + "."):
-            rest = module[len(block) + 1:]
-            if ".resnets." in block:
-                head, _, tail = rest.partition(".")
-                rest = ".".join(filter(None, [SGM_RESNET.get(head, head), tail]))
-            return f"{sgm}.{rest}"
-    return None
 
 
 def kohya_names(component: str, kernels: Mapping[str, tuple[str, ...]]) -> dict[str, str]:

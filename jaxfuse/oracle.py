@@ -12,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from jaxfuse.demo import architecture
@@ -149,6 +155,15 @@ def text_config(hidden: int, layers: int, act: str, eos_token_id: int, **extra) 
                           hidden_act=act, bos_token_id=0, eos_token_id=eos_token_id, pad_token_id=1, **extra)
 
 
+def tiny_vae() -> AutoencoderKL:
+    """The tiny pipelines' VAE (the same weights in each, as SDXL's base and refiner share theirs)."""
+    return perturbed(AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        sample_size=64, scaling_factor=0.13025, force_upcast=True,
+    ), 4)
+
+
 def build_tiny_sdxl(folder: Path) -> StableDiffusionXLPipeline:
     """Builds, saves to `folder` and returns the tiny pipeline. Its tokenizer folders hold the classic
     files (vocab.json, merges.txt) only; the returned pipeline's `save_pretrained` writes transformers
@@ -170,15 +185,36 @@ def build_tiny_sdxl(folder: Path) -> StableDiffusionXLPipeline:
         cross_attention_dim=sum(TEXT_WIDTHS), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=POOLED + 6 * 8, sample_size=8,
     ), seed=3)
-    vae = perturbed(AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-        sample_size=64, scaling_factor=0.13025, force_upcast=True,
-    ), 4)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
                                      scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER))
     pipe.save_pretrained(folder)
     for name in ("tokenizer", "tokenizer_2"):  # the classic layout alone: transformers 5 added tokenizer.json
         (folder / name / "tokenizer.json").unlink(missing_ok=True)
+    return pipe
+
+
+def build_tiny_refiner(folder: Path) -> StableDiffusionXLImg2ImgPipeline:
+    """Builds, saves to `folder` and returns a tiny refiner made as SDXL's is: the second text
+    encoder alone, its micro-conditioning 5 time ids (the last an aesthetic score), a UNet of its
+    own (4 levels, attention in the middle two, as the refiner's) and the tiny pipeline's VAE."""
+    torch.manual_seed(0)
+    tokenizer_2 = write_tokenizer(folder / "tokenizer_2", pad_token="!")
+    text_encoder_2 = perturbed(CLIPTextModelWithProjection(
+        text_config(TEXT_WIDTHS[1], 2, "gelu", tokenizer_2.eos_token_id, projection_dim=POOLED)), 5)
+    unet = random_unet(dict(
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1, transformer_layers_per_block=2, attention_head_dim=(1, 2, 2, 2), norm_num_groups=8,
+        cross_attention_dim=TEXT_WIDTHS[1], use_linear_projection=True, upcast_attention=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=POOLED + 5 * 8, sample_size=8,
+    ), seed=6)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=tiny_vae(), text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False)
+    pipe.save_pretrained(folder)
+    (folder / "tokenizer_2" / "tokenizer.json").unlink(missing_ok=True)
     return pipe

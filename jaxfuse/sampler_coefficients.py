@@ -286,6 +286,19 @@ def start_step(num_steps: int, strength: float) -> int:
     return num_steps - min(int(num_steps * strength), num_steps)
 
 
+def steps_before(kind: SchedulerKind, cfg: SchedulerConfig, num_steps: int, fraction: float) -> int:
+    """How many of the schedule's first steps lie before `fraction` of the noise is removed, as
+    diffusers' `denoising_end`/`denoising_start` count them: the steps whose timestep is at least
+    round((1 - fraction) T)."""
+    cutoff = int(round(cfg.num_train_timesteps - fraction * cfg.num_train_timesteps))  # diffusers' rounding
+    return int(np.sum(np.asarray(make_schedule(kind, cfg, num_steps).timesteps) >= cutoff))
+
+
+def head(schedule: Schedule, stop: int) -> Schedule:
+    """The schedule's first `stop` steps (a model that hands its latents on to another)."""
+    return jax.tree.map(lambda v: np.array(v[:stop] if np.ndim(v) else v), schedule)
+
+
 def tail(schedule: Schedule, start: int) -> Schedule:
     """The schedule from step `start` on. Its first step has no previous x0, so a second-order
     step there falls back to first order (DPM++ from a noised image, as diffusers does): the

@@ -44,9 +44,11 @@ from flax import struct
 # Re-exported for the modules that reach the whole sampler API through `jaxfuse.schedulers`: the
 # settings (`jaxfuse.scheduler_config`) and the host side (`jaxfuse.sampler_coefficients`).
 from jaxfuse.sampler_coefficients import Schedule as Schedule
+from jaxfuse.sampler_coefficients import head as head
 from jaxfuse.sampler_coefficients import lcm_at as lcm_at
 from jaxfuse.sampler_coefficients import make_schedule as make_schedule
 from jaxfuse.sampler_coefficients import start_step as start_step
+from jaxfuse.sampler_coefficients import steps_before as steps_before
 from jaxfuse.sampler_coefficients import tail as tail
 from jaxfuse.sampler_coefficients import train_alphas_cumprod as train_alphas_cumprod
 from jaxfuse.scheduler_config import PredictionType as PredictionType
@@ -80,10 +82,12 @@ def init_state(schedule: Schedule, latents: jax.Array, noise_keys: jax.Array) ->
     return SchedulerState(prev_x0=jnp.zeros_like(latents, jnp.float32), noise_keys=noise_keys)
 
 
-def noise_keys(seeds: Sequence[int]) -> jax.Array:
+def noise_keys(seeds: Sequence[int], stream: int = 0) -> jax.Array:
     """K seeds -> [K, 2] uint32 key data (plain arrays, which any layout takes): one key for a
-    whole batch, or one per image."""
-    return jax.random.key_data(jnp.stack([jax.random.key(s) for s in seeds]))
+    whole batch, or one per image. Another `stream` gives other keys from the same seeds (a
+    second model's steps)."""
+    return jax.random.key_data(jnp.stack([jax.random.fold_in(jax.random.key(s), stream) if stream
+                                          else jax.random.key(s) for s in seeds]))
 
 
 def step_noise(key_data: jax.Array, i: jax.Array, shape: tuple[int, ...]) -> jax.Array:

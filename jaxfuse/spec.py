@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfuse import schedulers
-from jaxfuse.checkpoint import CONFIG_NAME, MODEL_COMPONENTS, PARAMS_DIR, TOKENIZERS, component_folder
+from jaxfuse.checkpoint import CONFIG_NAME, PARAMS_DIR, TOKENIZERS, component_folder
 from jaxfuse.config import ParallelConfig, UNetConfig, VAEConfig
 
 
@@ -30,6 +30,8 @@ class PipelineError(ValueError):
 # pair, or in the one `tokenizer.json` (all that transformers 5 saves). `CLIPTokenizerFast` reads both.
 TOKENIZER_FILES = (("tokenizer_config.json", "vocab.json", "merges.txt"), ("tokenizer_config.json", "tokenizer.json"))
 TOKENIZER_LAYOUTS = "tokenizer_config.json with either tokenizer.json or vocab.json and merges.txt"
+# SDXL's text encoders, each with its tokenizer's folder. The refiner has the second one only.
+TEXT_ENCODERS = dict(zip(("text_encoder", "text_encoder_2"), TOKENIZERS))
 
 
 def checked_int(name: str, value: Any, low: int, high: int | None = None) -> int:
@@ -90,24 +92,33 @@ class PipelineSpec:
     force_zeros_for_empty_prompt: bool
     converted: bool  # every model folder holds orbax params already
     vae_folder: Path | None = None  # a VAE that replaces the model's own (`with_vae`); None: the model's
+    encoders: tuple[str, ...] = tuple(TEXT_ENCODERS)  # the text encoders it has: the refiner has the second only
+    requires_aesthetics_score: bool = False  # the refiner's micro-conditioning: an aesthetic score for a crop
+    refiner: PipelineSpec | None = None  # a model that finishes this one's images (`with_refiner`)
 
     @classmethod
     def read(cls, folder: str | Path, vae: str | Path | None = None) -> PipelineSpec:
-        """The spec of a pipeline folder; with `vae`, of the model with that VAE (`with_vae`)."""
+        """The spec of a pipeline folder (SDXL base or refiner: the model index says which text
+        encoders it has); with `vae`, of the model with that VAE (`with_vae`)."""
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise PipelineError(f"{folder} is not a folder; pass a diffusers SDXL pipeline folder.")
-        wanted = ["model_index.json", "scheduler/scheduler_config.json",
-                  *(f"{c}/{CONFIG_NAME}" for c in MODEL_COMPONENTS)]
+        if not (folder / "model_index.json").is_file():
+            raise PipelineError(f"{folder} is not an SDXL pipeline folder: missing model_index.json.")
+        index = read_config(folder / "model_index.json")
+        # The refiner's index names its absent first encoder [null, null].
+        encoders = tuple(e for e in TEXT_ENCODERS if (index.get(e) or [None])[0] is not None)
+        wanted = ["scheduler/scheduler_config.json", *(f"{c}/{CONFIG_NAME}" for c in ("unet", "vae", *encoders))]
         missing = [name for name in wanted if not (folder / name).is_file()]
         lacking = []
-        for t in TOKENIZERS:  # what the layout the folder comes nearest to lacks (the classic one on a tie)
+        for t in (TEXT_ENCODERS[e] for e in encoders):  # what the layout the folder comes nearest to lacks
             lacking += min(([f"{t}/{name}" for name in layout if not (folder / t / name).is_file()]
-                            for layout in TOKENIZER_FILES), key=len)
-        if missing or lacking:
+                            for layout in TOKENIZER_FILES), key=len)  # (the classic one on a tie)
+        if missing or lacking or not encoders:
             why = f" A tokenizer folder holds {TOKENIZER_LAYOUTS}." if lacking else ""
-            raise PipelineError(f"{folder} is not an SDXL pipeline folder: missing {', '.join(missing + lacking)}."
-                                + why)
+            what = (f"missing {', '.join(missing + lacking)}" if missing or lacking
+                    else "its model_index.json names no text encoder")
+            raise PipelineError(f"{folder} is not an SDXL pipeline folder: {what}." + why)
 
         def config(name):
             return read_config(folder / name)
@@ -117,14 +128,27 @@ class PipelineSpec:
             unet=UNetConfig.from_diffusers(config(f"unet/{CONFIG_NAME}")),
             vae=VAEConfig.from_diffusers(config(f"vae/{CONFIG_NAME}")),
             scheduler=schedulers.SchedulerConfig.from_diffusers(config("scheduler/scheduler_config.json")),
-            force_zeros_for_empty_prompt=bool(config("model_index.json").get("force_zeros_for_empty_prompt", True)),
-            converted=all((folder / c / PARAMS_DIR).is_dir() for c in MODEL_COMPONENTS),
+            force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+            converted=all((folder / c / PARAMS_DIR).is_dir() for c in ("unet", "vae", *encoders)),
+            encoders=encoders,
+            requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
         )
         return spec if vae is None else spec.with_vae(vae)
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Its models' folder names."""
+        return ("unet", "vae", *self.encoders)
+
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        """The tokenizer folder of each text encoder, in order."""
+        return tuple(TEXT_ENCODERS[e] for e in self.encoders)
+
     def with_vae(self, vae: str | Path) -> PipelineSpec:
         """This model with the VAE in `vae` (a diffusers VAE folder, or a pipeline folder holding
-        one) in place of its own, e.g. SDXL's fp16-fix VAE; checked against the UNet."""
+        one) in place of its own, e.g. SDXL's fp16-fix VAE; checked against the UNet. A refiner
+        takes it too: it decodes the images it finishes."""
         try:
             folder = component_folder(vae, "vae")
         except FileNotFoundError:
@@ -134,7 +158,23 @@ class PipelineSpec:
         if cfg.latent_channels != self.unet.in_channels:
             raise PipelineError(f"the VAE {vae} makes latents of {cfg.latent_channels} channels; this model's UNet "
                                 f"reads {self.unet.in_channels}: pass a VAE made for it.")
-        return dataclasses.replace(self, vae=cfg, vae_folder=folder)
+        refiner = None if self.refiner is None else self.refiner.with_vae(vae)
+        return dataclasses.replace(self, vae=cfg, vae_folder=folder, refiner=refiner)
+
+    def with_refiner(self, refiner: PipelineSpec) -> PipelineSpec:
+        """This model with `refiner` finishing its images (diffusers' ensemble of experts: this
+        model denoises the first part of the schedule, the refiner the rest); checked to share
+        its latent space."""
+        if refiner.refiner is not None:
+            raise PipelineError(f"the refiner {refiner.folder} has a refiner of its own; pass a plain model.")
+        for what, ours, theirs in (("latent channels", self.unet.in_channels, refiner.unet.in_channels),
+                                   ("VAE factor", self.vae_factor, refiner.vae_factor)):
+            if ours != theirs:
+                raise PipelineError(f"the refiner {refiner.folder} has {theirs} {what}, this model {ours}: a refiner "
+                                    "continues this model's latents, so it must share its VAE's latent space.")
+        if self.vae_folder is not None:
+            refiner = refiner.with_vae(self.vae_folder)
+        return dataclasses.replace(self, refiner=refiner)
 
     @property
     def vae_factor(self) -> int:
@@ -201,7 +241,7 @@ class PipelineSpec:
         """Each model's dtype. The VAE stays in float32 when its config says `force_upcast`
         (SDXL's VAE overflows in half precision)."""
         vae_dtype = jnp.dtype(jnp.float32) if self.vae.force_upcast else dtype
-        return {"unet": dtype, "vae": vae_dtype, "text_encoder": dtype, "text_encoder_2": dtype}
+        return {c: vae_dtype if c == "vae" else dtype for c in self.components}
 
 
 # Names that moved to `jaxfuse.pipeline.request`; importing them from here works for one more release.

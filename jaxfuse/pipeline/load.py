@@ -43,7 +43,7 @@ def load_models(spec: PipelineSpec, source: Path, dtype: Any) -> dict[str, tuple
     """Each model of the pipeline `spec` describes, as (module, params), read from `source` (its
     folder, or a converted copy of it) in the model's dtype (`PipelineSpec.dtypes`)."""
     dtypes = spec.dtypes(jnp.dtype(dtype))
-    return {c: LOADERS[c](source / c, dtype=dtypes[c]) for c in checkpoint.MODEL_COMPONENTS}
+    return {c: LOADERS[c](source / c, dtype=dtypes[c]) for c in spec.components}
 
 
 def plan_loras(spec: PipelineSpec, loras: Sequence[tuple[str | Path, float]]) -> list[tuple[Path, list]]:
@@ -53,7 +53,7 @@ def plan_loras(spec: PipelineSpec, loras: Sequence[tuple[str | Path, float]]) ->
     if not pairs:
         return []
     abstract = {"unet": unet_model.abstract_params(spec.unet)}
-    for component in ("text_encoder", "text_encoder_2"):
+    for component in spec.encoders:
         abstract[component] = clip_model.abstract_params(clip_model.read_config(spec.folder / component))
     return [(path, lora.plan_lora(path, weight, abstract)) for path, weight in pairs]
 
@@ -71,9 +71,10 @@ def check_weights_finite(programs: Programs, named: dict[str, Any]) -> None:
 
 
 def checked_pipeline(spec: PipelineSpec, models: dict[str, tuple[Any, Any]], encoders: Sequence[TextEncoder],
-                     dtype: Any, loras: Sequence[tuple[Path, float]] = ()) -> SDXLPipeline:
+                     dtype: Any, loras: Sequence[tuple[Path, float]] = (),
+                     refiner: SDXLPipeline | None = None) -> SDXLPipeline:
     """The pipeline of loaded `models` and `encoders`, its weights checked finite first."""
-    pipe = SDXLPipeline(spec, *models["unet"], *models["vae"], encoders, dtype, loras)
+    pipe = SDXLPipeline(spec, *models["unet"], *models["vae"], encoders, dtype, loras, refiner)
     check_weights_finite(pipe.programs, {"unet": pipe.denoiser.params, "vae": pipe.codec.params,
                                          **{f"text_encoder_{i}": e.params for i, e in enumerate(encoders)}})
     return pipe
@@ -105,47 +106,72 @@ def read_models(spec: PipelineSpec, dtype: Any, cache_dir: str | Path | None,
     return models
 
 
+def load_models_of(spec: PipelineSpec, dtype: Any, cache_dir: str | Path | None,
+                   log: Callable[[str], None]) -> dict[str, tuple[Any, Any]]:
+    """The models of `spec`: its own from its folder or the cache (`read_models`), with the VAE
+    that replaces its own when it names one."""
+    own = spec if spec.vae_folder is None else PipelineSpec.read(spec.folder)  # the cache holds the model's own
+    models = read_models(own, dtype, cache_dir, log)
+    if spec.vae_folder is not None:  # the replacement is read as it is
+        models["vae"] = load_vae(spec.vae_folder, dtype=spec.dtypes(jnp.dtype(dtype))["vae"])
+        log(f"the VAE from {spec.vae_folder}")
+    return models
+
+
+def text_encoders(spec: PipelineSpec, models: dict[str, tuple[Any, Any]]) -> list[TextEncoder]:
+    """Each text encoder of `spec` with its tokenizer."""
+    # The fast tokenizer reads a tokenizer folder of either layout (`spec.TOKENIZER_FILES`). In transformers 5
+    # it is the `CLIPTokenizer` diffusers loads; in 4, `CLIPTokenizer` is a slow one that reads the classic pair only.
+    return [TextEncoder(CLIPTokenizerFast.from_pretrained(spec.folder / tokenizer, local_files_only=True),
+                        *models[model])
+            for tokenizer, model in zip(spec.tokenizers, spec.encoders)]
+
+
 def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str | Path | None = None,
                   log: Callable[[str], None] = print, *, loras: Sequence[tuple[str | Path, float]] = (),
-                  vae: str | Path | None = None, **processes: Any) -> SDXLPipeline:
+                  vae: str | Path | None = None, refiner: str | Path | None = None,
+                  **processes: Any) -> SDXLPipeline:
     """An SDXL pipeline from a diffusers folder (converted once and cached under `cache_dir`,
     default `$JAXFUSE_CACHE` or ~/.cache/jaxfuse) or from a converted folder. A cache entry is
     checked against its manifest first; a damaged one raises `checkpoint.CacheError`, naming the
-    folder to delete. Weights that hold NaN or infinity raise `NonFiniteError`.
+    folder to delete. Weights that hold NaN or infinity raise `NonFiniteError`. The folder may be
+    SDXL's refiner: it then runs image to image alone (`image=`, `strength=`).
 
     `vae`: a diffusers VAE folder (or a pipeline folder holding one) used in place of the model's
-    own, such as SDXL's fp16-fix VAE; checked against the UNet before any weight is read.
+    own (and the refiner's), such as SDXL's fp16-fix VAE; checked against the UNet before any
+    weight is read.
+
+    `refiner`: a pipeline folder of SDXL's refiner (or any model sharing this one's latents) that
+    finishes the images a request names `refiner_start` for (diffusers' ensemble of experts).
 
     `loras`: (safetensors file, weight) pairs, diffusers/PEFT or kohya (`jaxfuse.lora`), fused into
-    the UNet's and text encoders' weights after loading; each is checked against the model before
-    any weight is read, and raises `lora.LoraError` (a ValueError) listing what does not fit.
+    the UNet's and text encoders' weights after loading (the model's, not the refiner's); each is
+    checked against the model before any weight is read, and raises `lora.LoraError` (a
+    ValueError) listing what does not fit.
 
     Across hosts, every process calls `start_processes` first, then this with the same folder.
     (`coordinator_address`, `num_processes` and `process_id` here still start them, with a
     DeprecationWarning, until the next release.)
     """
-    own = PipelineSpec.read(folder)
-    spec = own if vae is None else own.with_vae(vae)
+    spec = PipelineSpec.read(folder, vae)
+    if refiner is not None:
+        spec = spec.with_refiner(PipelineSpec.read(refiner))
     lora_updates = plan_loras(spec, loras)
     if processes:
         warnings.warn("load_pipeline(coordinator_address=..., num_processes=..., process_id=...) is deprecated: "
                       "call jaxfuse.start_processes(...) before loading.", DeprecationWarning, stacklevel=2)
         start_processes(**processes)
     start = time.perf_counter()
-    models = read_models(own, dtype, cache_dir, log)  # the cache holds the model's own weights
-    if spec.vae_folder is not None:  # the replacement is read as it is
-        models["vae"] = load_vae(spec.vae_folder, dtype=spec.dtypes(jnp.dtype(dtype))["vae"])
-        log(f"the VAE from {spec.vae_folder}")
+    models = load_models_of(spec, dtype, cache_dir, log)
     if lora_updates:  # after the cache: an entry holds the model's own weights only
-        fused = lora.fuse({c: models[c][1] for c in lora.COMPONENTS}, lora_updates)
-        models.update({c: (models[c][0], fused[c]) for c in lora.COMPONENTS})
+        fused = lora.fuse({c: models[c][1] for c in lora.COMPONENTS if c in models}, lora_updates)
+        models.update({c: (models[c][0], fused[c]) for c in fused})
         log("fused " + ", ".join(f"{path.name} ({len(updates)} modules)" for path, updates in lora_updates))
+    finisher = None
+    if spec.refiner is not None:
+        refiner_models = load_models_of(spec.refiner, dtype, cache_dir, log)
+        finisher = checked_pipeline(spec.refiner, refiner_models, text_encoders(spec.refiner, refiner_models), dtype)
+        log(f"the refiner from {spec.refiner.folder}")
     log(f"loaded the model in {time.perf_counter() - start:.1f} s")
-
-    # The fast tokenizer reads a tokenizer folder of either layout (`spec.TOKENIZER_FILES`). In transformers 5
-    # it is the `CLIPTokenizer` diffusers loads; in 4, `CLIPTokenizer` is a slow one that reads the classic pair only.
-    encoders = [TextEncoder(CLIPTokenizerFast.from_pretrained(spec.folder / tokenizer, local_files_only=True),
-                            *models[model])
-                for tokenizer, model in zip(checkpoint.TOKENIZERS, ("text_encoder", "text_encoder_2"))]
     fused = [(path, updates[0].weight) for path, updates in lora_updates]
-    return checked_pipeline(spec, models, encoders, dtype, fused)
+    return checked_pipeline(spec, models, text_encoders(spec, models), dtype, fused, finisher)

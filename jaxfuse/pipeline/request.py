@@ -191,8 +191,76 @@ class Tiles:
         return parallel if parallel.patches > 1 else ParallelConfig()
 
 
-# The optional parts of a request, each parsed from its `ARGUMENTS` (by name, with their defaults).
-PARTS = {"image_to_image": ImageToImage, "tiles": Tiles}
+# The share of the noise SDXL's base removes before its refiner takes over, as SDXL's model card runs them.
+DEFAULT_REFINER_START = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class Refine:
+    """Finish with the model's refiner (diffusers' ensemble of experts, `denoising_end` =
+    `denoising_start` = `start`): the model runs the steps whose timestep is at least
+    round((1 - start) T), the refiner the rest, from the model's latents as they are."""
+
+    ARGUMENTS: ClassVar[dict[str, Any]] = {"refiner_start": None}
+
+    start: float
+    model_steps: int  # the steps the model runs, counted from the schedule's first
+    refiner_first: int  # the refiner's first step in its own schedule (the same step when the schedulers agree)
+
+    @classmethod
+    def parse(cls, spec: PipelineSpec, request: Request, refiner_start: Any) -> Refine | None:
+        if refiner_start is None:
+            return None
+        if spec.refiner is None:
+            raise PipelineError("refiner_start needs a refiner: load one (load_pipeline(..., refiner=FOLDER), "
+                                "--refiner FOLDER).")
+        start = checked_float("refiner start", refiner_start, 0.0, 1.0)
+        if request.tiles is not None:
+            raise PipelineError("the refiner finishes one image, not a tiled canvas; drop the refiner start or the "
+                                "tiling (--tiles off).")
+        model_steps = schedulers.steps_before(request.scheduler, spec.scheduler, request.steps, start)
+        refiner_first = schedulers.steps_before(request.scheduler, spec.refiner.scheduler, request.steps, start)
+        if not request.start_step < model_steps < request.steps or refiner_first >= request.steps:
+            raise PipelineError(f"refiner start {start:g} of {request.steps} steps leaves the model steps "
+                                f"{request.start_step}..{model_steps - 1} and the refiner steps {refiner_first}.."
+                                f"{request.steps - 1}: each needs at least one; pick a start between "
+                                f"{1 - 1 / request.steps:.2g} and {1 / request.steps:.2g} or more steps.")
+        return cls(start, model_steps, refiner_first)
+
+
+# diffusers' `StableDiffusionXLImg2ImgPipeline` defaults.
+DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Aesthetics:
+    """The refiner's micro-conditioning: the aesthetic score (0..10, LAION's scale) it is asked
+    for, and the one the negative half of the guidance is conditioned on."""
+
+    ARGUMENTS: ClassVar[dict[str, Any]] = {"aesthetic_score": None, "negative_aesthetic_score": None}
+
+    score: float = DEFAULT_AESTHETIC_SCORE
+    negative_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
+
+    @classmethod
+    def parse(cls, spec: PipelineSpec, request: Request, aesthetic_score: Any,
+              negative_aesthetic_score: Any) -> Aesthetics | None:
+        """The scores when the model or its refiner reads them (its model index's
+        `requires_aesthetics_score`), or None; given to any other model they are an error."""
+        if not any(s is not None and s.requires_aesthetics_score for s in (spec, spec.refiner)):
+            if aesthetic_score is not None or negative_aesthetic_score is not None:
+                raise PipelineError("aesthetic scores condition SDXL's refiner only; this model does not read them "
+                                    "(load a refiner, or drop them).")
+            return None
+        return cls(*(checked_float(name, default if value is None else value, 0.0, 10.0)
+                     for name, value, default in (("aesthetic score", aesthetic_score, DEFAULT_AESTHETIC_SCORE),
+                                                  ("negative aesthetic score", negative_aesthetic_score,
+                                                   DEFAULT_NEGATIVE_AESTHETIC_SCORE))))
+
+
+# The optional parts of a request, each parsed from its `ARGUMENTS` (by name, with their defaults), in
+# this order (a part sees those before it).
+PARTS = {"image_to_image": ImageToImage, "tiles": Tiles, "refine": Refine, "aesthetics": Aesthetics}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +284,8 @@ class Request:
     parallel: ParallelConfig = ParallelConfig()
     image_to_image: ImageToImage | None = None
     tiles: Tiles | None = None  # a canvas of fused views, or None: one image
+    refine: Refine | None = None  # the refiner finishes the image, or None: the model alone
+    aesthetics: Aesthetics | None = None  # when the model or its refiner reads aesthetic scores
 
     @property
     def batch(self) -> int:
@@ -294,6 +364,11 @@ class Request:
             raise PipelineError(f"parallel must be a jaxfuse.ParallelConfig, got {parallel!r}.")
         if self.tiles is None:
             spec.check_size(self.height, self.width, parallel.patches)
+            if self.refine is not None:
+                try:
+                    spec.refiner.check_size(self.height, self.width, parallel.patches)
+                except PipelineError as e:
+                    raise PipelineError(f"the refiner's UNet: {e}") from None
         else:
             parallel = self.tiles.spread(spec, parallel)
         if parallel.cfg_parallel and not self.use_guidance:

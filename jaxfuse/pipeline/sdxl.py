@@ -45,17 +45,25 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
     return jnp.stack([jax.random.normal(jax.random.key(s), shape[1:], jnp.float32) for s in seeds])
 
 
+def shifted(progress: Callable[[int, int], None] | None, done: int,
+            total: int) -> Callable[[int, int], None] | None:
+    """`progress` for a loop that runs after `done` of a request's `total` steps."""
+    return None if progress is None else lambda step, _: progress(done + step, total)
+
+
 class SDXLPipeline:
     """SDXL text to image and image to image; build it with `load_pipeline`."""
 
     def __init__(self, spec: PipelineSpec, unet, unet_params, vae: AutoencoderKL, vae_params,
-                 encoders: Sequence[TextEncoder], dtype: Any, loras: Sequence[tuple[Path, float]] = ()):
+                 encoders: Sequence[TextEncoder], dtype: Any, loras: Sequence[tuple[Path, float]] = (),
+                 refiner: SDXLPipeline | None = None):
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
         self.denoiser = Denoiser(unet, unet_params)
         self.codec = Codec(vae, vae_params, spec.vae)
-        self.text = Text(tuple(encoders), spec.force_zeros_for_empty_prompt, self.dtype)
+        self.text = Text(tuple(encoders), spec.force_zeros_for_empty_prompt, self.dtype, spec.requires_aesthetics_score)
         self.loras = tuple(loras)  # (file, weight) fused into the weights: named when a result is not finite
+        self.refiner = refiner  # the pipeline that finishes a request's image when it names a refiner start
         self.programs = Programs()
 
     def __call__(self, prompt, negative_prompt=None, **kwargs) -> np.ndarray:
@@ -82,21 +90,45 @@ class SDXLPipeline:
         run = self.programs.for_call(record)
         layout = layout_of(request, self.spec, self.text, self.codec)
         mesh = layout.mesh(request)
-        cond = run.timed("encode", lambda: layout.conditioning(run, request))
         x, schedule = self.initial_latents(run, request, layout, mesh)
+        finisher, part, keys = self, request.refine, schedulers.noise_keys(request.seeds)
+        if part is not None:  # the model's steps, then the refiner's from its latents as they are
+            schedule = schedulers.head(schedule, part.model_steps - request.start_step)
+            refined = schedulers.tail(schedulers.make_schedule(request.scheduler, self.refiner.spec.scheduler,
+                                                               request.steps), part.refiner_first)
+            total = schedule.timesteps.shape[0] + refined.timesteps.shape[0]
+            x = self.denoised(run, request, layout, mesh, x, schedule, shifted(progress, 0, total), keys)
+            finisher = self.refiner
+            run = finisher.programs.for_call(record)
+            layout = layout_of(request, finisher.spec, finisher.text, finisher.codec)
+            # The refiner's stochastic steps draw noise of their own, not the model's first steps' again.
+            x = finisher.denoised(run, request, layout, mesh, x, refined,
+                                  shifted(progress, schedule.timesteps.shape[0], total),
+                                  schedulers.noise_keys(request.seeds, stream=1), "refiner_")
+        else:
+            x = self.denoised(run, request, layout, mesh, x, schedule, progress, keys)
+        images = gather(run.timed("decode", lambda: finisher.codec.decode(run, x, *layout.vae_layout(request, mesh))))
+        check_finite("the decoded image", images, "the VAE's weights or an overflow in half precision (SDXL's "
+                     "VAE needs float32: its config's force_upcast)")
+        return Generation(images, record.phase_times(), dict(record.memory))
+
+    def denoised(self, run: CallPrograms, request: Request, layout: WholeImage | Canvas, mesh: Mesh | None,
+                 x: jax.Array, schedule: schedulers.Schedule, progress: Callable[[int, int], None] | None,
+                 keys: jax.Array, phase: str = "") -> jax.Array:
+        """The latents `x` denoised through `schedule` by this pipeline's model, checked finite;
+        `keys`: the stochastic samplers' noise keys; `phase` prefixes the names its phases are
+        timed under."""
+        cond = run.timed(f"{phase}encode", lambda: layout.conditioning(run, request))
         loop = Loop(Sampling(request.use_guidance, request.guidance_rescale > 0, request.parallel),
                     Plan.of(request.parallel, schedule.timesteps.shape[0]), mesh, layout.predictor(request, mesh))
         guidance = Guidance(jnp.float32(request.guidance_scale), jnp.float32(request.guidance_rescale))
-        keys = schedulers.noise_keys(request.seeds)
-        x = run.timed("denoise", lambda: denoise(loop, self.denoiser, x, cond, schedule, guidance, keys, run, progress))
+        x = run.timed(f"{phase}denoise",
+                      lambda: denoise(loop, self.denoiser, x, cond, schedule, guidance, keys, run, progress))
         half = "" if self.dtype == jnp.float32 else " or an overflow in half precision (try --dtype float32)"
         check_finite("the denoised latents", gather(x), " or ".join(
             [*(f"the LoRA {path} at weight {weight:g} (try a weight nearer 1)" for path, weight in self.loras),
              f"the UNet's weights{half}"]))
-        images = gather(run.timed("decode", lambda: self.codec.decode(run, x, *layout.vae_layout(request, mesh))))
-        check_finite("the decoded image", images, "the VAE's weights or an overflow in half precision (SDXL's "
-                     "VAE needs float32: its config's force_upcast)")
-        return Generation(images, record.phase_times(), dict(record.memory))
+        return x
 
     def initial_latents(self, run: CallPrograms, request: Request, layout: WholeImage | Canvas,
                         mesh: Mesh | None) -> tuple[jax.Array, schedulers.Schedule]:

@@ -48,11 +48,13 @@ class TextEncoder:
 @dataclasses.dataclass(frozen=True)
 class Text:
     """SDXL's text side: its encoders, whether an absent negative prompt is zeros (the model
-    folder's `force_zeros_for_empty_prompt`), and the dtype the UNet reads."""
+    folder's `force_zeros_for_empty_prompt`), the dtype the UNet reads, and whether the UNet's
+    micro-conditioning ends in an aesthetic score (the refiner's) rather than the target size."""
 
     encoders: tuple[TextEncoder, ...]
     force_zeros_for_empty_prompt: bool
     dtype: Any
+    aesthetic: bool = False
 
     def encode(self, run: Runner, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """Prompts -> context [B, 77, sum of widths] (each encoder's penultimate layer, side by
@@ -69,10 +71,7 @@ class Text:
         """Text embeddings and SDXL micro-conditioning, unconditional half first when guiding (or
         when `negative` asks for it whatever the guidance scale)."""
         context, pooled = self.encode(run, request.prompts)
-        size = (request.height, request.width)
-        time_ids = jnp.asarray([*(request.original_size or size), *request.crops_coords_top_left,
-                                *(request.target_size or size)], jnp.float32)
-        time_ids = jnp.broadcast_to(time_ids, (request.batch, time_ids.shape[0]))
+        time_ids, negative_time_ids = self.time_ids(request)
         if request.use_guidance if negative is None else negative:
             if request.negative_prompts is None and self.force_zeros_for_empty_prompt:
                 neg_context, neg_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
@@ -80,5 +79,17 @@ class Text:
                 neg_context, neg_pooled = self.encode(run, request.negative_prompts or [""] * request.batch)
             context = jnp.concatenate([neg_context, context])
             pooled = jnp.concatenate([neg_pooled, pooled])
-            time_ids = jnp.concatenate([time_ids, time_ids])
+            time_ids = jnp.concatenate([negative_time_ids, time_ids])
         return Conditioning(context.astype(self.dtype), pooled.astype(self.dtype), time_ids)
+
+    def time_ids(self, request: Request) -> tuple[jax.Array, jax.Array]:
+        """The micro-conditioning [B, K] of the prompt and of the negative half: the original size,
+        the crop's corner and the target size; the refiner's ends in its aesthetic score instead."""
+        size = (request.height, request.width)
+        common = [*(request.original_size or size), *request.crops_coords_top_left]
+        if self.aesthetic:
+            ends = [[request.aesthetics.score], [request.aesthetics.negative_score]]
+        else:
+            ends = [list(request.target_size or size)] * 2
+        return tuple(jnp.broadcast_to(jnp.asarray(common + end, jnp.float32), (request.batch, len(common + end)))
+                     for end in ends)
