@@ -246,9 +246,9 @@ def add_file_key(digest: Any, path: Path) -> None:
             digest.update(f.read(SAMPLE_BYTES))
 
 
-def cache_folder(folder: Path, dtype: Any, cache_dir: str | Path | None = None) -> Path:
-    """Where the converted copy of the pipeline `folder` in `dtype` is cached: named by a hash of
-    every model file, without reading the gigabytes of its tensors.
+def cache_folder(model: Path, dtype: Any, cache_dir: str | Path | None = None) -> Path:
+    """Where the converted copy of the pipeline folder or single file `model` in `dtype` is cached:
+    named by a hash of every model file, without reading the gigabytes of its tensors.
 
     A file counts by its name, size, modification time and status-change time (ctime). Any write
     sets ctime to now, and no user tool sets it back (`touch` and `os.utime` set mtime, and move
@@ -260,9 +260,13 @@ def cache_folder(folder: Path, dtype: Any, cache_dir: str | Path | None = None) 
     """
     dtype = jnp.dtype(dtype)
     digest = hashlib.sha256(f"{CACHE_FORMAT} {dtype.name}".encode())
-    for component in filter(lambda c: (folder / c).is_dir(), MODEL_COMPONENTS):  # the refiner has 3 of the 4
-        for path in sorted((folder / component).iterdir()):
+    if model.is_file():
+        digest.update(model.name.encode())
+        add_file_key(digest, model)
+    for component in filter(lambda c: (model / c).is_dir(), MODEL_COMPONENTS):  # the refiner has 3 of the 4
+        for path in sorted((model / component).iterdir()):
             if path.is_file():
                 digest.update(f"{component}/{path.name}".encode())
                 add_file_key(digest, path)
-    return Path(cache_dir or default_cache_dir()) / f"{folder.name}-{digest.hexdigest()[:16]}"
+    name = model.stem if model.is_file() else model.name
+    return Path(cache_dir or default_cache_dir()) / f"{name}-{digest.hexdigest()[:16]}"

@@ -20,6 +20,9 @@ import numpy as np
 from jaxfuse import schedulers
 from jaxfuse.checkpoint import CONFIG_NAME, PARAMS_DIR, TOKENIZERS, component_folder
 from jaxfuse.config import ParallelConfig, UNetConfig, VAEConfig
+from jaxfuse.single_file import SCHEDULER_CONFIG, SingleFile
+from jaxfuse.text_encoder_config import TextEncoderConfig
+from jaxfuse.weight_conversion import PICKLE_SUFFIXES
 
 
 class PipelineError(ValueError):
@@ -80,34 +83,68 @@ def read_config(path: Path) -> dict:
         raise PipelineError(f"{path} is not valid JSON ({e}); restore it from the model's original copy.") from e
 
 
+def indexed_encoders(index: dict) -> tuple[str, ...]:
+    """The text encoders a `model_index.json` names (the refiner's names its absent first one [null, null])."""
+    return tuple(e for e in TEXT_ENCODERS if (index.get(e) or [None])[0] is not None)
+
+
+def read_vae(vae: str | Path) -> tuple[VAEConfig, Path]:
+    """The config of a VAE given on its own: a diffusers VAE folder (or a pipeline folder holding
+    one) or a single file holding a VAE (`jaxfuse.single_file`), and where it is."""
+    path = Path(vae).expanduser()
+    if path.is_file() or path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+        single = SingleFile.read(path)
+        if "vae" not in single.components():
+            raise PipelineError(f"the VAE {vae} holds no VAE tensors ({', '.join(single.components())}): pass a VAE "
+                                "file or folder.")
+        return VAEConfig.from_diffusers(single.configs["vae"]), path
+    try:
+        folder = component_folder(path, "vae")
+    except FileNotFoundError:
+        raise PipelineError(f"the VAE {vae} holds no {CONFIG_NAME}: pass a diffusers VAE folder ({CONFIG_NAME} "
+                            "and its safetensors), a pipeline folder holding vae/, or a single-file VAE "
+                            "(.safetensors).") from None
+    return VAEConfig.from_diffusers(read_config(folder / CONFIG_NAME)), folder
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
-    """What a pipeline folder holds, read from its small config files alone, so a request can
-    be checked before any weight is loaded."""
+    """What a pipeline folder or a single-file checkpoint holds, read from its small config files
+    (or the file's header) alone, so a request can be checked before any weight is loaded."""
 
-    folder: Path
+    folder: Path  # the pipeline folder, or the single file
     unet: UNetConfig
     vae: VAEConfig
     scheduler: schedulers.SchedulerConfig
     force_zeros_for_empty_prompt: bool
     converted: bool  # every model folder holds orbax params already
-    vae_folder: Path | None = None  # a VAE that replaces the model's own (`with_vae`); None: the model's
+    vae_folder: Path | None = None  # a VAE (folder or file) that replaces the model's own (`with_vae`)
     encoders: tuple[str, ...] = tuple(TEXT_ENCODERS)  # the text encoders it has: the refiner has the second only
     requires_aesthetics_score: bool = False  # the refiner's micro-conditioning: an aesthetic score for a crop
     refiner: PipelineSpec | None = None  # a model that finishes this one's images (`with_refiner`)
+    single_file: SingleFile | None = dataclasses.field(default=None, repr=False)  # when the model is one file
 
     @classmethod
-    def read(cls, folder: str | Path, vae: str | Path | None = None) -> PipelineSpec:
-        """The spec of a pipeline folder (SDXL base or refiner: the model index says which text
-        encoders it has); with `vae`, of the model with that VAE (`with_vae`)."""
-        folder = Path(folder).expanduser()
-        if not folder.is_dir():
-            raise PipelineError(f"{folder} is not a folder; pass a diffusers SDXL pipeline folder.")
+    def read(cls, model: str | Path, vae: str | Path | None = None) -> PipelineSpec:
+        """The spec of a diffusers pipeline folder or a single-file checkpoint in Stability's
+        layout (SDXL base, a fine-tune, or the refiner: which text encoders it has says which);
+        with `vae`, of the model with that VAE (`with_vae`)."""
+        path = Path(model).expanduser()
+        if path.is_dir():
+            spec = cls.of_folder(path)
+        elif path.is_file() or path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+            spec = cls.of_file(path, vae)
+        else:
+            raise PipelineError(f"{path}: no such folder or file; pass a diffusers SDXL pipeline folder or a "
+                                "single-file SDXL checkpoint (.safetensors).")
+        return spec if vae is None else spec.with_vae(vae)
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> PipelineSpec:
         if not (folder / "model_index.json").is_file():
             raise PipelineError(f"{folder} is not an SDXL pipeline folder: missing model_index.json.")
         index = read_config(folder / "model_index.json")
-        # The refiner's index names its absent first encoder [null, null].
-        encoders = tuple(e for e in TEXT_ENCODERS if (index.get(e) or [None])[0] is not None)
+        encoders = indexed_encoders(index)
         wanted = ["scheduler/scheduler_config.json", *(f"{c}/{CONFIG_NAME}" for c in ("unet", "vae", *encoders))]
         missing = [name for name in wanted if not (folder / name).is_file()]
         lacking = []
@@ -119,21 +156,43 @@ class PipelineSpec:
             what = (f"missing {', '.join(missing + lacking)}" if missing or lacking
                     else "its model_index.json names no text encoder")
             raise PipelineError(f"{folder} is not an SDXL pipeline folder: {what}." + why)
+        return cls.of_configs(folder, index, read_config(folder / "unet" / CONFIG_NAME),
+                              VAEConfig.from_diffusers(read_config(folder / "vae" / CONFIG_NAME)),
+                              read_config(folder / "scheduler/scheduler_config.json"),
+                              converted=all((folder / c / PARAMS_DIR).is_dir() for c in ("unet", "vae", *encoders)))
 
-        def config(name):
-            return read_config(folder / name)
+    @classmethod
+    def of_file(cls, path: Path, vae: str | Path | None) -> PipelineSpec:
+        """A single file's spec (`jaxfuse.single_file`): the configs its tensors' names and shapes
+        give; one that holds no VAE needs `vae`."""
+        single = SingleFile.read(path)
+        if single.kind == "vae":
+            raise PipelineError(f"{path} is a VAE alone: pass it as the VAE of a model (--vae, load_pipeline(vae=)).")
+        if "vae" in single.configs:
+            vae_config = VAEConfig.from_diffusers(single.configs["vae"])
+        elif vae is not None:
+            vae_config = read_vae(vae)[0]
+        else:
+            raise PipelineError(f"{path} holds no VAE: pass one with --vae (load_pipeline(vae=)): a diffusers VAE "
+                                "folder or a single-file VAE, e.g. SDXL's VAE or its fp16-fix.")
+        return cls.of_configs(path, single.model_index(), single.configs["unet"], vae_config, SCHEDULER_CONFIG,
+                              converted=False, single_file=single)
 
-        spec = cls(
+    @classmethod
+    def of_configs(cls, folder: Path, index: dict, unet: dict, vae: VAEConfig, scheduler: dict, converted: bool,
+                   single_file: SingleFile | None = None) -> PipelineSpec:
+        """The spec of a model from its `model_index.json`, its UNet's and scheduler's configs and its VAE's."""
+        return cls(
             folder=folder,
-            unet=UNetConfig.from_diffusers(config(f"unet/{CONFIG_NAME}")),
-            vae=VAEConfig.from_diffusers(config(f"vae/{CONFIG_NAME}")),
-            scheduler=schedulers.SchedulerConfig.from_diffusers(config("scheduler/scheduler_config.json")),
+            unet=UNetConfig.from_diffusers(unet),
+            vae=vae,
+            scheduler=schedulers.SchedulerConfig.from_diffusers(scheduler),
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
-            converted=all((folder / c / PARAMS_DIR).is_dir() for c in ("unet", "vae", *encoders)),
-            encoders=encoders,
+            converted=converted,
+            encoders=indexed_encoders(index),
             requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
+            single_file=single_file,
         )
-        return spec if vae is None else spec.with_vae(vae)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -145,21 +204,28 @@ class PipelineSpec:
         """The tokenizer folder of each text encoder, in order."""
         return tuple(TEXT_ENCODERS[e] for e in self.encoders)
 
+    @property
+    def stored_components(self) -> tuple[str, ...]:
+        """Its models whose weights are in its folder or file (a single file may lack the VAE)."""
+        if self.single_file is None:
+            return self.components
+        return tuple(c for c in self.components if c in self.single_file.components())
+
+    def text_encoder_config(self, component: str) -> TextEncoderConfig:
+        if self.single_file is not None:
+            return TextEncoderConfig.from_transformers(self.single_file.configs[component])
+        return TextEncoderConfig.from_transformers(read_config(self.folder / component / CONFIG_NAME))
+
     def with_vae(self, vae: str | Path) -> PipelineSpec:
-        """This model with the VAE in `vae` (a diffusers VAE folder, or a pipeline folder holding
-        one) in place of its own, e.g. SDXL's fp16-fix VAE; checked against the UNet. A refiner
-        takes it too: it decodes the images it finishes."""
-        try:
-            folder = component_folder(vae, "vae")
-        except FileNotFoundError:
-            raise PipelineError(f"the VAE {vae} holds no {CONFIG_NAME}: pass a diffusers VAE folder ({CONFIG_NAME} "
-                                "and its safetensors) or a pipeline folder holding vae/.") from None
-        cfg = VAEConfig.from_diffusers(read_config(folder / CONFIG_NAME))
+        """This model with the VAE in `vae` (see `read_vae`) in place of its own, e.g. SDXL's
+        fp16-fix VAE; checked against the UNet. A refiner takes it too: it decodes the images it
+        finishes."""
+        cfg, where = read_vae(vae)
         if cfg.latent_channels != self.unet.in_channels:
             raise PipelineError(f"the VAE {vae} makes latents of {cfg.latent_channels} channels; this model's UNet "
                                 f"reads {self.unet.in_channels}: pass a VAE made for it.")
         refiner = None if self.refiner is None else self.refiner.with_vae(vae)
-        return dataclasses.replace(self, vae=cfg, vae_folder=folder, refiner=refiner)
+        return dataclasses.replace(self, vae=cfg, vae_folder=where, refiner=refiner)
 
     def with_refiner(self, refiner: PipelineSpec) -> PipelineSpec:
         """This model with `refiner` finishing its images (diffusers' ensemble of experts: this

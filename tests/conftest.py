@@ -44,6 +44,26 @@ def tiny_sdxl_folder(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_single_files(tmp_path_factory):
+    """Tiny SDXL base and refiner folders with 64-wide heads (`sdxl_single_file`), and single files
+    written from them (fp16, Stability's layout): the base, the base without its VAE, the refiner,
+    the VAE alone."""
+    from sdxl_single_file import build_tiny_base, build_tiny_refiner, write_single_file, write_single_file_vae
+
+    root = tmp_path_factory.mktemp("sdxl-single-file")
+    paths = {"base": root / "base", "refiner": root / "refiner"}
+    build_tiny_base(paths["base"])
+    build_tiny_refiner(paths["refiner"])
+    paths |= {name: root / f"{name}.safetensors" for name in ("base_file", "base_file_no_vae", "refiner_file",
+                                                             "vae_file")}
+    write_single_file(paths["base"], paths["base_file"])
+    write_single_file(paths["base"], paths["base_file_no_vae"], vae=False)
+    write_single_file(paths["refiner"], paths["refiner_file"])
+    write_single_file_vae(paths["base"] / "vae", paths["vae_file"])
+    return paths
+
+
 @pytest.fixture
 def in_tmp_path(tmp_path, monkeypatch):
     """The test runs in its own folder: nothing lands where pytest was started. A module asks for

@@ -18,31 +18,14 @@ from sdxl_single_file import (
     OPEN_CLIP_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
-    build_tiny_base,
-    build_tiny_refiner,
-    write_single_file,
-    write_single_file_vae,
 )
 
 FILE_DTYPE = torch.float16
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    """The tiny base and refiner folders, and the files written from them."""
-    root = tmp_path_factory.mktemp("sdxl-single-file")
-    paths = {"base": root / "base", "refiner": root / "refiner"}
-    build_tiny_base(paths["base"])
-    build_tiny_refiner(paths["refiner"])
-    paths["base_file"] = root / "base.safetensors"
-    paths["base_file_no_vae"] = root / "base-no-vae.safetensors"
-    paths["refiner_file"] = root / "refiner.safetensors"
-    paths["vae_file"] = root / "vae.safetensors"
-    write_single_file(paths["base"], paths["base_file"])
-    write_single_file(paths["base"], paths["base_file_no_vae"], vae=False)
-    write_single_file(paths["refiner"], paths["refiner_file"])
-    write_single_file_vae(paths["base"] / "vae", paths["vae_file"])
-    return paths
+def files(tiny_single_files) -> dict[str, Path]:
+    return tiny_single_files
 
 
 @pytest.fixture(scope="module")

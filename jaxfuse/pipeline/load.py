@@ -4,6 +4,8 @@ multi-host run (`start_processes`), which the caller does before anything starts
 
 from __future__ import annotations
 
+import json
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -15,8 +17,11 @@ import jax.numpy as jnp
 from transformers import CLIPTokenizerFast
 
 from jaxfuse import checkpoint, lora
+from jaxfuse.clip_tokenizer import shipped_tokenizer, write_tokenizer_folder
+from jaxfuse.config import UNetConfig, VAEConfig
 from jaxfuse.models import clip as clip_model
 from jaxfuse.models import unet as unet_model
+from jaxfuse.models import vae as vae_model
 from jaxfuse.models.clip import load_text_encoder
 from jaxfuse.models.unet import load_unet
 from jaxfuse.models.vae import load_vae
@@ -25,7 +30,10 @@ from jaxfuse.pipeline.request import NonFiniteError
 from jaxfuse.pipeline.sdxl import SDXLPipeline
 from jaxfuse.pipeline.text import TextEncoder
 from jaxfuse.runtime.programs import Programs
+from jaxfuse.single_file import SCHEDULER_CONFIG, SingleFile
 from jaxfuse.spec import PipelineSpec
+from jaxfuse.text_encoder_config import TextEncoderConfig
+from jaxfuse.weight_conversion import convert_checkpoint
 
 LOADERS = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder, "text_encoder_2": load_text_encoder}
 
@@ -39,11 +47,51 @@ def start_processes(coordinator_address: str | None = None, num_processes: int |
     initialize_processes(ProcessLayout(coordinator_address, num_processes, process_id, timeout_s))
 
 
+# What builds each model from a config dict: its config's reader, its module, its abstract tree, and the
+# checkpoint's extras (buffers to skip, a prefix some files leave out), for single files.
+MODELS = {"unet": (UNetConfig.from_diffusers, unet_model.UNet2DConditionModel, unet_model.abstract_params, ()),
+          "vae": (VAEConfig.from_diffusers, vae_model.AutoencoderKL, vae_model.abstract_params, ()),
+          **{c: (TextEncoderConfig.from_transformers, clip_model.CLIPTextEncoder, clip_model.abstract_params,
+                 (clip_model.BUFFERS, clip_model.PREFIX)) for c in ("text_encoder", "text_encoder_2")}}
+
+
+def convert_single_file(single: SingleFile, component: str, dtype: Any) -> tuple[Any, Any]:
+    """(module, params) of one model of a single-file checkpoint, its parameters in `dtype`."""
+    read_config, module, abstract_params, extras = MODELS[component]
+    cfg = read_config(single.configs[component])
+    return module(cfg, dtype), convert_checkpoint(single.checkpoint(component), abstract_params(cfg, dtype), *extras)
+
+
 def load_models(spec: PipelineSpec, source: Path, dtype: Any) -> dict[str, tuple[Any, Any]]:
-    """Each model of the pipeline `spec` describes, as (module, params), read from `source` (its
-    folder, or a converted copy of it) in the model's dtype (`PipelineSpec.dtypes`)."""
+    """Each model stored with the pipeline `spec` describes, as (module, params), read from
+    `source` (its folder or single file, or a converted copy of it) in the model's dtype
+    (`PipelineSpec.dtypes`)."""
     dtypes = spec.dtypes(jnp.dtype(dtype))
-    return {c: LOADERS[c](source / c, dtype=dtypes[c]) for c in spec.components}
+    if source.is_file():
+        return {c: convert_single_file(spec.single_file, c, dtypes[c]) for c in spec.stored_components}
+    return {c: LOADERS[c](source / c, dtype=dtypes[c]) for c in spec.stored_components}
+
+
+def load_vae_of(spec: PipelineSpec, dtype: Any) -> tuple[Any, Any]:
+    """The VAE that replaces `spec`'s model's own (`PipelineSpec.with_vae`), from its folder or file."""
+    vae_dtype = spec.dtypes(jnp.dtype(dtype))["vae"]
+    if spec.vae_folder.is_file():
+        return convert_single_file(SingleFile.read(spec.vae_folder), "vae", vae_dtype)
+    return load_vae(spec.vae_folder, dtype=vae_dtype)
+
+
+def write_single_file_layout(spec: PipelineSpec, dst: Path) -> None:
+    """The small files of the diffusers pipeline folder `spec`'s single file amounts to (model
+    index, scheduler, model configs, the shipped tokenizers) at `dst`: what a converted copy
+    (`checkpoint.save_pipeline`) takes beside the weights."""
+    single = spec.single_file
+    files = {"model_index.json": single.model_index(), "scheduler/scheduler_config.json": SCHEDULER_CONFIG,
+             **{f"{c}/{checkpoint.CONFIG_NAME}": single.configs[c] for c in spec.stored_components}}
+    for name, content in files.items():
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        (dst / name).write_text(json.dumps(content, indent=2))
+    for tokenizer in spec.tokenizers:
+        write_tokenizer_folder(dst / tokenizer, tokenizer)
 
 
 def plan_loras(spec: PipelineSpec, loras: Sequence[tuple[str | Path, float]]) -> list[tuple[Path, list]]:
@@ -54,7 +102,7 @@ def plan_loras(spec: PipelineSpec, loras: Sequence[tuple[str | Path, float]]) ->
         return []
     abstract = {"unet": unet_model.abstract_params(spec.unet)}
     for component in spec.encoders:
-        abstract[component] = clip_model.abstract_params(clip_model.read_config(spec.folder / component))
+        abstract[component] = clip_model.abstract_params(spec.text_encoder_config(component))
     return [(path, lora.plan_lora(path, weight, abstract)) for path, weight in pairs]
 
 
@@ -99,8 +147,14 @@ def read_models(spec: PipelineSpec, dtype: Any, cache_dir: str | Path | None,
     models = load_models(spec, source, dtype)
     if cache is not None:
         # When another process cached the same model meanwhile, its entry is kept: same values as ours.
+        params = {c: tree for c, (_, tree) in models.items()}
         try:
-            checkpoint.save_pipeline(folder, cache, {c: params for c, (_, params) in models.items()})
+            if spec.single_file is None:
+                checkpoint.save_pipeline(folder, cache, params)
+            else:
+                with tempfile.TemporaryDirectory() as layout:
+                    write_single_file_layout(spec, Path(layout))
+                    checkpoint.save_pipeline(Path(layout), cache, params)
         except OSError as e:  # the weights are loaded: a cache that cannot be written costs the next run only
             log(f"warning: the converted weights could not be cached ({e}); the next run converts again.")
     return models
@@ -110,10 +164,12 @@ def load_models_of(spec: PipelineSpec, dtype: Any, cache_dir: str | Path | None,
                    log: Callable[[str], None]) -> dict[str, tuple[Any, Any]]:
     """The models of `spec`: its own from its folder or the cache (`read_models`), with the VAE
     that replaces its own when it names one."""
-    own = spec if spec.vae_folder is None else PipelineSpec.read(spec.folder)  # the cache holds the model's own
+    own = spec
+    if spec.vae_folder is not None and "vae" in spec.stored_components:  # the cache holds the model's own VAE
+        own = PipelineSpec.read(spec.folder)
     models = read_models(own, dtype, cache_dir, log)
     if spec.vae_folder is not None:  # the replacement is read as it is
-        models["vae"] = load_vae(spec.vae_folder, dtype=spec.dtypes(jnp.dtype(dtype))["vae"])
+        models["vae"] = load_vae_of(spec, dtype)
         log(f"the VAE from {spec.vae_folder}")
     return models
 
@@ -122,7 +178,9 @@ def text_encoders(spec: PipelineSpec, models: dict[str, tuple[Any, Any]]) -> lis
     """Each text encoder of `spec` with its tokenizer."""
     # The fast tokenizer reads a tokenizer folder of either layout (`spec.TOKENIZER_FILES`). In transformers 5
     # it is the `CLIPTokenizer` diffusers loads; in 4, `CLIPTokenizer` is a slow one that reads the classic pair only.
-    return [TextEncoder(CLIPTokenizerFast.from_pretrained(spec.folder / tokenizer, local_files_only=True),
+    # A single file holds no tokenizer: it takes CLIP's, shipped with jaxfuse.
+    return [TextEncoder(shipped_tokenizer(tokenizer) if spec.single_file is not None else
+                        CLIPTokenizerFast.from_pretrained(spec.folder / tokenizer, local_files_only=True),
                         *models[model])
             for tokenizer, model in zip(spec.tokenizers, spec.encoders)]
 
