@@ -1,9 +1,11 @@
 """Convert diffusers weights (safetensors) to jaxfuse's converted form (orbax), once.
 
     python -m checkpoints_conversion.convert_diffusers SRC_PIPELINE_DIR DST_DIR [--dtype bfloat16]
+    python -m checkpoints_conversion.convert_diffusers SRC_MODEL.safetensors DST_DIR [--dtype bfloat16]
     python -m checkpoints_conversion.convert_diffusers SRC_MODEL_DIR DST_DIR [--variant fp16]
 
-A diffusers SDXL pipeline folder becomes a converted pipeline folder, written by the same writer
+A diffusers SDXL pipeline folder, or a single-file checkpoint in Stability's layout (with its VAE,
+`jaxfuse.single_file`), becomes a converted pipeline folder, written by the same writer
 as the pipeline's cache, which `python -m jaxfuse.generate --model DST_DIR` and
 `jaxfuse.load_pipeline(DST_DIR)` load as they are. One model folder (`unet/`, `vae/`,
 `text_encoder/`, `text_encoder_2/`, told apart by its config) becomes its config.json plus orbax
@@ -31,7 +33,7 @@ from jaxfuse.models.clip import load_text_encoder
 from jaxfuse.models.unet import load_unet
 from jaxfuse.models.vae import load_vae
 from jaxfuse.outputs import check_writable_folder
-from jaxfuse.pipeline import load_models
+from jaxfuse.pipeline.load import load_models, save_converted
 from jaxfuse.spec import PipelineSpec
 
 # A model folder's kind, by its config's diffusers `_class_name` or transformers `architectures`.
@@ -45,13 +47,12 @@ def convert(src: str | Path, dst: str | Path, dtype: Any = jnp.float32, variant:
     check_writable_folder(dst)  # a file at or above `dst`, or a folder that takes no new file
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new folder (nothing was written).")
-    if (src / "model_index.json").is_file():
+    if (src / "model_index.json").is_file() or src.is_file():
         if variant:
-            raise ValueError("--variant applies to one model folder; a pipeline folder is read as it is "
-                             "(an fp16 file is taken when it is a model's only weights).")
+            raise ValueError("--variant applies to one model folder; a pipeline folder or single file is read as "
+                             "it is (an fp16 file is taken when it is a model's only weights).")
         spec = PipelineSpec.read(src)
-        models = load_models(spec, src, dtype)
-        checkpoint.save_pipeline(src, dst, {c: params for c, (_, params) in models.items()})
+        save_converted(spec, dst, load_models(spec, src, dtype))
         return dst
     config_path = src / checkpoint.CONFIG_NAME
     if not config_path.is_file():
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m checkpoints_conversion.convert_diffusers",
         description="Convert a diffusers SDXL pipeline folder, or one model folder, into jaxfuse's orbax form.",
     )
-    parser.add_argument("src", help="a diffusers SDXL pipeline folder, or one model folder (unet/, vae/, ...)")
+    parser.add_argument("src", help="a diffusers SDXL pipeline folder, a single-file SDXL checkpoint (.safetensors), "
+                                    "or one model folder (unet/, vae/, ...)")
     parser.add_argument("dst", help="new folder for the converted pipeline or model")
     parser.add_argument("--variant", choices=["fp16"], help="one model folder: read its *.fp16.safetensors")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",

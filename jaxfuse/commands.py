@@ -103,8 +103,9 @@ def lora_weights(values: list[str] | None) -> list[tuple[Path, float]]:
 def add_vae_argument(p: argparse.ArgumentParser) -> None:
     """--vae, as every command that loads a model takes it."""
     p.add_argument("--vae", type=Path,
-                   help="a diffusers VAE folder (or a pipeline folder holding vae/) to use in place of the model's "
-                        "own, e.g. SDXL's fp16-fix VAE")
+                   help="a VAE to use in place of the model's own, e.g. SDXL's fp16-fix VAE: a diffusers VAE folder "
+                        "(or a pipeline folder holding vae/) or a single file (.safetensors); a single-file model "
+                        "without a VAE needs one")
 
 
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:

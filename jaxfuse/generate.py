@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxfuse.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--model", type=Path, default=DEMO_MODEL,
-                   help="a diffusers SDXL pipeline folder, or one converted by jaxfuse (default: the built-in "
-                        "demo model, 256x256 scenes of coloured shapes)")
+                   help="a diffusers SDXL pipeline folder, one converted by jaxfuse, or a single-file SDXL "
+                        "checkpoint (.safetensors, Stability's layout: base, fine-tunes, refiner) (default: the "
+                        "built-in demo model, 256x256 scenes of coloured shapes)")
     add_vae_argument(p)
     p.add_argument("--prompt", default=DEMO_PROMPT, help="what to draw")
     p.add_argument("--negative-prompt", help="what to steer away from (default: none; SDXL then uses zeros)")

@@ -32,6 +32,11 @@ FORBIDDEN_IMPORTS = {
                            "jaxfuse.commands"),
     "jaxfuse.weight_conversion": ("jaxfuse.models", "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.pipeline",
                                   "jaxfuse.commands"),
+    # Single-file checkpoints: names and shapes to configs and tensors, like the folder reader beside it.
+    "jaxfuse.single_file": ("jaxfuse.models", "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.pipeline",
+                            "jaxfuse.commands", "jaxfuse.spec", "jaxfuse.runtime"),
+    "jaxfuse.clip_tokenizer": ("jaxfuse.models", "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.pipeline",
+                               "jaxfuse.commands", "jaxfuse.spec", "jaxfuse.runtime", "jaxfuse.checkpoint"),
     "jaxfuse.lora": ("jaxfuse.models", "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.pipeline", "jaxfuse.commands"),
     "jaxfuse.config": ("jaxfuse.checkpoint", "jaxfuse.weight_conversion", "jaxfuse.models", "jaxfuse.parallel",
                        "jaxfuse.sampling", "jaxfuse.pipeline", "jaxfuse.commands"),

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from lora_files import peft_file
 from safetensors.numpy import save_file
 
+from checkpoints_conversion.convert_diffusers import convert
 from jaxfuse.generate import main as generate_main
 from jaxfuse.pipeline import load_pipeline
 from jaxfuse.single_file import SingleFileError
@@ -98,11 +100,29 @@ def test_a_converted_file_is_cached_by_its_contents(tiny_single_files, noise, tm
     second = load_pipeline(copy, cache_dir=tmp_path / "cache", log=lines.append)(**REQUEST, latents=noise)
     assert any("from the cache" in line for line in lines)
     np.testing.assert_array_equal(first, second)
-    # The cached entry is a converted pipeline folder: it loads as one.
-    np.testing.assert_array_equal(load_pipeline(entries[0], log=quiet)(**REQUEST, latents=noise), first)
     os.utime(copy, ns=(0, 0))  # a changed file (here only its times) is a new key: converted again
     load_pipeline(copy, cache_dir=tmp_path / "cache", log=quiet)
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_a_file_converts_to_a_pipeline_folder(tiny_single_files, base, noise, tmp_path):
+    """`checkpoints_conversion.convert_diffusers FILE DST`: the folder the cache holds, loadable as it is."""
+    dst = convert(tiny_single_files["base_file"], tmp_path / "converted")
+    assert PipelineSpec.read(dst).converted
+    converted = load_pipeline(dst, log=quiet)
+    np.testing.assert_array_equal(converted(**REQUEST, latents=noise), base(**REQUEST, latents=noise))
+
+
+def test_a_lora_fuses_into_a_single_file_model(tiny_single_files, base, noise, tmp_path):
+    """A LoRA is planned against the file's own configs (its text encoders' from their shapes): it
+    changes the image exactly as it does on the converted folder of the same file."""
+    path, _ = peft_file(tiny_single_files["base"], tmp_path)
+    with_lora = load_pipeline(tiny_single_files["base_file"], loras=[(path, 0.8)], cache_dir=tmp_path / "cache",
+                              log=quiet)(**REQUEST, latents=noise)
+    converted = convert(tiny_single_files["base_file"], tmp_path / "converted")
+    np.testing.assert_array_equal(with_lora, load_pipeline(converted, loras=[(path, 0.8)], log=quiet)(
+        **REQUEST, latents=noise))
+    assert np.abs(with_lora - base(**REQUEST, latents=noise)).max() > 1e-2
 
 
 def write_tensors(path, names_shapes):

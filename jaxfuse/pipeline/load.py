@@ -80,6 +80,18 @@ def load_vae_of(spec: PipelineSpec, dtype: Any) -> tuple[Any, Any]:
     return load_vae(spec.vae_folder, dtype=vae_dtype)
 
 
+def save_converted(spec: PipelineSpec, dst: Path, models: dict[str, tuple[Any, Any]]) -> None:
+    """The converted pipeline folder of `spec`'s folder or single file with the loaded `models`
+    at `dst` (`checkpoint.save_pipeline`): what the cache holds and the conversion command writes."""
+    params = {c: tree for c, (_, tree) in models.items()}
+    if spec.single_file is None:
+        checkpoint.save_pipeline(spec.folder, dst, params)
+        return
+    with tempfile.TemporaryDirectory() as layout:
+        write_single_file_layout(spec, Path(layout))
+        checkpoint.save_pipeline(Path(layout), dst, params)
+
+
 def write_single_file_layout(spec: PipelineSpec, dst: Path) -> None:
     """The small files of the diffusers pipeline folder `spec`'s single file amounts to (model
     index, scheduler, model configs, the shipped tokenizers) at `dst`: what a converted copy
@@ -147,14 +159,8 @@ def read_models(spec: PipelineSpec, dtype: Any, cache_dir: str | Path | None,
     models = load_models(spec, source, dtype)
     if cache is not None:
         # When another process cached the same model meanwhile, its entry is kept: same values as ours.
-        params = {c: tree for c, (_, tree) in models.items()}
         try:
-            if spec.single_file is None:
-                checkpoint.save_pipeline(folder, cache, params)
-            else:
-                with tempfile.TemporaryDirectory() as layout:
-                    write_single_file_layout(spec, Path(layout))
-                    checkpoint.save_pipeline(Path(layout), cache, params)
+            save_converted(spec, cache, models)
         except OSError as e:  # the weights are loaded: a cache that cannot be written costs the next run only
             log(f"warning: the converted weights could not be cached ({e}); the next run converts again.")
     return models

@@ -72,7 +72,8 @@ LISTEN_FIXES = {errno.EADDRINUSE: "another program listens there: give another -
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxfuse.stream", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--model", type=Path, default=DEMO_MODEL, help="a diffusers SDXL pipeline folder")
+    p.add_argument("--model", type=Path, default=DEMO_MODEL,
+                   help="a diffusers SDXL pipeline folder or a single-file SDXL checkpoint (.safetensors)")
     add_vae_argument(p)
     p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]",
                    help="a LoRA fused into the weights, repeatable (default with the demo model: demo-lcm)")
