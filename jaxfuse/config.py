@@ -210,6 +210,12 @@ class UNetConfig:
         """The latent height and width must be multiples of this (one 2x step per level)."""
         return 2 ** (self.num_levels - 1)
 
+    @property
+    def num_skips(self) -> int:
+        """The skips the down path makes: `conv_in`'s, one per ResNet (with its transformer) and one
+        per downsampler; DeepCache's branches are numbered by them (`jaxfuse.step_cache`)."""
+        return 1 + sum(self.layers_per_block) + self.num_levels - 1
+
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> UNetConfig:
         """Reads a diffusers `unet/config.json` dict; raises `ConfigError` naming the field."""

@@ -80,6 +80,7 @@ from jaxfuse.pipeline.request import (
 )
 from jaxfuse.sampling.tiled import Weighting, view_boxes
 from jaxfuse.spec import PipelineError, PipelineSpec
+from jaxfuse.step_cache import SCHEDULES, DeepCache
 
 DEFAULT_WARMUP_STEPS = ParallelConfig.warmup_steps
 
@@ -141,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     refiner.add_argument("--negative-aesthetic-score", type=finite_float,
                          help=f"the negative half's aesthetic score, 0 to 10 (default: "
                               f"{DEFAULT_NEGATIVE_AESTHETIC_SCORE})")
+    cache = p.add_argument_group("step caching (DeepCache)")
+    cache.add_argument("--deepcache", type=int, default=1, metavar="N",
+                       help="run every layer on every N-th step only and the shallow ones, on the deep features "
+                            "kept from it, in between; 1: off")
+    cache.add_argument("--deepcache-branch", type=int, default=0, metavar="B",
+                       help="the skip connection below which the kept features stand in (SDXL: 0 to 8; higher "
+                            "runs more layers on a cached step: slower, nearer the uncached image)")
+    cache.add_argument("--deepcache-schedule", choices=list(SCHEDULES), default="uniform",
+                       help="which steps run every layer: every N-th, or DeepCache's non-uniform one, denser "
+                            "near --deepcache-center")
+    cache.add_argument("--deepcache-center", type=int, default=DeepCache.center,
+                       help="the quadratic schedule's densest step")
+    cache.add_argument("--deepcache-power", type=finite_float, default=DeepCache.power,
+                       help="the quadratic schedule's exponent, above 1")
     parallel = p.add_argument_group("patch parallelism")
     parallel.add_argument("--devices", type=int,
                           help="devices to split the image over (default: every device present, or the most "
@@ -251,7 +266,9 @@ def request_arguments(args: argparse.Namespace, image: np.ndarray | None, image_
         tile_weighting=args.tile_weighting, regions=[Region.parse(r) for r in args.region or []],
         bootstrap=args.bootstrap,
         refiner_start=DEFAULT_REFINER_START if args.refiner and args.refiner_start is None else args.refiner_start,
-        aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score)
+        aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
+        deepcache=args.deepcache, deepcache_branch=args.deepcache_branch, deepcache_schedule=args.deepcache_schedule,
+        deepcache_center=args.deepcache_center, deepcache_power=args.deepcache_power)
 
 
 def check_args(args: argparse.Namespace) -> Plan:
@@ -368,10 +385,14 @@ def generate(args: argparse.Namespace) -> None:
              f"from {args.init_image} at strength {part.strength}: the last {request.steps_run} of {request.steps}")
     if request.refine is not None:
         steps += f" (the refiner's from step {request.refine.refiner_first + 1})"
+    cached = ""
+    if request.step_cache is not None:
+        full = len(request.step_cache.full_steps(request.steps_run))
+        cached = f" ({full} of them every layer: DeepCache, branch {request.step_cache.branch})"
     layout = describe_layout(parallel, request.steps_run)
     if request.tiles is not None:
         layout = describe_canvas(plan.spec, request, layout)
-    report(f"generating {images}{request.width}x{request.height}, {steps} {request.scheduler.value} steps on "
+    report(f"generating {images}{request.width}x{request.height}, {steps} {request.scheduler.value} steps{cached} on "
            f"{jax.default_backend()} ({layout}{hosts}, {dtype}); "
            + ("compiling first..." if compile_cache is None else f"compiling first (kept in {compile_cache})..."))
     result = pipe.run(request.spread(plan.spec, parallel), ProgressBar("denoising") if main_process else None)

@@ -132,6 +132,31 @@ def sub_jaxprs(eqn):
                 yield item
 
 
+def count_primitive(jaxpr, name) -> int:
+    """How many equations of primitive `name` a jaxpr holds, its sub-jaxprs' included."""
+    return sum((eqn.primitive.name == name) + sum(count_primitive(sub, name) for sub in sub_jaxprs(eqn))
+               for eqn in jaxpr.eqns)
+
+
+class CountingRunner:
+    """Runs each program as `sampling.image.Direct` does, and keeps each distinct one's name and
+    UNet bodies (its convolutions)."""
+
+    def __init__(self):
+        from jaxfuse.sampling.image import Direct
+
+        self.direct = Direct()
+        self.convolutions = {}
+
+    def run(self, name, fn, *args, donate=None):
+        if name not in self.convolutions:
+            self.convolutions[name] = count_primitive(jax.make_jaxpr(fn)(*args).jaxpr, "conv_general_dilated")
+        return self.direct.run(name, fn, *args, donate=donate)
+
+    def replicated(self, name, tree, mesh):
+        return self.direct.replicated(name, tree, mesh)
+
+
 @contextlib.contextmanager
 def our_step_noise(scheduler, seed: int | Sequence[int] = 0):
     """While active, diffusers' stochastic `scheduler` (Euler ancestral, LCM) draws inside `step`

@@ -234,8 +234,9 @@ FLOAT_FLAGS = [action.option_strings[0] for action in build_parser()._actions if
 
 def test_every_float_flag_takes_finite_numbers_only():
     assert not [action.option_strings for action in build_parser()._actions if action.type is float]
-    assert sorted(FLOAT_FLAGS) == ["--aesthetic-score", "--bootstrap", "--context", "--guidance-rescale",
-                                   "--guidance-scale", "--negative-aesthetic-score", "--refiner-start", "--strength"]
+    assert sorted(FLOAT_FLAGS) == ["--aesthetic-score", "--bootstrap", "--context", "--deepcache-power",
+                                   "--guidance-rescale", "--guidance-scale", "--negative-aesthetic-score",
+                                   "--refiner-start", "--strength"]
 
 
 @pytest.mark.parametrize("value, message", [("nan", "nan is not a finite number"),

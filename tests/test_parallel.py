@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import relative_error, scaled_random_params, sub_jaxprs
+from conftest import CountingRunner, count_primitive, relative_error, scaled_random_params, sub_jaxprs
 from jax.extend.core import Literal
 from jax.sharding import PartitionSpec as P
 
@@ -25,7 +25,7 @@ from jaxfuse.parallel.mesh import make_mesh
 from jaxfuse.parallel.patch import PATCH, Patch
 from jaxfuse.parallel_config import GroupNormMode, Mode, ParallelConfig, ParallelError
 from jaxfuse.sampling.denoiser import Denoiser
-from jaxfuse.sampling.image import Direct, Loop, denoise
+from jaxfuse.sampling.image import Loop, denoise
 from jaxfuse.sampling.plan import Plan, StepKind
 from jaxfuse.sampling.step import Conditioning, Guidance, Sampling
 
@@ -170,24 +170,6 @@ def test_displaced_noise_prediction_waits_on_no_exchange_of_its_step(unet, param
     sync = step_jaxpr(unet, Patch(Mode.SYNC), params, inputs)
     reaching = {e.primitive.name for e in collectives_reaching(sync, sync.outvars[:1])}
     assert reaching == {"ppermute", "all_gather"}
-
-
-def count_primitive(jaxpr, name):
-    return sum((eqn.primitive.name == name) + sum(count_primitive(sub, name) for sub in sub_jaxprs(eqn))
-               for eqn in jaxpr.eqns)
-
-
-class CountingRunner(Direct):
-    """Runs each program as `Direct` does, and keeps each distinct one's name and UNet bodies (its
-    convolutions)."""
-
-    def __init__(self):
-        self.convolutions = {}
-
-    def run(self, name, fn, *args, donate=None):
-        if name not in self.convolutions:
-            self.convolutions[name] = count_primitive(jax.make_jaxpr(fn)(*args).jaxpr, "conv_general_dilated")
-        return Direct.run(name, fn, *args, donate=donate)
 
 
 @pytest.mark.parametrize("mode", [Mode.DISPLACED, Mode.PCPP])

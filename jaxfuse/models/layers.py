@@ -19,7 +19,7 @@ are always float32.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -120,14 +120,24 @@ def exchanged(module: nn.Module, name: str, patch: Patch, exchange: Callable[[],
     return used
 
 
+def apply_with_state(module: nn.Module, params: Any, state: Mapping[str, Any], writes: Collection[str], *args,
+                     **kwargs) -> tuple[Any, dict[str, Any]]:
+    """`module.apply` with the variable collections of `state` (None ones left out): (output, each
+    collection of `state` after the call, as the module wrote it for those in `writes`, as given
+    for the others). A written collection holds every entry it was given, updated or not."""
+    variables = {"params": params} | {name: value for name, value in state.items() if value is not None}
+    if not writes:
+        return module.apply(variables, *args, **kwargs), dict(state)
+    out, written = module.apply(variables, *args, mutable=list(writes), **kwargs)
+    return out, {**state, **written}
+
+
 def apply_patched(module: nn.Module, patch: Patch, params: Any, stale: Any, *args, **kwargs) -> tuple[Any, Any]:
     """`module.apply` as one step under `patch`: (output, the stale context for the next step),
     which is this step's exchanges when it writes them and `stale` as given otherwise."""
-    variables = {"params": params} if stale is None else {"params": params, px.STALE: stale}
-    if not patch.writes_stale:
-        return module.clone(patch=patch).apply(variables, *args, **kwargs), stale
-    out, written = module.clone(patch=patch).apply(variables, *args, mutable=[px.STALE], **kwargs)
-    return out, written[px.STALE]
+    out, state = apply_with_state(module.clone(patch=patch), params, {px.STALE: stale},
+                                  [px.STALE] if patch.writes_stale else [], *args, **kwargs)
+    return out, state[px.STALE]
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:

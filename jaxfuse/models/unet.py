@@ -20,6 +20,7 @@ from jaxfuse.checkpoint import CONFIG_NAME, component_folder, load_params
 from jaxfuse.config import UNetConfig
 from jaxfuse.models.layers import Attention, Conv2d, Downsample, Dtype, GroupNorm, ResnetBlock, Upsample
 from jaxfuse.parallel.patch import Patch
+from jaxfuse.step_cache import DEEP_CACHE, CacheStep
 
 # diffusers' Transformer2DModel normalises its input with this epsilon, whatever the UNet's.
 TRANSFORMER_NORM_EPS = 1e-6
@@ -124,24 +125,28 @@ def unet_resnet(cfg: UNetConfig, channels: int, dtype: Dtype, patch: Patch, name
 
 
 class DownBlock(nn.Module):
-    """`DownBlock2D` or `CrossAttnDownBlock2D` number `index`; returns the output and the skips."""
+    """`DownBlock2D` or `CrossAttnDownBlock2D` number `index`; returns the output and the skips.
+    `make`: run only the layers that make its first `make` skips (a DeepCache shallow step)."""
 
     cfg: UNetConfig
     index: int
     dtype: Dtype = jnp.float32
     patch: Patch = Patch()
+    make: int | None = None
 
     @nn.compact
     def __call__(self, x, temb, context):
         cfg, i = self.cfg, self.index
         channels = cfg.block_out_channels[i]
+        layers = cfg.layers_per_block[i]
+        make = layers + 1 if self.make is None else self.make
         skips = []
-        for j in range(cfg.layers_per_block[i]):
+        for j in range(min(layers, make)):
             x = unet_resnet(cfg, channels, self.dtype, self.patch, f"resnets_{j}")(x, temb)
             if cfg.down_block_types[i] == "CrossAttnDownBlock2D":
                 x = Transformer2D(cfg, i, self.dtype, self.patch, name=f"attentions_{j}")(x, context)
             skips.append(x)
-        if i < cfg.num_levels - 1:
+        if i < cfg.num_levels - 1 and make > layers:
             x = Downsample(channels, cfg.downsample_padding, self.dtype, self.patch, name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
@@ -165,26 +170,33 @@ class MidBlock(nn.Module):
 
 class UpBlock(nn.Module):
     """`UpBlock2D` or `CrossAttnUpBlock2D` number `index`, mirroring down block
-    `num_levels - 1 - index`; consumes one skip per ResNet, last in first out."""
+    `num_levels - 1 - index`; consumes one skip per ResNet, last in first out. Returns the output
+    and the input of layer `keep` (None without one): DeepCache's features. `first`: the first
+    layer that runs (a DeepCache shallow step runs the last ones only)."""
 
     cfg: UNetConfig
     index: int
     dtype: Dtype = jnp.float32
     patch: Patch = Patch()
+    first: int = 0
+    keep: int | None = None
 
     @nn.compact
     def __call__(self, x, skips, temb, context):
         cfg, i = self.cfg, self.index
         level = cfg.num_levels - 1 - i
         channels = cfg.block_out_channels[level]
-        for j in range(cfg.layers_per_block[level] + 1):
+        kept = None
+        for j in range(self.first, cfg.layers_per_block[level] + 1):
+            if j == self.keep:
+                kept = x
             x = jnp.concatenate([x, skips.pop()], axis=-1)
             x = unet_resnet(cfg, channels, self.dtype, self.patch, f"resnets_{j}")(x, temb)
             if cfg.up_block_types[i] == "CrossAttnUpBlock2D":
                 x = Transformer2D(cfg, level, self.dtype, self.patch, name=f"attentions_{j}")(x, context)
         if level > 0:
             x = Upsample(channels, self.dtype, self.patch, name="upsamplers_0")(x)
-        return x
+        return x, kept
 
 
 def check_inputs(cfg: UNetConfig, sample, encoder_hidden_states, text_embeds, time_ids) -> None:
@@ -227,11 +239,15 @@ class UNet2DConditionModel(nn.Module):
 
     sample [B, C_in, H, W] (NCHW), timesteps [] or [B], encoder_hidden_states [B, S, context],
     text_embeds [B, pooled] and time_ids [B, K] (SDXL micro-conditioning) -> [B, C_out, H, W].
+
+    `cache`: a DeepCache step (`jaxfuse.step_cache`): a full one writes the features at its
+    branch to the `DEEP_CACHE` collection, a shallow one reads them in place of its deep layers.
     """
 
     cfg: UNetConfig
     dtype: Dtype = jnp.float32
     patch: Patch = Patch()
+    cache: CacheStep | None = None
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None):
@@ -254,13 +270,31 @@ class UNet2DConditionModel(nn.Module):
             temb = temb + TimestepEmbedding(cfg.time_embed_dim, self.dtype, name="add_embedding")(added)
 
         x = Conv2d(cfg.block_out_channels[0], dtype=self.dtype, patch=self.patch.fresh(), name="conv_in")(x)
+        total, cache = cfg.num_skips, self.cache
+        branch = None if cache is None else min(cache.branch, total - 1)  # past the last: the middle block alone
+        shallow = cache is not None and not cache.full
+        made = branch + 1 if shallow else total  # the skips this step makes: 0..made-1
         skips = [x]
         for i in range(cfg.num_levels):
-            x, block_skips = DownBlock(cfg, i, self.dtype, self.patch, name=f"down_blocks_{i}")(x, temb, context)
-            skips += block_skips
-        x = MidBlock(cfg, self.dtype, self.patch, name="mid_block")(x, temb, context)
+            if len(skips) < made:
+                x, block_skips = DownBlock(cfg, i, self.dtype, self.patch, made - len(skips) if shallow else None,
+                                           name=f"down_blocks_{i}")(x, temb, context)
+                skips += block_skips
+        if shallow:
+            x = self.get_variable(DEEP_CACHE, "features")
+        else:
+            x = MidBlock(cfg, self.dtype, self.patch, name="mid_block")(x, temb, context)
+        done = 0  # up layers before this block; layer m reads skip total - 1 - m
         for i in range(cfg.num_levels):
-            x = UpBlock(cfg, i, self.dtype, self.patch, name=f"up_blocks_{i}")(x, skips, temb, context)
+            layers = cfg.layers_per_block[cfg.num_levels - 1 - i] + 1
+            first = max(0, total - made - done)
+            keep = total - 1 - branch - done if cache is not None and cache.full else None
+            if first < layers:
+                x, kept = UpBlock(cfg, i, self.dtype, self.patch, first, keep if keep in range(layers) else None,
+                                  name=f"up_blocks_{i}")(x, skips, temb, context)
+                if kept is not None:
+                    self.put_variable(DEEP_CACHE, "features", kept)
+            done += layers
 
         x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, self.dtype, self.patch, name="conv_norm_out")(x))
         x = Conv2d(cfg.out_channels, dtype=self.dtype, patch=self.patch, name="conv_out")(x)

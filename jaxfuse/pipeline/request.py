@@ -28,6 +28,7 @@ from jaxfuse import schedulers
 from jaxfuse.config import ParallelConfig
 from jaxfuse.sampling.tiled import Weighting
 from jaxfuse.spec import PipelineError, PipelineSpec, checked_float, checked_int, checked_pair, checked_prompts
+from jaxfuse.step_cache import SCHEDULES, DeepCache
 
 # The steps of a run when none are named, in the command line and the API alike: Euler and
 # DPM++(2M), the usual SDXL samplers, are run at 25-30 steps in practice; diffusers' default is 50.
@@ -258,9 +259,37 @@ class Aesthetics:
                                                    DEFAULT_NEGATIVE_AESTHETIC_SCORE))))
 
 
+class StepCache:
+    """DeepCache (`jaxfuse.step_cache`): every `deepcache`-th step runs every layer and keeps the
+    deep features at branch `deepcache_branch`; the steps between run only the shallower layers.
+    `deepcache_schedule` "quadratic": DeepCache's non-uniform schedule around `deepcache_center`."""
+
+    ARGUMENTS: ClassVar[dict[str, Any]] = {"deepcache": 1, "deepcache_branch": 0, "deepcache_schedule": "uniform",
+                                           "deepcache_center": DeepCache.center, "deepcache_power": DeepCache.power}
+
+    @staticmethod
+    def parse(spec: PipelineSpec, request: Request, deepcache: Any, deepcache_branch: Any, deepcache_schedule: Any,
+              deepcache_center: Any, deepcache_power: Any) -> DeepCache | None:
+        """The settings, or None when every step runs every layer (`deepcache` 1)."""
+        interval = checked_int("deepcache interval", deepcache, 1)
+        branch = checked_int("deepcache branch", deepcache_branch, 0, spec.unet.num_skips - 1)
+        if deepcache_schedule not in SCHEDULES:
+            raise PipelineError(f"deepcache schedule {deepcache_schedule!r} is not one of {', '.join(SCHEDULES)}.")
+        if interval == 1:
+            return None
+        cache = DeepCache(interval, branch, deepcache_schedule, checked_int("deepcache center", deepcache_center, 0),
+                          checked_float("deepcache power", deepcache_power, 1.0, 4.0))
+        try:  # host arithmetic: a schedule that cannot be made fails here
+            cache.full_steps(request.steps_run)
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        return cache
+
+
 # The optional parts of a request, each parsed from its `ARGUMENTS` (by name, with their defaults), in
 # this order (a part sees those before it).
-PARTS = {"image_to_image": ImageToImage, "tiles": Tiles, "refine": Refine, "aesthetics": Aesthetics}
+PARTS = {"image_to_image": ImageToImage, "tiles": Tiles, "refine": Refine, "aesthetics": Aesthetics,
+         "step_cache": StepCache}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +315,7 @@ class Request:
     tiles: Tiles | None = None  # a canvas of fused views, or None: one image
     refine: Refine | None = None  # the refiner finishes the image, or None: the model alone
     aesthetics: Aesthetics | None = None  # when the model or its refiner reads aesthetic scores
+    step_cache: DeepCache | None = None  # DeepCache's settings, or None: every step runs every layer
 
     @property
     def batch(self) -> int:

@@ -120,7 +120,8 @@ class SDXLPipeline:
         timed under."""
         cond = run.timed(f"{phase}encode", lambda: layout.conditioning(run, request))
         loop = Loop(Sampling(request.use_guidance, request.guidance_rescale > 0, request.parallel),
-                    Plan.of(request.parallel, schedule.timesteps.shape[0]), mesh, layout.predictor(request, mesh))
+                    Plan.of(request.parallel, schedule.timesteps.shape[0], request.step_cache), mesh,
+                    layout.predictor(request, mesh))
         guidance = Guidance(jnp.float32(request.guidance_scale), jnp.float32(request.guidance_rescale))
         x = run.timed(f"{phase}denoise",
                       lambda: denoise(loop, self.denoiser, x, cond, schedule, guidance, keys, run, progress))

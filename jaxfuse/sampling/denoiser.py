@@ -1,5 +1,6 @@
 """What predicts the noise: the UNet today (a ControlNet beside it next), with the state it
-carries from one step to the next and the sharding of what it reads.
+carries from one step to the next (the stale context of displaced steps, DeepCache's features)
+and the sharding of what it reads.
 
     denoiser = Denoiser(unet, params).of_kind(kind)     # `kind`: the step's `plan.StepKind`
     noise, state = denoiser.apply(x, t, cond, state)
@@ -21,9 +22,10 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from jaxfuse.config import ParallelConfig
-from jaxfuse.models.layers import apply_patched
-from jaxfuse.parallel.patch import CFG, zeros_like_shapes
+from jaxfuse.models.layers import apply_with_state
+from jaxfuse.parallel.patch import CFG, STALE, zeros_like_shapes
 from jaxfuse.sampling.plan import StepKind
+from jaxfuse.step_cache import DEEP_CACHE
 
 
 @flax.struct.dataclass
@@ -42,6 +44,7 @@ class ModelState:
     run keeps it."""
 
     stale: Any = None  # the previous step's exchanges with the other patches (`jaxfuse.parallel.patch`)
+    deep: Any = None  # DeepCache's features kept at the last full step (`jaxfuse.step_cache`): this device's rows
 
 
 def initial_state(step: Callable[[], ModelState]) -> ModelState:
@@ -67,9 +70,12 @@ class Denoiser:
         """x [B', C, h, w] at timesteps t ([] or [B']) -> (the noise prediction [B', C, h, w], the
         state for the next step: this step's exchanges when its kind writes them, `state` as given
         otherwise)."""
-        noise, stale = apply_patched(self.unet, self.kind.patch, self.params, state.stale, x, t, cond.context,
-                                     text_embeds=cond.text_embeds, time_ids=cond.time_ids)
-        return noise, state.replace(stale=stale)
+        kind = self.kind
+        writes = [STALE] * kind.patch.writes_stale + [DEEP_CACHE] * (kind.cache is not None and kind.cache.full)
+        noise, written = apply_with_state(self.unet.clone(patch=kind.patch, cache=kind.cache), self.params,
+                                          {STALE: state.stale, DEEP_CACHE: state.deep}, writes, x, t, cond.context,
+                                          text_embeds=cond.text_embeds, time_ids=cond.time_ids)
+        return noise, state.replace(stale=written[STALE], deep=written[DEEP_CACHE])
 
     def init_state(self, x: jax.Array, t: jax.Array, cond: Conditioning) -> ModelState:
         """Zero state shaped as a step of this kind writes it."""

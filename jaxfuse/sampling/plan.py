@@ -18,18 +18,22 @@ import itertools
 
 from jaxfuse.config import Mode, ParallelConfig
 from jaxfuse.parallel.patch import Patch
+from jaxfuse.step_cache import CacheStep, DeepCache
 
 
 @dataclasses.dataclass(frozen=True)
 class StepKind:
-    """How one step runs, as the denoiser reads it: `patch`, each layer's view of the other patches."""
+    """How one step runs, as the denoiser reads it: `patch`, each layer's view of the other patches;
+    `cache`, whether it runs every layer and keeps DeepCache's features or only the shallow ones."""
 
     patch: Patch = Patch()
+    cache: CacheStep | None = None
 
     @property
     def writes_state(self) -> bool:
-        """The step writes model state the next step reads (its exchanges, kept as stale context)."""
-        return self.patch.writes_stale
+        """The step writes model state the next step reads (its exchanges, kept as stale context;
+        DeepCache's features)."""
+        return self.patch.writes_stale or (self.cache is not None and self.cache.full)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,15 +43,15 @@ class Plan:
     kinds: tuple[StepKind, ...]
 
     @classmethod
-    def of(cls, parallel: ParallelConfig, num_steps: int) -> Plan:
+    def of(cls, parallel: ParallelConfig, num_steps: int, cache: DeepCache | None = None) -> Plan:
         """A run of `num_steps` steps on `parallel`'s layout: every step in its mode, but a
         displaced (or pcpp) run's first `warmup_steps` synchronous, recording their context for
-        the steps after."""
-        own = StepKind(Patch.of(parallel))
-        if not parallel.mode.reads_stale:
-            return cls((own,) * num_steps)
-        warm = min(parallel.warmup_steps, num_steps)
-        return cls((StepKind(Patch.of(parallel, Mode.SYNC, record=True)),) * warm + (own,) * (num_steps - warm))
+        the steps after; with `cache`, each step full or shallow as its schedule says."""
+        own = Patch.of(parallel)
+        warm = min(parallel.warmup_steps, num_steps) if parallel.mode.reads_stale else 0
+        patches = [Patch.of(parallel, Mode.SYNC, record=True)] * warm + [own] * (num_steps - warm)
+        caches = [None] * num_steps if cache is None else cache.kinds(num_steps)
+        return cls(tuple(StepKind(p, c) for p, c in zip(patches, caches)))
 
     def phases(self) -> list[tuple[StepKind, int, int]]:
         """(kind, first step, end step) of each run of consecutive steps of one kind."""
