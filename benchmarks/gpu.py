@@ -21,6 +21,12 @@ place:
    against single-device / N. One device cannot run the N-device program, so the stand-in is a
    naive-mode step on h/N rows (no exchanges, self-attention over its own rows): a lower bound on
    a displaced step's work.
+3b. deepcache: DeepCache's steps (`jaxfuse.step_cache`) at the preset's size: the guided step
+   uncached, then full and shallow at each of the preset's branches (SDXL: 0 and 3), each fed
+   the state the one before wrote as the loop feeds it, and an image's UNet time with one full
+   step in every 3 (`pipeline_steps` steps, uniform schedule) against the uncached image. On one
+   device, and on every device in displaced mode where the machine has more than one (steps
+   after the warm-up; the warm-up steps are left out of the image's time).
 4. pipeline: the demo model's encode / denoise / decode seconds (`Generation.timings`); SDXL-base's
    denoising at 1024² as 30 measured guided steps, and its VAE decode (float32, as SDXL's VAE
    needs) at 1024².
@@ -82,6 +88,7 @@ from jaxfuse.pipeline import load_pipeline
 from jaxfuse.sampling import tiled
 from jaxfuse.sampling.denoiser import Denoiser
 from jaxfuse.sampling.step import Sampling
+from jaxfuse.step_cache import CacheStep, DeepCache
 from jaxfuse.weight_conversion import export_checkpoint
 
 DTYPE = jnp.bfloat16
@@ -100,6 +107,7 @@ class Preset:
     repeats: int
     pipeline_steps: int
     patch_layouts: tuple[tuple[int, int], ...]  # (image size, patches)
+    deepcache_branches: tuple[int, ...]  # DeepCache branches timed (full and shallow steps each)
     attention_tokens: tuple[int, ...]  # self-attention lengths timed alone, at 10 heads of 64
     large_size: int
     matmul: int  # side of the square bf16 matmul of the roofline
@@ -109,18 +117,19 @@ class Preset:
 
 
 FULL = Preset(cfg=UNetConfig.sdxl_base(), vae=VAEConfig.sdxl(), size=1024, repeats=5, pipeline_steps=30,
-              patch_layouts=((1024, 2), (1024, 4), (1024, 8), (2048, 8)), attention_tokens=(4096, 16384),
-              large_size=3840, matmul=16384, copy_bytes=1 << 31, torch_backend="inductor",
-              estimate_s={"unet": 90, "diffusers": 60, "attention": 75, "patch": 200, "pipeline": 90, "large": 60,
-                          "canvas": 120, "roofline": 20, "torch_compile": 120})
+              patch_layouts=((1024, 2), (1024, 4), (1024, 8), (2048, 8)), deepcache_branches=(0, 3),
+              attention_tokens=(4096, 16384), large_size=3840, matmul=16384, copy_bytes=1 << 31,
+              torch_backend="inductor",
+              estimate_s={"unet": 90, "diffusers": 60, "attention": 75, "patch": 200, "deepcache": 120, "pipeline": 90,
+                          "large": 60, "canvas": 120, "roofline": 20, "torch_compile": 120})
 # The smoke run checks every code path, not the numbers: few layouts, its large step the patch
 # section's 512² one (compiled once), and
 # torch.compile's "eager" backend skips inductor's C++ build.
 TINY = Preset(cfg=UNetConfig.tiny(), vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4),
-              size=256, repeats=2, pipeline_steps=4, patch_layouts=((256, 2), (512, 2)), attention_tokens=(256,),
-              large_size=512, matmul=256, copy_bytes=1 << 22, torch_backend="eager",
-              estimate_s={"unet": 10, "diffusers": 5, "attention": 5, "patch": 10, "pipeline": 15, "large": 5,
-                          "canvas": 10, "roofline": 2, "torch_compile": 5})
+              size=256, repeats=2, pipeline_steps=4, patch_layouts=((256, 2), (512, 2)), deepcache_branches=(0, 3),
+              attention_tokens=(256,), large_size=512, matmul=256, copy_bytes=1 << 22, torch_backend="eager",
+              estimate_s={"unet": 10, "diffusers": 5, "attention": 5, "patch": 10, "deepcache": 10, "pipeline": 15,
+                          "large": 5, "canvas": 10, "roofline": 2, "torch_compile": 5})
 # What each section's table shows, written above it in gpu.md.
 NOTES = {
     "unet": "jaxfuse's UNet forward, bf16, batch 2, random weights in the preset's config.",
@@ -134,6 +143,10 @@ NOTES = {
     "patch": "Stand-in for one device's share of a displaced step at N patches: a naive step on h/N rows on "
              "ONE device, exchanges removed (communication hidden) and self-attention over its own rows only, "
              "so a lower bound on the real per-device work. efficiency = (whole-image time / N) / stand-in time.",
+    "deepcache": "DeepCache's full and shallow guided steps at each branch against the uncached step (vs_uncached: "
+                 "time / uncached time), each run on the state the one before wrote; flops: XLA's count of the "
+                 "program. The image rows: steps at interval 3 (full at 0, 3, 6, ...) = full x full step + the rest x "
+                 "shallow step, against steps x the uncached step (UNet only; displaced: without the warm-up).",
     "pipeline": "load_pipeline + generate on the demo model, phases from Generation.timings, compiling excluded; "
                 "SDXL-base's denoising as steps x the measured guided step, and its VAE decode in float32.",
     "large": "One guided single-device step at the large size: it fits (time, peak memory) or the error says why not.",
@@ -171,9 +184,14 @@ class Program:
     compiled: jax.stages.Compiled
     args: tuple
     compile_s: float
+    carries: bool = False  # the last argument is state that the program donates and returns: fed back
 
     def run(self) -> jax.Array:
-        return jax.block_until_ready(self.compiled(*self.args))
+        out = self.compiled(*self.args)
+        if self.carries and isinstance(out, tuple):  # (output, state), as a step that writes the loop's state
+            out, state = out
+            self.args = (*self.args[:-1], state)
+        return jax.block_until_ready(out)
 
     def timing(self, repeats: int) -> dict[str, Any]:
         self.run()
@@ -240,14 +258,17 @@ def forward_program(cfg: UNetConfig, latent: int) -> Program:
 
 
 @functools.cache
-def step_program(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int) -> Program:
-    """`jaxfuse.analysis.cost.build_step`'s guided step with the random weights and random
-    inputs in place of its abstract ones."""
-    step, args, _ = build_step(cfg, parallel, height, width, DTYPE)
+def step_program(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int,
+                 cache: CacheStep | None = None) -> Program:
+    """`jaxfuse.analysis.cost.build_step`'s guided step (a DeepCache step with `cache`) with the
+    random weights and random inputs in place of its abstract ones, the denoiser's state too."""
+    step, args, _ = build_step(cfg, parallel, height, width, DTYPE, cache=cache)
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(args[1:]))))
     inputs = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype)
                           if isinstance(a, jax.ShapeDtypeStruct) else a, args[1:])
-    return compile_program(step, (args[0].replace(params=random_params(cfg)), *inputs))
+    program = compile_program(step, (args[0].replace(params=random_params(cfg)), *inputs))
+    program.carries = cache is not None or parallel.mode.reads_stale
+    return program
 
 
 def single_step(preset: Preset, size: int | None = None) -> Program:
@@ -373,6 +394,32 @@ def patch_section(preset: Preset) -> list[dict]:
         ideal = single[size]["median_s"] / n
         rows.append({"program": f"naive step on h/{n} rows, 1 device (stand-in: no exchanges)", "size": size,
                      "patches": n, **timing, "ideal_s": ideal, "efficiency": ideal / timing["median_s"]})
+    return rows
+
+
+def deepcache_section(preset: Preset) -> list[dict]:
+    rows, steps = [], preset.pipeline_steps
+    layouts = [ParallelConfig()] + ([ParallelConfig(jax.device_count(), Mode.DISPLACED)]
+                                    if jax.device_count() > 1 else [])
+    for parallel in layouts:
+        where = {"devices": parallel.devices, "mode": parallel.mode.value}
+        # No cache argument: the single-device program is `single_step`'s, compiled once.
+        uncached = step_program(preset.cfg, parallel, preset.size, preset.size)
+        base = uncached.timing(preset.repeats)
+        rows.append({"program": "guided step, uncached", **where, **base, "flops": uncached.cost()["flops"]})
+        for branch in preset.deepcache_branches:
+            timed = {}
+            for full in (True, False):
+                program = step_program(preset.cfg, parallel, preset.size, preset.size, CacheStep(branch, full))
+                timed[full] = program.timing(preset.repeats)
+                rows.append({"program": f"DeepCache {'full' if full else 'shallow'} step, branch {branch}", **where,
+                             **timed[full], "flops": program.cost()["flops"],
+                             "vs_uncached": timed[full]["median_s"] / base["median_s"]})
+            full_steps = len(DeepCache(3, branch).full_steps(steps))
+            image = full_steps * timed[True]["median_s"] + (steps - full_steps) * timed[False]["median_s"]
+            uncached_image = steps * base["median_s"]
+            rows.append({"program": f"image, N=3, branch {branch}: {steps} steps, {full_steps} full", **where,
+                         "image_s": image, "uncached_image_s": uncached_image, "speedup": uncached_image / image})
     return rows
 
 
@@ -529,7 +576,8 @@ def main() -> int:
     report = {"environment": environment(), "preset": {"size": preset.size, "tiny": args.tiny}, "sections": {}}
     with tempfile.TemporaryDirectory() as cache:
         sections = {"unet": unet_section, "diffusers": diffusers_section, "attention": attention_section,
-                    "patch": patch_section, "pipeline": lambda preset: pipeline_section(preset, Path(cache)),
+                    "patch": patch_section, "deepcache": deepcache_section,
+                    "pipeline": lambda preset: pipeline_section(preset, Path(cache)),
                     "large": large_section, "canvas": canvas_section, "roofline": roofline_section,
                     "torch_compile": torch_compile_section}
         for name, section in sections.items():

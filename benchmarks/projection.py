@@ -27,6 +27,12 @@ sync steps (the sync row of as many devices).
 It leaves out what a real run adds (kernel launches, small-kernel inefficiency at small patches,
 the text encoders and the VAE), so it is an upper bound on the speed-up; DistriFusion's measured
 curve is drawn beside it.
+
+With `--deepcache` (rows of benchmarks/deepcache_cost.py) a second table projects DeepCache over
+the same layouts: each of the 50 steps is full (every N-th, from step 0: the uniform schedule) or
+shallow, with its own program's measured FLOPs and bytes, and the same step model (displaced and
+pcpp: warm-up steps synchronous, full or shallow as the schedule says). Beside it, the published
+figures: DeepCache's SDXL latency (one GPU, REFERENCES.md) and DistriFusion's (A100s).
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ DISTRIFUSION_S = {
     3840: {1: 140.0, 2: 76.6, 4: 41.3, 8: 22.9},
 }
 STEPS, WARMUP = 50, 4
+# DeepCache's published SDXL latency (REFERENCES.md): 50 steps on one GPU, seconds without and with it.
+DEEPCACHE_S = (17.52, 6.71)
+CACHE_ACCELERATORS = ("A100 NVLink3",)  # where the published figures were measured (DistriFusion's)
 MEASURED = Path(__file__).with_name("gpu_results") / "gpu.json"
 MODES = ("single", "sync", "displaced", "pcpp", "naive")
 
@@ -137,6 +146,69 @@ def table(projected: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def project_cache(rows: list[dict], fraction: float, intervals: tuple[int, ...],
+                  efficiency: dict[tuple[int, int], float] | None = None,
+                  accelerators: tuple[str, ...] = CACHE_ACCELERATORS) -> list[dict]:
+    """Latency of `STEPS` steps of every (accelerator, size, N devices, mode), uncached and with
+    DeepCache at each branch of the rows and each interval (one full step in every interval)."""
+    efficiency = efficiency or {}
+    out = []
+    for name in accelerators:
+        peak, bandwidth = ACCELERATORS[name]
+        for size in sorted({r["size"] for r in rows}):
+            by = {(r["devices"], r["mode"], r["branch"], r["full"]): r for r in rows if r["size"] == size}
+
+            def seconds(r: dict, overlapped: bool) -> float:
+                compute = r["flops"] / (peak * fraction * efficiency.get((size, r["devices"]), 1.0))
+                comm = r["received_bytes"] / bandwidth
+                return max(compute, comm) if overlapped else compute + comm
+
+            def latency(n: int, mode: str, branch: int | None, interval: int) -> float | None:
+                total = 0.0
+                for i in range(STEPS):
+                    full = None if branch is None else i % interval == 0
+                    warm = mode in ("displaced", "pcpp") and i < WARMUP
+                    r = by.get((n, "sync" if warm and mode == "pcpp" else mode, branch, full))
+                    if r is None:
+                        return None
+                    total += seconds(r, overlapped=mode in ("displaced", "pcpp", "naive") and not warm)
+                return total
+
+            if (1, "single", None, None) not in by:
+                continue
+            single = latency(1, "single", None, 1)
+            for n, mode in sorted({(n, mode) for n, mode, _, _ in by},
+                                  key=lambda layout: (layout[0], MODES.index(layout[1]))):
+                uncached = latency(n, mode, None, 1)
+                for branch in [None] + sorted({b for _, _, b, _ in by if b is not None}):
+                    for interval in [1] if branch is None else intervals:
+                        got = latency(n, mode, branch, interval)
+                        if got is None or uncached is None:
+                            continue
+                        out.append(dict(accelerator=name, size=size, devices=n, mode=mode, branch=branch,
+                                        interval=interval, latency_s=got, speedup=single / got,
+                                        vs_layout_uncached=uncached / got))
+    return out
+
+
+def cache_table(projected: list[dict]) -> str:
+    lines = ["| accelerator | size | N | mode | DeepCache | latency s (projected) | speed-up vs 1 device uncached "
+             "| cache alone | published, measured |", "|---|---|---|---|---|---|---|---|---|"]
+    for p in projected:
+        cache = "off" if p["branch"] is None else f"N={p['interval']}, branch {p['branch']}"
+        ref = ""
+        if p["accelerator"].startswith("A100") and p["branch"] is None and p["mode"] in ("single", "displaced"):
+            measured = DISTRIFUSION_S.get(p["size"], {}).get(p["devices"])
+            ref = (f"DistriFusion A100: {measured:.2f} s ({DISTRIFUSION_S[p['size']][1] / measured:.1f}x)"
+                   if measured else "")
+        elif p["devices"] == 1 and p["size"] == 1024 and p["branch"] is not None and p["accelerator"] == \
+                CACHE_ACCELERATORS[0]:
+            ref = f"DeepCache, 1 GPU: {DEEPCACHE_S[0]} -> {DEEPCACHE_S[1]} s ({DEEPCACHE_S[0] / DEEPCACHE_S[1]:.1f}x)"
+        lines.append(f"| {p['accelerator']} | {p['size']}² | {p['devices']} | {p['mode']} | {cache} "
+                     f"| {p['latency_s']:.2f} | {p['speedup']:.2f}x | {p['vs_layout_uncached']:.2f}x | {ref} |")
+    return "\n".join(lines)
+
+
 def plot(projected: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -178,6 +250,8 @@ def main() -> int:
     p.add_argument("--cfg-parallel", action="store_true", help="project the rows with the guidance batch split")
     p.add_argument("--plot", type=Path, help="write the speed-up curves to this PNG")
     p.add_argument("--json", type=Path, help="also write the projected rows here")
+    p.add_argument("--deepcache", type=Path, help="rows of deepcache_cost.py --json: also project DeepCache")
+    p.add_argument("--intervals", type=int, nargs="+", default=[3], help="DeepCache's N: one full step in every N")
     args = p.parse_args()
     if not args.costs.is_file():
         raise SystemExit(f"{args.costs} does not exist; run benchmarks/parallel_cost.py --json {args.costs} first")
@@ -198,8 +272,15 @@ def main() -> int:
     if args.plot:
         plot(projected, args.plot, f"SDXL UNet, {STEPS} steps: projected from measured FLOPs and bytes\n"
              f"({fraction:.0%} of peak FLOP/s)")
+    cached = []
+    if args.deepcache:
+        cache_rows = [r for r in json.loads(args.deepcache.read_text()) if r["dtype"] == "bfloat16"]
+        cached = project_cache(cache_rows, fraction, tuple(args.intervals), efficiency)
+        print(f"\nDeepCache, {STEPS} steps (uniform schedule; warm-up {WARMUP} synchronous in displaced and pcpp), "
+              f"projected from {args.deepcache}; published figures measured by their authors\n")
+        print(cache_table(cached))
     if args.json:
-        args.json.write_text(json.dumps(projected, indent=1))
+        args.json.write_text(json.dumps(projected + cached, indent=1))
     return 0
 
 

@@ -61,16 +61,18 @@ def with_helper(pipeline, interval, branch, run):
         helper.disable()
 
 
-@pytest.mark.parametrize("interval, branch", [(2, 0), (3, 1), (2, 2), (3, 4), (2, 8)])
+@pytest.mark.parametrize("interval, branch", [pytest.param(2, 0, marks=pytest.mark.slow), (3, 4),
+                                              pytest.param(2, 8, marks=pytest.mark.slow)])
 def test_deepcache_equals_diffusers_with_deepcache_helper(pipe, reference, noise, interval, branch):
     ours = pipe(**REQUEST, latents=noise, deepcache=interval, deepcache_branch=branch)
     expected = with_helper(reference, interval, branch, lambda: reference(
         **REQUEST, latents=torch.from_numpy(noise), output_type="np").images)
     uncached = pipe(**REQUEST, latents=noise)
-    assert np.abs(ours - expected).max() < 5e-5  # measured 5.3e-6 to 6.6e-6
+    assert np.abs(ours - expected).max() < 5e-5  # measured 5.3e-6 to 6.6e-6 (branches 0, 1, 2, 4, 8)
     assert np.abs(ours - uncached).max() > 1e-2  # the cache changed the image
 
 
+@pytest.mark.slow
 def test_image_to_image_caches_from_its_first_step(pipe, reference, noise):
     """The helper counts from the first step that runs: that step is full."""
     from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as module
@@ -91,7 +93,7 @@ def single_cached(pipe, noise):
     return pipe(**REQUEST, latents=noise, deepcache=3, deepcache_branch=4)
 
 
-@pytest.mark.parametrize("devices, cfg_parallel", [(2, False), (4, True)])
+@pytest.mark.parametrize("devices, cfg_parallel", [(2, False), pytest.param(4, True, marks=pytest.mark.slow)])
 def test_deepcache_in_sync_equals_one_device(pipe, noise, single_cached, devices, cfg_parallel):
     """A shallow step exchanges what its layers need; the kept features are each device's rows."""
     parallel = ParallelConfig(devices, Mode.SYNC, cfg_parallel=cfg_parallel)
@@ -99,16 +101,15 @@ def test_deepcache_in_sync_equals_one_device(pipe, noise, single_cached, devices
     assert np.abs(images - single_cached).max() < 1e-4  # measured 7.7e-6 (2 devices), 5.3e-6 (2 x 2, cfg-parallel)
 
 
-@pytest.mark.parametrize("mode", [Mode.DISPLACED, Mode.PCPP, Mode.NAIVE])
-def test_deepcache_runs_in_every_patch_mode(pipe, noise, single_cached, mode):
-    """A mode's error against one device is about what it is without the cache."""
-    parallel = ParallelConfig(2, mode, warmup_steps=1)
+@pytest.mark.slow
+def test_displaced_with_the_cache_stays_as_near_as_without(pipe, noise, single_cached):
+    """Displaced's error against one device is about what it is without the cache (pcpp and naive
+    are measured in benchmarks/deepcache_quality.py)."""
+    parallel = ParallelConfig(2, Mode.DISPLACED, warmup_steps=1)
     cached = np.abs(pipe(**REQUEST, latents=noise, deepcache=3, deepcache_branch=4, parallel=parallel)
                     - single_cached).mean()
     uncached = np.abs(pipe(**REQUEST, latents=noise, parallel=parallel) - pipe(**REQUEST, latents=noise)).mean()
-    # mean errors measured, cached against uncached: displaced 1.9e-2 / 3.0e-2, pcpp 1.8e-2 / 3.0e-2,
-    # naive 0.157 / 0.143 (random weights: no context at all is far off either way)
-    assert 0 < cached < 2 * uncached
+    assert 0 < cached < 2 * uncached  # mean errors measured: 1.9e-2 cached, 3.0e-2 uncached (random weights)
 
 
 def test_each_kind_of_step_compiles_once(pipe, noise):
@@ -154,6 +155,7 @@ def test_settings_a_run_cannot_take_are_refused(pipe):
         pipe("a star", deepcache=2, deepcache_schedule="cubic")
 
 
+@pytest.mark.slow
 def test_a_canvas_keeps_each_view_its_own_features(tiny_sdxl_folder, tmp_path):
     """Three views of a 64 x 160 canvas (the tiny pipeline: two levels of one layer, branches 0..3)
     over two groups of two devices equal one device with the cache (each view's features are kept
@@ -166,6 +168,7 @@ def test_a_canvas_keeps_each_view_its_own_features(tiny_sdxl_folder, tmp_path):
     assert np.abs(one - canvas(**kwargs)).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_the_command_line_takes_deepcache(folder, tmp_path, capsys):
     output = tmp_path / "cached.png"
     code = generate_main(["--model", str(folder), "--height", "64", "--width", "64", "--steps", "4", "--deepcache",

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-SECTIONS = ("unet", "diffusers", "attention", "patch", "pipeline", "large", "canvas", "roofline", "torch_compile")
+SECTIONS = ("unet", "diffusers", "attention", "patch", "deepcache", "pipeline", "large", "canvas", "roofline",
+            "torch_compile")
 
 
 def times(rows: list[dict]) -> list:
@@ -23,7 +24,7 @@ def test_tiny_run_reports_every_section(tmp_path):
     # that take most of the run (the times are not checked, only that they are there).
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
     run = subprocess.run([sys.executable, "benchmarks/gpu.py", "--tiny", "--out", str(tmp_path)], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 
     report = json.loads((tmp_path / "gpu.json").read_text())
@@ -42,4 +43,12 @@ def test_tiny_run_reports_every_section(tmp_path):
     assert [row["cudnn_forced_error"] for row in attention if "tokens" in row["program"]] == \
         ["RuntimeError: cuDNN is not detected."] * 2
     assert report["sections"]["large"]["rows"][0]["fits"] is True
+    # DeepCache, one device: uncached, full and shallow at branches 0 and 3, and an image at N = 3 for each
+    # branch; a shallow step has fewer FLOPs than a full one, which has the uncached step's (the same layers).
+    deepcache = {row["program"]: row for row in report["sections"]["deepcache"]["rows"]}
+    uncached = deepcache["guided step, uncached"]["flops"]
+    for branch in (0, 3):
+        full, shallow = (deepcache[f"DeepCache {step} step, branch {branch}"]["flops"] for step in ("full", "shallow"))
+        assert shallow < 0.9 * full and full == pytest.approx(uncached, rel=0.01)
+        assert deepcache[f"image, N=3, branch {branch}: 4 steps, 2 full"]["speedup"] > 0
     assert "| program |" in (tmp_path / "gpu.md").read_text()

@@ -44,6 +44,9 @@ FORBIDDEN_IMPORTS = {
                                     "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.pipeline", "jaxfuse.commands"),
     "jaxfuse.parallel_config": ("jaxfuse.checkpoint", "jaxfuse.weight_conversion", "jaxfuse.models",
                                 "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.pipeline", "jaxfuse.commands"),
+    # DeepCache's settings and schedules: plain data both the UNet and the step plan read.
+    "jaxfuse.step_cache": ("jaxfuse.checkpoint", "jaxfuse.weight_conversion", "jaxfuse.models", "jaxfuse.parallel",
+                           "jaxfuse.sampling", "jaxfuse.pipeline", "jaxfuse.commands", "jaxfuse.runtime"),
     "jaxfuse.sampling": ("jaxfuse.pipeline", "jaxfuse.generate", "jaxfuse.analysis", "jaxfuse.stream",
                          "jaxfuse.commands", "jaxfuse.runtime", "jaxfuse.spec"),
     "jaxfuse.analysis": ("jaxfuse.pipeline", "jaxfuse.runtime", "jaxfuse.generate", "jaxfuse.stream",

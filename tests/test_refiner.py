@@ -66,7 +66,8 @@ def test_a_refiner_folder_missing_its_tokenizer_names_it(refiner_folder, tmp_pat
         PipelineSpec.read(broken)
 
 
-@pytest.mark.parametrize("scheduler, start", [("euler", 0.7), ("euler", 0.4), ("dpmpp-2m", 0.7)])
+@pytest.mark.parametrize("scheduler, start", [("euler", 0.7), pytest.param("euler", 0.4, marks=pytest.mark.slow),
+                                              pytest.param("dpmpp-2m", 0.7, marks=pytest.mark.slow)])
 def test_the_ensemble_equals_diffusers(pipe, references, scheduler, start):
     """The base denoises to `denoising_end`, hands its latents as they are to the refiner, which
     finishes from `denoising_start` with its own text encoder and aesthetic scores."""
@@ -86,6 +87,7 @@ def test_the_ensemble_equals_diffusers(pipe, references, scheduler, start):
     assert np.abs(ours - alone).max() > 1e-2  # the refiner changed the image
 
 
+@pytest.mark.slow
 def test_the_refiner_alone_redraws_an_image_as_diffusers_does(refiner_folder, references, tmp_path):
     """Image to image with the refiner alone (its aesthetic micro-conditioning, no first encoder)."""
     from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as module
@@ -107,6 +109,7 @@ def test_the_refiner_alone_redraws_an_image_as_diffusers_does(refiner_folder, re
         only(**REQUEST, image=image, refiner_start=0.5)
 
 
+@pytest.mark.slow
 def test_progress_counts_the_steps_of_both_models(pipe):
     steps = []
     pipe.generate("a star", height=HEIGHT, width=WIDTH, num_inference_steps=5, refiner_start=0.6,
@@ -124,6 +127,7 @@ def tall_single(pipe):
     return pipe(**TALL_REQUEST, latents=noise(TALL))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg_parallel", [False, True])
 def test_the_ensemble_in_sync_equals_one_device(pipe, tall_single, cfg_parallel):
     parallel = ParallelConfig(2, Mode.SYNC, cfg_parallel=cfg_parallel)
@@ -131,6 +135,7 @@ def test_the_ensemble_in_sync_equals_one_device(pipe, tall_single, cfg_parallel)
     assert np.abs(images - tall_single).max() < 5e-5  # measured 2.9e-6, 2.9e-6 (cfg-parallel)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [Mode.DISPLACED, Mode.PCPP, Mode.NAIVE])
 def test_the_ensemble_runs_in_every_patch_mode(pipe, tall_single, mode):
     """Each model's loop warms up its own stale context; the result stays near one device's."""
@@ -166,6 +171,7 @@ def test_a_refiner_of_another_latent_space_is_refused_before_loading(tiny_sdxl_f
     assert not (tmp_path / "cache").exists()  # refused before anything was converted
 
 
+@pytest.mark.slow
 def test_the_command_line_runs_the_ensemble(tiny_sdxl_folder, refiner_folder, tmp_path, capsys):
     output = tmp_path / "refined.png"
     code = generate_main(["--model", str(tiny_sdxl_folder), "--refiner", str(refiner_folder), "--height", "64",

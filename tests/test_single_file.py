@@ -54,7 +54,7 @@ def test_a_single_file_gives_diffusers_image(base, tiny_single_files, noise):
     assert base.spec.single_file.kind == "sdxl" and base.spec.encoders == ("text_encoder", "text_encoder_2")
 
 
-@pytest.mark.parametrize("vae", ["vae_file", "vae_folder"])
+@pytest.mark.parametrize("vae", ["vae_file", pytest.param("vae_folder", marks=pytest.mark.slow)])
 def test_a_file_without_its_vae_takes_one(tiny_single_files, noise, tmp_path, vae):
     """A VAE in a file of its own (Stability's layout) or a diffusers folder, as diffusers users pass it."""
     path = tiny_single_files["vae_file"] if vae == "vae_file" else tiny_single_files["base"] / "vae"
@@ -73,6 +73,7 @@ def test_a_file_without_its_vae_takes_one(tiny_single_files, noise, tmp_path, va
     assert np.abs(ours - expected).max() < 2e-4  # measured 9.9e-6 (folder), 1.2e-5 (file)
 
 
+@pytest.mark.slow
 def test_a_refiner_file_finishes_a_base_file(tiny_single_files, noise, tmp_path):
     """Both models as single files: the ensemble equals diffusers' base + refiner from the same files."""
     pipe = load_pipeline(tiny_single_files["base_file"], refiner=tiny_single_files["refiner_file"],
@@ -105,6 +106,7 @@ def test_a_converted_file_is_cached_by_its_contents(tiny_single_files, noise, tm
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_a_file_converts_to_a_pipeline_folder(tiny_single_files, base, noise, tmp_path):
     """`checkpoints_conversion.convert_diffusers FILE DST`: the folder the cache holds, loadable as it is."""
     dst = convert(tiny_single_files["base_file"], tmp_path / "converted")
@@ -113,6 +115,7 @@ def test_a_file_converts_to_a_pipeline_folder(tiny_single_files, base, noise, tm
     np.testing.assert_array_equal(converted(**REQUEST, latents=noise), base(**REQUEST, latents=noise))
 
 
+@pytest.mark.slow
 def test_a_lora_fuses_into_a_single_file_model(tiny_single_files, base, noise, tmp_path):
     """A LoRA is planned against the file's own configs (its text encoders' from their shapes): it
     changes the image exactly as it does on the converted folder of the same file."""
@@ -158,6 +161,7 @@ def test_bad_files_are_refused_before_anything_loads(tiny_single_files, tmp_path
             vae=tiny_single_files["base_file_no_vae"])
 
 
+@pytest.mark.slow
 def test_the_command_line_takes_a_file_and_a_vae_file(tiny_single_files, tmp_path, capsys):
     output = tmp_path / "image.png"
     code = generate_main(["--model", str(tiny_single_files["base_file_no_vae"]), "--vae",

@@ -14,6 +14,11 @@ on a small machine. Per device:
                 for f32 programs the compiled and written counts are equal (tested).
     memory      the compiled program's arguments (parameters, latents, stale context),
                 outputs and temporaries, less what outputs share with donated arguments.
+
+With a DeepCache step (`cache`, a `step_cache.CacheStep`) the program is that step, full or
+shallow at its branch, and takes the denoiser's state as the image loop carries it: the features a
+full step keeps (which a shallow one reads in place of its deep layers) and, in displaced and pcpp
+modes, the stale context, shaped as the run's first step (a full one) writes them.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from jaxfuse.sampling.denoiser import Conditioning, Denoiser, ModelState
 from jaxfuse.sampling.image import Loop
 from jaxfuse.sampling.plan import Plan, StepKind
 from jaxfuse.sampling.step import Guidance, Sampling, predict_noise
+from jaxfuse.step_cache import CacheStep
 
 
 def step_fn(sampling: Sampling, kind: StepKind) -> Callable:
@@ -69,6 +75,7 @@ class StepCost:
     argument_bytes: int
     temp_bytes: int
     peak_bytes: int  # arguments + outputs + temporaries - aliased
+    deep_bytes: int = 0  # DeepCache's kept features the device holds (with a cache step)
 
     @property
     def received_bytes(self) -> int:
@@ -97,41 +104,54 @@ def nbytes(tree: Any) -> int:
 
 
 def build_step(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int, dtype: Any = jnp.float32,
-               images: int = 1) -> tuple[Callable, list, dict[str, int]]:
+               images: int = 1, cache: CacheStep | None = None) -> tuple[Callable, list, dict[str, int]]:
     """The jitted step of `parallel.mode` (displaced, pcpp: a step after warm-up) for `images`
     guided images at height x width, with its abstract arguments: (step, args, sizes) where sizes
-    holds the per-device bytes of the parameters and of the stale context."""
+    holds the per-device bytes of the parameters, of the stale context and of DeepCache's kept
+    features. With `cache` the step is that DeepCache step and its last argument the denoiser's
+    state, donated when the step writes it."""
     denoiser = Denoiser(UNet2DConditionModel(cfg, dtype), abstract_params(cfg, dtype))
     sampling = Sampling(use_guidance=True, use_rescale=False, parallel=parallel)
     args = [denoiser, *abstract_inputs(cfg, images, height, width, dtype)]
-    sizes = {"params": nbytes(denoiser.params), "stale": 0}
-    if not parallel.split:
+    sizes = {"params": nbytes(denoiser.params), "stale": 0, "deep": 0}
+    if not parallel.split and cache is None:
         return jax.jit(step_fn(sampling, StepKind())), args, sizes
 
-    mesh = make_mesh(parallel)
-    plan = Plan.of(parallel, parallel.warmup_steps + 1)
-    first, kind = plan.kinds[0], plan.kinds[-1]
-    reads = kind.patch.reads_stale
-    if reads:  # what the warm-up steps leave for it
-        state = jax.eval_shape(sharded_step(sampling, first, mesh), *args)[1]
-        sizes["stale"] = nbytes(state) // parallel.devices
+    mesh = make_mesh(parallel) if parallel.split else None
+    first = kind = StepKind()
+    if parallel.split:
+        plan = Plan.of(parallel, parallel.warmup_steps + 1)
+        first, kind = plan.kinds[0], plan.kinds[-1]
+    if cache is not None:  # the run's first step is full: it writes the state the loop carries
+        first = StepKind(first.patch, dataclasses.replace(cache, full=True))
+        kind = StepKind(kind.patch, cache)
+
+    def program(kind: StepKind, with_state: bool = False) -> Callable:
+        return step_fn(sampling, kind) if mesh is None else sharded_step(sampling, kind, mesh, with_state)
+
+    carries = kind.patch.reads_stale or cache is not None
+    if carries:  # what the warm-up steps (or the last full step) leave for it, on every device
+        state = jax.eval_shape(program(first), *args)[1]
+        sizes["stale"] = nbytes(state.stale) // parallel.devices
+        sizes["deep"] = nbytes(state.deep) // parallel.devices
         args.append(state)
-    fn = sharded_step(sampling, kind, mesh, with_state=reads)
-    return jax.jit(fn, donate_argnums=(len(args) - 1,) if reads else ()), args, sizes
+    donate = (len(args) - 1,) if carries and kind.writes_state else ()
+    return jax.jit(program(kind, with_state=carries), donate_argnums=donate), args, sizes
 
 
 def compile_step(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int, dtype: Any = jnp.float32,
-                 images: int = 1) -> tuple[jax.stages.Lowered, jax.stages.Compiled, dict[str, int]]:
+                 images: int = 1, cache: CacheStep | None = None
+                 ) -> tuple[jax.stages.Lowered, jax.stages.Compiled, dict[str, int]]:
     """`build_step`'s step lowered and compiled: (lowered, compiled, sizes)."""
-    step, args, sizes = build_step(cfg, parallel, height, width, dtype, images)
+    step, args, sizes = build_step(cfg, parallel, height, width, dtype, images, cache)
     lowered = step.lower(*args)
     return lowered, lowered.compile(), sizes
 
 
 def step_cost(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int, dtype: Any = jnp.float32,
-              images: int = 1) -> StepCost:
+              images: int = 1, cache: CacheStep | None = None) -> StepCost:
     """One device's FLOPs, bytes received and memory in one step (see the module docstring)."""
-    lowered, compiled, sizes = compile_step(cfg, parallel, height, width, dtype, images)
+    lowered, compiled, sizes = compile_step(cfg, parallel, height, width, dtype, images, cache)
     memory = compiled.memory_analysis()
     return StepCost(
         flops=int(compiled.cost_analysis()["flops"]),
@@ -141,6 +161,7 @@ def step_cost(cfg: UNetConfig, parallel: ParallelConfig, height: int, width: int
         argument_bytes=memory.argument_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes,
         peak_bytes=peak_bytes(compiled),
+        deep_bytes=sizes["deep"],
     )
 
 
