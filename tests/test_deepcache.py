@@ -112,6 +112,7 @@ def test_displaced_with_the_cache_stays_as_near_as_without(pipe, noise, single_c
     assert 0 < cached < 2 * uncached  # mean errors measured: 1.9e-2 cached, 3.0e-2 uncached (random weights)
 
 
+@pytest.mark.slow
 def test_each_kind_of_step_compiles_once(pipe, noise):
     """Displaced on 2 devices, N = 3 over 8 steps (full at 0, 3, 6): one warm-up step (synchronous,
     full) and displaced full and shallow steps: three step programs, at most two per patch mode,

@@ -88,6 +88,7 @@ def test_a_refiner_file_finishes_a_base_file(tiny_single_files, noise, tmp_path)
     assert np.abs(ours - expected).max() < 2e-4  # measured 8.8e-6
 
 
+@pytest.mark.slow
 def test_a_converted_file_is_cached_by_its_contents(tiny_single_files, noise, tmp_path):
     lines = []
     copy = tmp_path / "model.safetensors"
