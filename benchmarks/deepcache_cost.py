@@ -33,7 +33,6 @@ in the file and skipped when the run is started again.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -156,17 +155,9 @@ def main() -> int:
     os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
                                f"--xla_force_host_platform_device_count={max(args.devices)}")
 
-    done = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
-    have = {key(r) for r in done}
-    for row in rows_wanted(args):
-        if key(row) in have:
-            continue
-        done.append(measure(row))
-        print(f"measured {key(row)} in {done[-1]['compile_seconds']} s", file=sys.stderr, flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(done, indent=1))
-    wanted = {key(r) for r in rows_wanted(args)}
-    print(tables([r for r in done if key(r) in wanted], tuple(args.intervals)))
+    from parallel_cost import measured_rows
+
+    print(tables(measured_rows(rows_wanted(args), key, measure, args.json), tuple(args.intervals)))
     return 0
 
 

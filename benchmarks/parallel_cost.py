@@ -90,6 +90,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def measured_rows(wanted: list[dict], key, measure, path: Path | None) -> list[dict]:
+    """The rows `wanted`, each `measure(row)`; with `path`, the rows that json file holds are kept and
+    skipped, and each new one is written to it as it finishes (a stopped run resumes)."""
+    done = json.loads(path.read_text()) if path and path.is_file() else []
+    have = {key(r) for r in done}
+    for row in wanted:
+        if key(row) in have:
+            continue
+        done.append(measure(row))
+        print(f"measured {key(row)} in {done[-1]['compile_seconds']} s", file=sys.stderr, flush=True)
+        if path:
+            path.write_text(json.dumps(done, indent=1))
+    keys = {key(r) for r in wanted}
+    return [r for r in done if key(r) in keys]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=["sdxl-base", "tiny"], default="sdxl-base")
@@ -103,17 +119,7 @@ def main() -> int:
     os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
                                f"--xla_force_host_platform_device_count={max(args.devices)}")
 
-    done = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
-    have = {key(r) for r in done}
-    for row in rows_wanted(args):
-        if key(row) in have:
-            continue
-        done.append(measure(row))
-        print(f"measured {key(row)} in {done[-1]['compile_seconds']} s", file=sys.stderr, flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(done, indent=1))
-    wanted = {key(r) for r in rows_wanted(args)}
-    print(table([r for r in done if key(r) in wanted]))
+    print(table(measured_rows(rows_wanted(args), key, measure, args.json)))
     return 0
 
 
