@@ -1,7 +1,7 @@
 """The model configurations diffusers describes in `config.json` files, as frozen dataclasses:
-the UNet's (`UNetConfig`) and the VAE's (`VAEConfig`), with `ConfigError` and the field checks
-every model config shares. The text encoders' config is `jaxfuse.text_encoder_config`; the
-parallel settings are `jaxfuse.parallel_config`.
+the UNet's (`UNetConfig`), a ControlNet's (`ControlNetConfig`) and the VAE's (`VAEConfig`), with
+`ConfigError` and the field checks every model config shares. The text encoders' config is
+`jaxfuse.text_encoder_config`; the parallel settings are `jaxfuse.parallel_config`.
 
 A config is validated when it is built, so an unsupported checkpoint or setting fails here, with
 the field named, before any weight is read or any function is traced.
@@ -295,6 +295,58 @@ class UNetConfig:
             projection_class_embeddings_input_dim=32 + 6 * 8,
             sample_size=16,
         )
+
+
+# diffusers `ControlNetModel` defaults for the fields a ControlNet adds to the UNet's.
+_DIFFUSERS_CONTROLNET_DEFAULTS: dict[str, Any] = {
+    "conditioning_channels": 3,
+    "conditioning_embedding_out_channels": (16, 32, 96, 256),
+    "controlnet_conditioning_channel_order": "rgb",
+    "global_pool_conditions": False,
+}
+CHANNEL_ORDERS = ("rgb", "bgr")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetConfig:
+    """diffusers `ControlNetModel`: a copy of a UNet's down path and middle block (`unet`, whose up
+    blocks it does not have), reading a control image through a small convolutional embedding
+    (`embedding_channels`, each stage after the first halving the size), with one zero 1x1
+    convolution per skip and one after the middle block.
+
+    `channel_order` "bgr": the ControlNet was trained on BGR images and flips the RGB image it is
+    given; `global_pool_conditions`: its residuals are averaged over the image (and the pipeline
+    runs it in guess mode)."""
+
+    unet: UNetConfig = UNetConfig()
+    conditioning_channels: int = 3
+    embedding_channels: tuple[int, ...] = (16, 32, 96, 256)
+    channel_order: str = "rgb"
+    global_pool_conditions: bool = False
+
+    def __post_init__(self):
+        check_choice("controlnet_conditioning_channel_order", self.channel_order, CHANNEL_ORDERS)
+        if 2 ** (len(self.embedding_channels) - 1) != 8:
+            raise ConfigError(f"conditioning_embedding_out_channels: {list(self.embedding_channels)} halves the "
+                              f"control image {len(self.embedding_channels) - 1} times; jaxfuse's VAE factor of 8 "
+                              "needs 3 (four entries).")
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> ControlNetConfig:
+        """Reads a diffusers ControlNet `config.json` dict; raises `ConfigError` naming the field."""
+        _check_class_name(config, "ControlNetModel")
+        c = {**_DIFFUSERS_CONTROLNET_DEFAULTS, **config}
+        down = c.get("down_block_types", _DIFFUSERS_UNET_DEFAULTS["down_block_types"])
+        # The UNet config it copies, with the up blocks that mirror its down blocks (never built).
+        up = tuple("CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D" for t in reversed(down))
+        unet = UNetConfig.from_diffusers({**c, "_class_name": "UNet2DConditionModel", "up_block_types": up})
+        return cls(unet, int(c["conditioning_channels"]), tuple(c["conditioning_embedding_out_channels"]),
+                   c["controlnet_conditioning_channel_order"], bool(c["global_pool_conditions"]))
+
+    @classmethod
+    def tiny(cls) -> ControlNetConfig:
+        """The ControlNet of `UNetConfig.tiny()`, with a narrower embedding."""
+        return cls(UNetConfig.tiny(), embedding_channels=(8, 8, 16, 16))
 
 
 VAE_DOWN_BLOCK_TYPES = ("DownEncoderBlock2D",)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
@@ -218,3 +219,25 @@ def build_tiny_refiner(folder: Path) -> StableDiffusionXLImg2ImgPipeline:
     pipe.save_pretrained(folder)
     (folder / "tokenizer_2" / "tokenizer.json").unlink(missing_ok=True)
     return pipe
+
+
+# A narrow conditioning embedding for the tiny ControlNets (SDXL's is (16, 32, 96, 256)).
+TINY_EMBEDDING = (8, 8, 16, 16)
+
+
+def build_tiny_controlnet(unet: UNet2DConditionModel, folder: Path | None = None, seed: int = 7,
+                          **config) -> ControlNetModel:
+    """A ControlNet made from `unet` as diffusers' `ControlNetModel.from_unet` makes one (its down
+    path and middle block copied), every weight then perturbed (the zero convolutions too, so that
+    the control counts), saved to `folder` when given; `config`: the ControlNet's own settings
+    (`controlnet_conditioning_channel_order`, `global_pool_conditions`, ...)."""
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY_EMBEDDING)
+    if config:
+        net = ControlNetModel.from_config({**net.config, **config})
+        net.load_state_dict(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY_EMBEDDING)
+                            .state_dict())
+    net = perturbed(net, seed)
+    if folder is not None:
+        net.save_pretrained(folder)
+    return net

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -234,6 +235,52 @@ def check_inputs(cfg: UNetConfig, sample, encoder_hidden_states, text_embeds, ti
             )
 
 
+@flax.struct.dataclass
+class Residuals:
+    """What a ControlNet adds to a UNet: one residual per skip [B, h, w, C] (NHWC, the skip's shape)
+    and one for the middle block's output."""
+
+    down: tuple[jax.Array, ...]
+    middle: jax.Array
+
+
+def inputs(cfg: UNetConfig, dtype: Dtype, patch: Patch, sample, timesteps, encoder_hidden_states, text_embeds,
+           time_ids) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The first layers of a UNet or ControlNet, made in the calling module (`time_embedding`,
+    `add_embedding`, `conv_in`): sample [B, C, H, W] -> (conv_in's output [B, H, W, C0], the time
+    embedding [B, E], the text context [B, S, context]) in `dtype`."""
+    b = sample.shape[0]
+    x = jnp.transpose(sample, (0, 2, 3, 1)).astype(dtype)
+    if cfg.center_input_sample:
+        x = 2 * x - 1
+    t = jnp.broadcast_to(jnp.ravel(jnp.asarray(timesteps)), (b,))
+    t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    temb = TimestepEmbedding(cfg.time_embed_dim, dtype, name="time_embedding")(t_emb)
+    if cfg.addition_embed_type == "text_time":
+        time_embeds = timestep_embedding(
+            jnp.ravel(time_ids), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+        ).reshape(b, -1)
+        added = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+        temb = temb + TimestepEmbedding(cfg.time_embed_dim, dtype, name="add_embedding")(added)
+    x = Conv2d(cfg.block_out_channels[0], dtype=dtype, patch=patch.fresh(), name="conv_in")(x)
+    return x, temb, encoder_hidden_states.astype(dtype)
+
+
+def down_path(cfg: UNetConfig, dtype: Dtype, patch: Patch, x, temb, context,
+              made: int | None = None) -> tuple[jax.Array, list[jax.Array]]:
+    """The down blocks, made in the calling module (`down_blocks_i`): conv_in's output ->
+    (the last block's output, the skips: conv_in's, then one per layer). `made`: run only the
+    layers that make the first `made` skips (a DeepCache shallow step); None: all."""
+    made = cfg.num_skips if made is None else made
+    skips = [x]
+    for i in range(cfg.num_levels):
+        if len(skips) < made:
+            x, block_skips = DownBlock(cfg, i, dtype, patch, made - len(skips), name=f"down_blocks_{i}")(x, temb,
+                                                                                                         context)
+            skips += block_skips
+    return x, skips
+
+
 class UNet2DConditionModel(nn.Module):
     """The SDXL UNet. `__call__` mirrors diffusers' forward:
 
@@ -242,6 +289,8 @@ class UNet2DConditionModel(nn.Module):
 
     `cache`: a DeepCache step (`jaxfuse.step_cache`): a full one writes the features at its
     branch to the `DEEP_CACHE` collection, a shallow one reads them in place of its deep layers.
+    `control`: a ControlNet's residuals (`models.controlnet`), added to the skips and to the middle
+    block's output (diffusers' `down_block_additional_residuals`, `mid_block_additional_residual`).
     """
 
     cfg: UNetConfig
@@ -250,40 +299,25 @@ class UNet2DConditionModel(nn.Module):
     cache: CacheStep | None = None
 
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None):
+    def __call__(self, sample, timesteps, encoder_hidden_states, text_embeds=None, time_ids=None,
+                 control: Residuals | None = None):
         cfg = self.cfg
         check_inputs(cfg, sample, encoder_hidden_states, text_embeds, time_ids)
-        b = sample.shape[0]
-        x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
-        if cfg.center_input_sample:
-            x = 2 * x - 1
-        context = encoder_hidden_states.astype(self.dtype)
-
-        t = jnp.broadcast_to(jnp.ravel(jnp.asarray(timesteps)), (b,))
-        t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = TimestepEmbedding(cfg.time_embed_dim, self.dtype, name="time_embedding")(t_emb)
-        if cfg.addition_embed_type == "text_time":
-            time_embeds = timestep_embedding(
-                jnp.ravel(time_ids), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
-            ).reshape(b, -1)
-            added = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
-            temb = temb + TimestepEmbedding(cfg.time_embed_dim, self.dtype, name="add_embedding")(added)
-
-        x = Conv2d(cfg.block_out_channels[0], dtype=self.dtype, patch=self.patch.fresh(), name="conv_in")(x)
+        x, temb, context = inputs(cfg, self.dtype, self.patch, sample, timesteps, encoder_hidden_states, text_embeds,
+                                  time_ids)
         total, cache = cfg.num_skips, self.cache
         branch = None if cache is None else min(cache.branch, total - 1)  # past the last: the middle block alone
         shallow = cache is not None and not cache.full
         made = branch + 1 if shallow else total  # the skips this step makes: 0..made-1
-        skips = [x]
-        for i in range(cfg.num_levels):
-            if len(skips) < made:
-                x, block_skips = DownBlock(cfg, i, self.dtype, self.patch, made - len(skips) if shallow else None,
-                                           name=f"down_blocks_{i}")(x, temb, context)
-                skips += block_skips
+        x, skips = down_path(cfg, self.dtype, self.patch, x, temb, context, made)
+        if control is not None:  # a ControlNet's residuals join the skips the up path reads (zip: those made)
+            skips = [skip + residual.astype(skip.dtype) for skip, residual in zip(skips, control.down)]
         if shallow:
             x = self.get_variable(DEEP_CACHE, "features")
         else:
             x = MidBlock(cfg, self.dtype, self.patch, name="mid_block")(x, temb, context)
+            if control is not None:
+                x = x + control.middle.astype(x.dtype)
         done = 0  # up layers before this block; layer m reads skip total - 1 - m
         for i in range(cfg.num_levels):
             layers = cfg.layers_per_block[cfg.num_levels - 1 - i] + 1

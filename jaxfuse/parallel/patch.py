@@ -211,6 +211,23 @@ def image_std(x: jax.Array, split: bool) -> jax.Array:
     return jnp.sqrt(var * count / (count - 1))
 
 
+def image_mean(x: jax.Array, split: bool) -> jax.Array:
+    """[B, h, W, C] -> [B, 1, 1, C] each channel's mean over the image; over the whole image when
+    its rows are split over the patches (every patch holds as many rows)."""
+    mean = x.mean(axis=(1, 2), keepdims=True)
+    return lax.pmean(mean, PATCH) if split else mean
+
+
+def unconditional_rows(rows: int, guided: bool, cfg_parallel: bool) -> jax.Array:
+    """[rows] bool: the rows of a UNet batch that hold the unconditional half of the guidance: the
+    first half when both lie here, every row on `CFG` group 0 with `cfg_parallel`, none unguided."""
+    if not guided:
+        return jnp.zeros((rows,), bool)
+    if cfg_parallel:
+        return jnp.broadcast_to(lax.axis_index(CFG) == 0, (rows,))
+    return jnp.arange(rows) < rows // 2
+
+
 def varying_axes(aval: Any) -> frozenset[str]:
     """The mesh axes over which a value (its `jax.typeof` or `eval_shape` result) differs from
     device to device inside `shard_map`."""
