@@ -107,15 +107,23 @@ def write_pipeline(folder: Path, dst: Path, params: dict[str, Any]) -> None:
     (dst / MANIFEST_NAME).write_text(json.dumps(folder_manifest(dst), indent=1))
 
 
-def save_pipeline(folder: Path, dst: Path, params: dict[str, Any]) -> None:
-    """A converted pipeline folder at `dst` (see `write_pipeline`), written under a name of its
-    own (host, pid, random token) and renamed into place in one step: a reader sees the whole
-    folder or none, and writers at the same time never share files. Temporary copies that killed
-    runs of this host left behind are deleted first."""
+def write_model(folder: Path, dst: Path, params: Any) -> None:
+    """The converted form of one model's folder (a ControlNet's) at `dst`: its config + orbax
+    params, and last the manifest."""
+    save_params(dst, (folder / CONFIG_NAME).read_text(), params)
+    (dst / MANIFEST_NAME).write_text(json.dumps(folder_manifest(dst), indent=1))
+
+
+def save_pipeline(folder: Path, dst: Path, params: Any, write: Callable[[Path, Path, Any], None] = write_pipeline
+                  ) -> None:
+    """A converted pipeline folder at `dst` (see `write_pipeline`; `write_model` for one model's
+    folder), written under a name of its own (host, pid, random token) and renamed into place in
+    one step: a reader sees the whole folder or none, and writers at the same time never share
+    files. Temporary copies that killed runs of this host left behind are deleted first."""
     remove_abandoned_copies(dst)
     temporary = dst.with_name(f"{dst.name}{TEMPORARY_MARK}{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        write_pipeline(folder, temporary, params)
+        write(folder, temporary, params)
         move_into_place(temporary, dst)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)  # still there after a failure or a lost race
@@ -247,7 +255,7 @@ def add_file_key(digest: Any, path: Path) -> None:
 
 
 def cache_folder(model: Path, dtype: Any, cache_dir: str | Path | None = None) -> Path:
-    """Where the converted copy of the pipeline folder or single file `model` in `dtype` is cached:
+    """Where the converted copy of the pipeline folder, model folder or single file `model` in `dtype` is cached:
     named by a hash of every model file, without reading the gigabytes of its tensors.
 
     A file counts by its name, size, modification time and status-change time (ctime). Any write
@@ -263,7 +271,9 @@ def cache_folder(model: Path, dtype: Any, cache_dir: str | Path | None = None) -
     if model.is_file():
         digest.update(model.name.encode())
         add_file_key(digest, model)
-    for component in filter(lambda c: (model / c).is_dir(), MODEL_COMPONENTS):  # the refiner has 3 of the 4
+    # A pipeline's model folders (the refiner has 3 of the 4), or one model's folder itself (a ControlNet's).
+    folders = [""] if (model / CONFIG_NAME).is_file() else filter(lambda c: (model / c).is_dir(), MODEL_COMPONENTS)
+    for component in folders:
         for path in sorted((model / component).iterdir()):
             if path.is_file():
                 digest.update(f"{component}/{path.name}".encode())

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxfuse import schedulers
 from jaxfuse.checkpoint import CONFIG_NAME, PARAMS_DIR, TOKENIZERS, component_folder
-from jaxfuse.config import ParallelConfig, UNetConfig, VAEConfig
+from jaxfuse.config import ConfigError, ControlNetConfig, ParallelConfig, UNetConfig, VAEConfig
 from jaxfuse.single_file import SCHEDULER_CONFIG, SingleFile
 from jaxfuse.text_encoder_config import TextEncoderConfig
 from jaxfuse.weight_conversion import PICKLE_SUFFIXES
@@ -107,6 +107,31 @@ def read_vae(vae: str | Path) -> tuple[VAEConfig, Path]:
     return VAEConfig.from_diffusers(read_config(folder / CONFIG_NAME)), folder
 
 
+def read_controlnet(folder: str | Path, unet: UNetConfig) -> ControlNetConfig:
+    """The config of a diffusers ControlNet folder (`config.json` beside its weights, as the public
+    SDXL ControlNets are saved) or a converted one, checked to fit `unet`: its residuals must have
+    the shapes of the UNet's skips, and it reads the same text and micro-conditioning."""
+    path = Path(folder).expanduser() / CONFIG_NAME
+    if not path.is_file():
+        raise PipelineError(f"the ControlNet {folder} has no {CONFIG_NAME}: pass a diffusers ControlNet folder "
+                            "(config.json and diffusion_pytorch_model.safetensors).")
+    try:
+        cfg = ControlNetConfig.from_diffusers(read_config(path))
+    except ConfigError as e:
+        raise PipelineError(f"the ControlNet {folder}: {e}") from None
+    if cfg.conditioning_channels != 3:
+        raise PipelineError(f"the ControlNet {folder} reads control images of {cfg.conditioning_channels} channels; "
+                            "jaxfuse passes RGB images (3).")
+    fields = ("block_out_channels", "layers_per_block", "in_channels", "cross_attention_dim", "addition_embed_type",
+              "projection_class_embeddings_input_dim")
+    wrong = [f"{name} {getattr(cfg.unet, name)} (the UNet's: {getattr(unet, name)})" for name in fields
+             if getattr(cfg.unet, name) != getattr(unet, name)]
+    if wrong:
+        raise PipelineError(f"the ControlNet {folder} was made for another model: {'; '.join(wrong)}. Pass a "
+                            "ControlNet trained for this model (an SDXL ControlNet for SDXL).")
+    return cfg
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
     """What a pipeline folder or a single-file checkpoint holds, read from its small config files
@@ -123,6 +148,7 @@ class PipelineSpec:
     requires_aesthetics_score: bool = False  # the refiner's micro-conditioning: an aesthetic score for a crop
     refiner: PipelineSpec | None = None  # a model that finishes this one's images (`with_refiner`)
     single_file: SingleFile | None = dataclasses.field(default=None, repr=False)  # when the model is one file
+    controlnets: tuple[tuple[Path, ControlNetConfig], ...] = ()  # (folder, config) of each ControlNet beside it
 
     @classmethod
     def read(cls, model: str | Path, vae: str | Path | None = None) -> PipelineSpec:
@@ -241,6 +267,11 @@ class PipelineSpec:
         if self.vae_folder is not None:
             refiner = refiner.with_vae(self.vae_folder)
         return dataclasses.replace(self, refiner=refiner)
+
+    def with_controlnets(self, folders: Sequence[str | Path]) -> PipelineSpec:
+        """This model with the ControlNets in `folders` beside its UNet, each checked to fit it."""
+        return dataclasses.replace(self, controlnets=tuple((Path(f).expanduser(), read_controlnet(f, self.unet))
+                                                           for f in folders))
 
     @property
     def vae_factor(self) -> int:

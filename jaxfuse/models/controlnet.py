@@ -9,8 +9,7 @@ ControlNet splits by rows over devices exactly as the UNet does: its convolution
 group norms exchange context (stale in displaced steps), its residuals are each device's own rows.
 
     net = ControlNetModel(cfg)
-    residuals = net.apply({"params": params}, sample, t, context, image, text_embeds, time_ids)
-    residuals = scaled(residuals, scale, guess=False)    # conditioning scale per batch row
+    residuals = net.apply({"params": params}, sample, t, context, image, text_embeds, time_ids, scale)
     noise = unet.apply({"params": unet_params}, sample, t, context, text_embeds, time_ids, control=residuals)
 
 Legend: B batch, C channels, H/W the latent's rows and columns (8 H / 8 W the control image's).
@@ -70,12 +69,14 @@ def skip_channels(cfg: ControlNetConfig) -> list[int]:
 
 
 class ControlNetModel(nn.Module):
-    """The ControlNet. `__call__` mirrors diffusers' forward without its scaling (`scaled`):
+    """The ControlNet. `__call__` mirrors diffusers' forward:
 
     sample [B, C_in, H, W] (NCHW), timesteps [] or [B], encoder_hidden_states [B, S, context],
     controlnet_cond [B, 3, 8 H, 8 W] the control image in [0, 1] (RGB: a "bgr" ControlNet flips
-    it), text_embeds [B, pooled], time_ids [B, K] -> `Residuals` (NHWC, one per skip, and the
-    middle block's), averaged over the image when the config's `global_pool_conditions` says so.
+    it), text_embeds [B, pooled], time_ids [B, K], conditioning_scale [] or [B] (per row: 0 on
+    rows the ControlNet must not move) -> `Residuals` (NHWC, one per skip, and the middle
+    block's), scaled (`scaled`), averaged over the image when the config's
+    `global_pool_conditions` says so.
     """
 
     cfg: ControlNetConfig
@@ -84,7 +85,7 @@ class ControlNetModel(nn.Module):
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, text_embeds=None,
-                 time_ids=None) -> Residuals:
+                 time_ids=None, conditioning_scale=1.0, guess_mode: bool = False) -> Residuals:
         cfg, unet = self.cfg, self.cfg.unet
         check_inputs(unet, sample, encoder_hidden_states, text_embeds, time_ids)
         expected = (sample.shape[0], cfg.conditioning_channels, 8 * sample.shape[2], 8 * sample.shape[3])
@@ -103,17 +104,17 @@ class ControlNetModel(nn.Module):
         down = tuple(Conv2d(c, kernel_size=1, dtype=self.dtype, name=f"controlnet_down_blocks_{j}")(skip)
                      for j, (c, skip) in enumerate(zip(skip_channels(cfg), skips)))
         middle = Conv2d(unet.block_out_channels[-1], kernel_size=1, dtype=self.dtype, name="controlnet_mid_block")(x)
-        residuals = Residuals(down, middle)
+        scale = jnp.broadcast_to(jnp.asarray(conditioning_scale, jnp.float32), (sample.shape[0],))
+        residuals = scaled(Residuals(down, middle), scale, guess_mode and not cfg.global_pool_conditions)
         if cfg.global_pool_conditions:
             residuals = jax.tree.map(lambda r: px.image_mean(r, self.patch.split), residuals)
         return residuals
 
 
 def scaled(residuals: Residuals, scale: jax.Array, guess: bool) -> Residuals:
-    """The residuals times the conditioning scale of each batch row [B] (diffusers'
-    `conditioning_scale`; 0 on rows the ControlNet must not move). `guess` (guess mode, without
-    pooled conditions): the skips' scales ramp up log-uniformly from 0.1 to 1 towards the middle
-    block, as diffusers' `torch.logspace(-1, 0, n + 1)`."""
+    """The residuals times the conditioning scale of each batch row [B]. `guess` (guess mode, for
+    a ControlNet without pooled conditions): the skips' scales ramp up log-uniformly from 0.1 to 1
+    towards the middle block, as diffusers' `torch.logspace(-1, 0, n + 1)`."""
     count = len(residuals.down) + 1
     ramp = jnp.logspace(*GUESS_RAMP, count) if guess else jnp.ones(count)
 

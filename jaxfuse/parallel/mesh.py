@@ -267,6 +267,13 @@ def place(tree: Any, sharding: NamedSharding) -> Any:
     return jax.tree.map(one, tree)
 
 
+def place_as(tree: Any, mesh: Mesh, specs: Any) -> Any:
+    """`tree` laid out on `mesh` as `specs` says: a `PartitionSpec` for all of it, or a tree of them
+    (a prefix of `tree`'s structure, as `shard_map` takes them)."""
+    return jax.tree.map(lambda spec, part: place(part, NamedSharding(mesh, spec)), specs, tree,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def gather(array: jax.Array) -> np.ndarray:
     """The whole value of an array that may be spread over processes, in every process."""
     if array.is_fully_addressable:

@@ -7,7 +7,6 @@ MultiDiffusion's bootstrapping colours made here. The pipeline asks the request'
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from jaxfuse.pipeline.codec import Codec
 from jaxfuse.pipeline.request import Request
 from jaxfuse.pipeline.text import Text
 from jaxfuse.sampling import tiled
+from jaxfuse.sampling.denoiser import Conditioning, Control
 from jaxfuse.sampling.image import Predictor, Runner
 from jaxfuse.spec import PipelineSpec
 
@@ -39,8 +39,14 @@ class WholeImage:
     def mesh(self, request: Request) -> Mesh | None:
         return make_mesh(request.parallel) if request.parallel.split else None
 
-    def conditioning(self, run: Runner, request: Request) -> Any:
-        return self.text.conditioning(run, request)
+    def conditioning(self, run: Runner, request: Request) -> Conditioning:
+        """The prompts' conditioning, with the request's control images when this model has ControlNets."""
+        cond = self.text.conditioning(run, request)
+        part = request.control
+        if part is None or not self.spec.controlnets:  # (a refiner finishing a controlled image has none)
+            return cond
+        images = tuple(jnp.asarray(np.transpose(image, (0, 3, 1, 2)), self.text.dtype) for image in part.images)
+        return cond.replace(control=Control(images, jnp.asarray(part.step_scales(request.steps_run)), part.guess))
 
     def predictor(self, request: Request, mesh: Mesh | None) -> Predictor:
         return Predictor()

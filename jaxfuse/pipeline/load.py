@@ -23,6 +23,7 @@ from jaxfuse.models import clip as clip_model
 from jaxfuse.models import unet as unet_model
 from jaxfuse.models import vae as vae_model
 from jaxfuse.models.clip import load_text_encoder
+from jaxfuse.models.controlnet import load_controlnet
 from jaxfuse.models.unet import load_unet
 from jaxfuse.models.vae import load_vae
 from jaxfuse.parallel.mesh import ProcessLayout, initialize_processes
@@ -30,6 +31,7 @@ from jaxfuse.pipeline.request import NonFiniteError
 from jaxfuse.pipeline.sdxl import SDXLPipeline
 from jaxfuse.pipeline.text import TextEncoder
 from jaxfuse.runtime.programs import Programs
+from jaxfuse.sampling.denoiser import ControlNet
 from jaxfuse.single_file import SCHEDULER_CONFIG, SingleFile
 from jaxfuse.spec import PipelineSpec
 from jaxfuse.text_encoder_config import TextEncoderConfig
@@ -131,39 +133,55 @@ def check_weights_finite(programs: Programs, named: dict[str, Any]) -> None:
 
 
 def checked_pipeline(spec: PipelineSpec, models: dict[str, tuple[Any, Any]], encoders: Sequence[TextEncoder],
-                     dtype: Any, loras: Sequence[tuple[Path, float]] = (),
-                     refiner: SDXLPipeline | None = None) -> SDXLPipeline:
+                     dtype: Any, loras: Sequence[tuple[Path, float]] = (), refiner: SDXLPipeline | None = None,
+                     controlnets: Sequence[ControlNet] = ()) -> SDXLPipeline:
     """The pipeline of loaded `models` and `encoders`, its weights checked finite first."""
-    pipe = SDXLPipeline(spec, *models["unet"], *models["vae"], encoders, dtype, loras, refiner)
+    pipe = SDXLPipeline(spec, *models["unet"], *models["vae"], encoders, dtype, loras, refiner, controlnets)
     check_weights_finite(pipe.programs, {"unet": pipe.denoiser.params, "vae": pipe.codec.params,
-                                         **{f"text_encoder_{i}": e.params for i, e in enumerate(encoders)}})
+                                         **{f"text_encoder_{i}": e.params for i, e in enumerate(encoders)},
+                                         **{f"controlnet_{i}": net.params for i, net in enumerate(controlnets)}})
     return pipe
+
+
+def cached(source: Path, converted: bool, dtype: Any, cache_dir: str | Path | None, log: Callable[[str], None],
+           what: str, load: Callable[[Path], Any], save: Callable[[Path, Any], None]) -> Any:
+    """`load(source)`, or `load` of the converted-weights cache's entry for `source` when it holds
+    one; else what `load(source)` gives is cached (`save(entry, loaded)`, on one process)."""
+    cache = None
+    # Across processes each one converts for itself: the cache's orbax checkpoint would make every
+    # process write and wait for the others.
+    if not converted and jax.process_count() == 1:
+        cache = checkpoint.cache_folder(source, dtype, cache_dir)
+        if cache.is_dir():  # only a finished entry is renamed to this name (`checkpoint.save_pipeline`)
+            log(f"loading converted weights of {what} from the cache {cache}")
+            return checkpoint.read_cache(cache, load)
+        log(f"converting {what} to JAX once; the converted weights are cached in {cache}")
+    loaded = load(source)
+    if cache is not None:
+        # When another process cached the same model meanwhile, its entry is kept: same values as ours.
+        try:
+            save(cache, loaded)
+        except OSError as e:  # the weights are loaded: a cache that cannot be written costs the next run only
+            log(f"warning: the converted weights could not be cached ({e}); the next run converts again.")
+    return loaded
 
 
 def read_models(spec: PipelineSpec, dtype: Any, cache_dir: str | Path | None,
                 log: Callable[[str], None]) -> dict[str, tuple[Any, Any]]:
     """The models of `spec`'s folder, from the converted-weights cache when it holds them, else
-    converted (and cached, on one process)."""
-    folder, source, cache = spec.folder, spec.folder, None
-    # Across processes each one converts for itself: the cache's orbax checkpoint would make every
-    # process write and wait for the others.
-    if not spec.converted and jax.process_count() == 1:
-        cache = checkpoint.cache_folder(folder, dtype, cache_dir)
-        if cache.is_dir():  # only a finished entry is renamed to this name (`checkpoint.save_pipeline`)
-            log(f"loading converted weights from the cache {cache}")
-            source = cache
-        else:
-            log(f"converting {folder} to JAX once; the converted weights are cached in {cache}")
-    if source is cache:
-        return checkpoint.read_cache(cache, lambda entry: load_models(spec, entry, dtype))
-    models = load_models(spec, source, dtype)
-    if cache is not None:
-        # When another process cached the same model meanwhile, its entry is kept: same values as ours.
-        try:
-            save_converted(spec, cache, models)
-        except OSError as e:  # the weights are loaded: a cache that cannot be written costs the next run only
-            log(f"warning: the converted weights could not be cached ({e}); the next run converts again.")
-    return models
+    converted (and cached)."""
+    return cached(spec.folder, spec.converted, dtype, cache_dir, log, str(spec.folder),
+                  lambda source: load_models(spec, source, dtype), lambda entry, models: save_converted(spec, entry,
+                                                                                                        models))
+
+
+def read_controlnet(folder: Path, dtype: Any, cache_dir: str | Path | None, log: Callable[[str], None]) -> ControlNet:
+    """A ControlNet from its folder, through the converted-weights cache as a pipeline's models."""
+    def save(entry, net):
+        checkpoint.save_pipeline(folder, entry, net.params, checkpoint.write_model)
+
+    return cached(folder, (folder / checkpoint.PARAMS_DIR).is_dir(), dtype, cache_dir, log, f"the ControlNet {folder}",
+                  lambda source: ControlNet(*load_controlnet(source, dtype)), save)
 
 
 def load_models_of(spec: PipelineSpec, dtype: Any, cache_dir: str | Path | None,
@@ -194,7 +212,7 @@ def text_encoders(spec: PipelineSpec, models: dict[str, tuple[Any, Any]]) -> lis
 def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str | Path | None = None,
                   log: Callable[[str], None] = print, *, loras: Sequence[tuple[str | Path, float]] = (),
                   vae: str | Path | None = None, refiner: str | Path | None = None,
-                  **processes: Any) -> SDXLPipeline:
+                  controlnets: Sequence[str | Path] = (), **processes: Any) -> SDXLPipeline:
     """An SDXL pipeline from a diffusers folder (converted once and cached under `cache_dir`,
     default `$JAXFUSE_CACHE` or ~/.cache/jaxfuse) or from a converted folder. A cache entry is
     checked against its manifest first; a damaged one raises `checkpoint.CacheError`, naming the
@@ -208,6 +226,11 @@ def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str |
     `refiner`: a pipeline folder of SDXL's refiner (or any model sharing this one's latents) that
     finishes the images a request names `refiner_start` for (diffusers' ensemble of experts).
 
+    `controlnets`: diffusers ControlNet folders (`config.json` and its safetensors, as the public
+    SDXL ControlNets are saved) that run beside the UNet when a request gives control images
+    (`control_image=`, one per ControlNet); each checked against the UNet before any weight is
+    read, converted once and cached as the model.
+
     `loras`: (safetensors file, weight) pairs, diffusers/PEFT or kohya (`jaxfuse.lora`), fused into
     the UNet's and text encoders' weights after loading (the model's, not the refiner's); each is
     checked against the model before any weight is read, and raises `lora.LoraError` (a
@@ -217,7 +240,7 @@ def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str |
     (`coordinator_address`, `num_processes` and `process_id` here still start them, with a
     DeprecationWarning, until the next release.)
     """
-    spec = PipelineSpec.read(folder, vae)
+    spec = PipelineSpec.read(folder, vae).with_controlnets(controlnets)
     if refiner is not None:
         spec = spec.with_refiner(PipelineSpec.read(refiner))
     lora_updates = plan_loras(spec, loras)
@@ -236,6 +259,7 @@ def load_pipeline(folder: str | Path, dtype: Any = jnp.float32, cache_dir: str |
         refiner_models = load_models_of(spec.refiner, dtype, cache_dir, log)
         finisher = checked_pipeline(spec.refiner, refiner_models, text_encoders(spec.refiner, refiner_models), dtype)
         log(f"the refiner from {spec.refiner.folder}")
+    nets = [read_controlnet(path, dtype, cache_dir, log) for path, _ in spec.controlnets]
     log(f"loaded the model in {time.perf_counter() - start:.1f} s")
     fused = [(path, updates[0].weight) for path, updates in lora_updates]
-    return checked_pipeline(spec, models, text_encoders(spec, models), dtype, fused, finisher)
+    return checked_pipeline(spec, models, text_encoders(spec, models), dtype, fused, finisher, nets)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import PIL.Image
 
 from jaxfuse import schedulers
 from jaxfuse.config import ParallelConfig
@@ -286,10 +287,88 @@ class StepCache:
         return cache
 
 
+def resized(image: Any, height: int, width: int, batch: int) -> np.ndarray:
+    """A control image at the output size, as diffusers' `VaeImageProcessor` resizes one: a PIL image
+    with Lanczos, an array by nearest neighbour (PyTorch's `interpolate`: output row i reads input
+    row floor(i x rows in / rows out)) -> float32 [1 or batch, height, width, 3] in [0, 1]."""
+    if isinstance(image, PIL.Image.Image):
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), PIL.Image.LANCZOS)
+    array = checked_image(image, batch)
+    rows, columns = array.shape[1:3]
+    if (rows, columns) == (height, width):
+        return array
+    return array[:, np.arange(height) * rows // height][:, :, np.arange(width) * columns // width]
+
+
+def per_net(name: str, value: Any, count: int) -> list:
+    """One value for every ControlNet, or a list of one per ControlNet -> a list of `count`."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise PipelineError(f"{name}: {len(values)} values for {count} ControlNet{'s' * (count > 1)}; give one per "
+                            "ControlNet (in the order they were loaded) or a single value.")
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Controls:
+    """The control images of the pipeline's ControlNets (diffusers' `StableDiffusionXLControlNetPipeline`):
+    one per ControlNet, resized to the output size (or the canvas), each ControlNet's residuals
+    times its scale, counted on the steps that lie wholly inside its start..end fractions of the
+    steps that run; in `guess` mode the unconditional half of the guidance gets none."""
+
+    ARGUMENTS: ClassVar[dict[str, Any]] = {"control_image": None, "controlnet_conditioning_scale": 1.0,
+                                           "control_guidance_start": 0.0, "control_guidance_end": 1.0,
+                                           "guess_mode": False}
+
+    images: tuple[np.ndarray, ...]  # each [1 or B, H, W, 3] float32 in [0, 1]
+    scales: tuple[float, ...]
+    starts: tuple[float, ...]
+    ends: tuple[float, ...]
+    guess: bool = False
+
+    @classmethod
+    def parse(cls, spec: PipelineSpec, request: Request, control_image: Any, controlnet_conditioning_scale: Any,
+              control_guidance_start: Any, control_guidance_end: Any, guess_mode: Any) -> Controls | None:
+        """The part, or None without control images (the UNet alone, whatever ControlNets are loaded)."""
+        if control_image is None:
+            return None
+        count = len(spec.controlnets)
+        if not count:
+            raise PipelineError("control_image needs a ControlNet: load one (load_pipeline(..., controlnets=[FOLDER]), "
+                                "--controlnet FOLDER).")
+        images = [control_image] if count == 1 and not isinstance(control_image, (list, tuple)) else control_image
+        if not isinstance(images, (list, tuple)) or len(images) != count:
+            raise PipelineError(f"control_image: give one image per ControlNet ({count}, in the order they were loaded)"
+                                f", got {len(images) if isinstance(images, (list, tuple)) else 1}.")
+        scales = [checked_float("controlnet conditioning scale", v, -math.inf)
+                  for v in per_net("controlnet_conditioning_scale", controlnet_conditioning_scale, count)]
+        starts = [checked_float("control guidance start", v, 0.0, 1.0)
+                  for v in per_net("control_guidance_start", control_guidance_start, count)]
+        ends = [checked_float("control guidance end", v, 0.0, 1.0)
+                for v in per_net("control_guidance_end", control_guidance_end, count)]
+        for start, end in zip(starts, ends):
+            if start >= end:
+                raise PipelineError(f"control guidance start {start:g} must be below its end {end:g}.")
+        if not isinstance(guess_mode, bool):
+            raise PipelineError(f"guess_mode must be True or False, got {guess_mode!r}.")
+        images = tuple(resized(image, request.height, request.width, request.batch) for image in images)
+        return cls(images, tuple(scales), tuple(starts), tuple(ends), guess_mode)
+
+    def step_scales(self, steps: int) -> np.ndarray:
+        """[K, steps] float32: each ControlNet's scale at each of the `steps` steps that run; 0 where
+        the step is not wholly inside its start..end (diffusers' `controlnet_keep`: with 6 steps,
+        0.2..0.7 keeps steps 2 and 3)."""
+        i = np.arange(steps)
+        keep = [~((i / steps < start) | ((i + 1) / steps > end)) for start, end in zip(self.starts, self.ends)]
+        return (np.asarray(self.scales)[:, None] * np.asarray(keep)).astype(np.float32)
+
+
 # The optional parts of a request, each parsed from its `ARGUMENTS` (by name, with their defaults), in
 # this order (a part sees those before it).
 PARTS = {"image_to_image": ImageToImage, "tiles": Tiles, "refine": Refine, "aesthetics": Aesthetics,
-         "step_cache": StepCache}
+         "step_cache": StepCache, "control": Controls}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +395,7 @@ class Request:
     refine: Refine | None = None  # the refiner finishes the image, or None: the model alone
     aesthetics: Aesthetics | None = None  # when the model or its refiner reads aesthetic scores
     step_cache: DeepCache | None = None  # DeepCache's settings, or None: every step runs every layer
+    control: Controls | None = None  # the ControlNets' control images, or None: the UNet alone
 
     @property
     def batch(self) -> int:

@@ -30,7 +30,7 @@ from jaxfuse.pipeline.codec import Codec
 from jaxfuse.pipeline.request import Generation, Request, check_finite
 from jaxfuse.pipeline.text import Text, TextEncoder
 from jaxfuse.runtime.programs import CallPrograms, CallRecord, Programs
-from jaxfuse.sampling.denoiser import Denoiser
+from jaxfuse.sampling.denoiser import ControlNet, Denoiser
 from jaxfuse.sampling.image import Loop, denoise
 from jaxfuse.sampling.plan import Plan
 from jaxfuse.sampling.step import Guidance, Sampling
@@ -56,10 +56,10 @@ class SDXLPipeline:
 
     def __init__(self, spec: PipelineSpec, unet, unet_params, vae: AutoencoderKL, vae_params,
                  encoders: Sequence[TextEncoder], dtype: Any, loras: Sequence[tuple[Path, float]] = (),
-                 refiner: SDXLPipeline | None = None):
+                 refiner: SDXLPipeline | None = None, controlnets: Sequence[ControlNet] = ()):
         self.spec = spec
         self.dtype = jnp.dtype(dtype)
-        self.denoiser = Denoiser(unet, unet_params)
+        self.denoiser = Denoiser(unet, unet_params, controlnets=tuple(controlnets))
         self.codec = Codec(vae, vae_params, spec.vae)
         self.text = Text(tuple(encoders), spec.force_zeros_for_empty_prompt, self.dtype, spec.requires_aesthetics_score)
         self.loras = tuple(loras)  # (file, weight) fused into the weights: named when a result is not finite

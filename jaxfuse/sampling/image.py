@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxfuse import schedulers
 from jaxfuse.config import ConfigError
-from jaxfuse.parallel.mesh import ROWS, mesh_key, place
+from jaxfuse.parallel.mesh import ROWS, mesh_key, place, place_as
 from jaxfuse.parallel.patch import own_rows, vary_like
 from jaxfuse.sampling.denoiser import Denoiser, ModelState, initial_state
 from jaxfuse.sampling.plan import Plan
@@ -81,11 +81,12 @@ class Loop:
         shapes): a canvas's predictor is a new function each run, named by what makes it."""
         return self.sampling, self.predictor.key, None if self.predictor.key is None else mesh_key(self.mesh)
 
-    def input_specs(self) -> tuple:
+    def input_specs(self, cond: Any) -> tuple:
         """`shard_map` in_specs of (denoiser, latents, cond, schedule, guidance, noise_keys): the
         latents split by rows (or whole, as the predictor says), the conditioning as the denoiser
-        lays it out, the rest replicated."""
-        return P(), self.predictor.latents_spec, Denoiser.cond_specs(self.sampling.parallel), P(), P(), P()
+        lays it out (whole with whole latents), the rest replicated."""
+        cond_specs = P() if self.predictor.whole_latents else Denoiser.cond_specs(self.sampling.parallel, cond)
+        return P(), self.predictor.latents_spec, cond_specs, P(), P(), P()
 
     def carry_specs(self) -> ImageCarry:
         """How the carry crosses a `shard_map` boundary; the denoiser's state, whatever it holds, as
@@ -123,18 +124,27 @@ class Loop:
         noise_keys); on the mesh, laid out as `input_specs` and `carry_specs` say."""
         if self.mesh is None:
             return self.initial_carry
-        return jax.shard_map(self.initial_carry, mesh=self.mesh, in_specs=self.input_specs(),
-                             out_specs=self.carry_specs())
+
+        def program(denoiser, latents, cond, *args):
+            return jax.shard_map(self.initial_carry, mesh=self.mesh, in_specs=self.input_specs(cond),
+                                 out_specs=self.carry_specs())(denoiser, latents, cond, *args)
+
+        return program
 
     def steps_program(self) -> Callable:
         """`run_steps` as a function of (denoiser, carry, cond, schedule, guidance, start, stop),
         the bounds traced; on the mesh, laid out as `input_specs` and `carry_specs` say."""
         if self.mesh is None:
             return self.run_steps
-        denoiser, _, cond, schedule, guidance, _ = self.input_specs()
-        carry = self.carry_specs()
-        return jax.shard_map(self.run_steps, mesh=self.mesh,
-                             in_specs=(denoiser, carry, cond, schedule, guidance, P(), P()), out_specs=carry)
+
+        def program(denoiser, carry, cond, *args):
+            denoiser_spec, _, cond_spec, schedule, guidance, _ = self.input_specs(cond)
+            specs = self.carry_specs()
+            return jax.shard_map(self.run_steps, mesh=self.mesh, in_specs=(
+                denoiser_spec, specs, cond_spec, schedule, guidance, P(), P()), out_specs=specs)(denoiser, carry, cond,
+                                                                                                 *args)
+
+        return program
 
 
 def sampler_noise(state: schedulers.SchedulerState, i: jax.Array, latents: jax.Array, split: bool) -> jax.Array:
@@ -177,7 +187,7 @@ def denoise(loop: Loop, denoiser: Denoiser, latents: jax.Array, cond: Any, sched
     args = (latents, cond, schedule, guidance, noise_keys)
     if loop.mesh is not None:
         denoiser = runner.replicated("unet", denoiser, loop.mesh)
-        args = [place(a, NamedSharding(loop.mesh, spec)) for a, spec in zip(args, loop.input_specs()[1:])]
+        args = [place_as(a, loop.mesh, spec) for a, spec in zip(args, loop.input_specs(cond)[1:])]
     _, cond, schedule, guidance, _ = args
     carry = runner.run(("initial", *loop.key, loop.plan.state_kind), loop.initial_program(), denoiser, *args)
     total = len(loop.plan.kinds)

@@ -3,7 +3,8 @@
     noise, state = predict_noise(denoiser, sampling, schedule, i, latents, cond, guidance, state)
 
 It scales the latents for the sampler, doubles them into the guidance batch (or, with
-`cfg_parallel`, leaves each `CFG` group its half), runs the denoiser (`sampling.denoiser`: the
+`cfg_parallel`, leaves each `CFG` group its half), sets the ControlNets' scales to the step's,
+runs the denoiser (`sampling.denoiser`: the
 UNet set to the step's kind, with the state of the step before), joins the two guidance halves,
 and applies classifier-free guidance and its rescaling. It runs as it is on one device, or inside
 `shard_map` on a device's rows.
@@ -66,11 +67,14 @@ def predict_noise(denoiser: Denoiser, sampling: Sampling, schedule: schedulers.S
     prediction [B, C, h, w] float32 and the denoiser's state for the next step."""
     model_input = schedulers.scale_model_input(schedule, latents, i)
     timesteps = jnp.asarray(schedule.timesteps)[i]  # [] or, with one step index per image, [B]
-    if sampling.use_guidance and not sampling.parallel.cfg_parallel:
+    cfg_parallel = sampling.parallel.cfg_parallel
+    if sampling.use_guidance and not cfg_parallel:
         model_input = jnp.concatenate([model_input, model_input])
         timesteps = jnp.concatenate([timesteps, timesteps]) if timesteps.ndim else timesteps
+    if cond.control is not None:
+        cond = cond.replace(control=cond.control.at_step(i, model_input.shape[0], sampling.use_guidance, cfg_parallel))
     noise, state = denoiser.apply(model_input, timesteps, cond, state)
-    if sampling.parallel.cfg_parallel:
+    if cfg_parallel:
         noise = px.join_guidance_halves(noise)
     noise = noise.astype(jnp.float32)
     if sampling.use_guidance:

@@ -41,7 +41,7 @@ from jaxfuse import schedulers
 from jaxfuse.config import ConfigError
 from jaxfuse.parallel.patch import PATCH, vary_like
 from jaxfuse.parallel.views import VIEWS, Views
-from jaxfuse.sampling.denoiser import Conditioning, Denoiser, ModelState
+from jaxfuse.sampling.denoiser import Conditioning, Control, Denoiser, ModelState
 from jaxfuse.sampling.image import Predictor
 from jaxfuse.sampling.step import predict_noise
 
@@ -222,6 +222,14 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
     layout = Views(spread, split)
     pixels = jnp.asarray(tiling.window, jnp.float32) * vae_factor
 
+    def view_control(control: Control | None, corner: jax.Array) -> Control | None:
+        """The control images' window of the view at `corner` (in latent pixels), this device's rows."""
+        if control is None:
+            return None
+        window = tuple(vae_factor * side for side in tiling.window)
+        return control.replace(images=tuple(layout.own_rows(crop_one(image, corner * vae_factor, window), 2)
+                                            for image in control.images))
+
     def predict(denoiser: Denoiser, sampling: Any, schedule: Any, i: jax.Array, latents: jax.Array,
                 cond: CanvasConditioning, guidance: Any, state: ModelState = ModelState()) -> tuple[jax.Array, Any]:
         mine, counts = layout.mine(boxes)
@@ -239,7 +247,7 @@ def view_predictor(tiling: Tiling, canvas: tuple[int, int], vae_factor: int, spr
             # time_ids: (original size, crop top-left, target size) per conditioning row: a view is
             # a window-sized crop of the canvas at its corner.
             time_ids = cond.prompts.time_ids.at[:, 2:4].set(corner * vae_factor).at[:, 4:6].set(pixels)
-            view_cond = cond.prompts.replace(time_ids=time_ids)
+            view_cond = cond.prompts.replace(time_ids=time_ids, control=view_control(cond.prompts.control, corner))
             out, view_state = predict_noise(denoiser, sampling, schedule, i, layout.own_rows(inputs, 2), view_cond,
                                             guidance, view_state)  # [P B, C, h', w]
             mask_weights = layout.own_rows(masks * weights * count, 1)[:, None, None]  # [P, 1, 1, h', w]
