@@ -4,6 +4,9 @@
     python -m jaxfuse.generate --model path/to/stable-diffusion-xl-base-1.0 \\
         --prompt "a lighthouse at dusk" --height 1024 --width 1024 --output lighthouse.png
     python -m jaxfuse.generate --image lighthouse.png --strength 0.6 --prompt "a lighthouse in snow"
+    python -m jaxfuse.generate --model path/to/stable-diffusion-xl-base-1.0 \\
+        --controlnet path/to/controlnet-canny-sdxl-1.0 --control-image photo.png --control-preprocess canny \\
+        --controlnet-scale 0.5 --prompt "a lighthouse at dusk"
 
 Writes the PNG (its settings in a text chunk: `jaxfuse.read_settings`), a JSON file of the
 settings and timings beside it, and with `--output-array` the decoded image as float32 [H, W, 3]
@@ -33,10 +36,12 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 
 from jaxfuse import schedulers
 from jaxfuse.commands import (
@@ -53,6 +58,7 @@ from jaxfuse.commands import (
     start_compile_cache,
 )
 from jaxfuse.config import GroupNormMode, Mode, ParallelConfig, ParallelError
+from jaxfuse.control_images import Preprocessor, preprocess
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.images import read_image
 from jaxfuse.outputs import ImageFiles, check_outputs, image_files, write_image
@@ -75,6 +81,7 @@ from jaxfuse.pipeline.request import (
     DEFAULT_STRENGTH,
     DEFAULT_WEIGHTING,
     TILED_AREA,
+    Controls,
     Region,
     Request,
 )
@@ -83,6 +90,9 @@ from jaxfuse.spec import PipelineError, PipelineSpec
 from jaxfuse.step_cache import SCHEDULES, DeepCache
 
 DEFAULT_WARMUP_STEPS = ParallelConfig.warmup_steps
+# The ControlNet flags' defaults: the request's own.
+DEFAULT_CONTROL_SCALE, DEFAULT_CONTROL_START, DEFAULT_CONTROL_END = (
+    Controls.ARGUMENTS[k] for k in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     refiner.add_argument("--negative-aesthetic-score", type=finite_float,
                          help=f"the negative half's aesthetic score, 0 to 10 (default: "
                               f"{DEFAULT_NEGATIVE_AESTHETIC_SCORE})")
+    control = p.add_argument_group("ControlNet")
+    control.add_argument("--controlnet", type=Path, action="append", metavar="FOLDER",
+                         help="a diffusers SDXL ControlNet folder (config.json and its safetensors) that steers the "
+                              "image by a --control-image; give it once per ControlNet, in order")
+    control.add_argument("--control-image", type=Path, action="append", metavar="IMAGE",
+                         help="the picture a ControlNet reads (any Pillow reads), resized to the output size; one per "
+                              "--controlnet, in the same order")
+    control.add_argument("--controlnet-scale", type=finite_float, action="append", metavar="S",
+                         help="how strongly a ControlNet steers: one per --controlnet, in order, or one for all "
+                              f"(default: {DEFAULT_CONTROL_SCALE})")
+    control.add_argument("--control-guidance-start", type=finite_float, metavar="A",
+                         help="the fraction of the steps that run after which the ControlNets start, in [0, 1) "
+                              f"(default: {DEFAULT_CONTROL_START})")
+    control.add_argument("--control-guidance-end", type=finite_float, metavar="B",
+                         help="the fraction of the steps that run after which they stop, in (0, 1] "
+                              f"(default: {DEFAULT_CONTROL_END})")
+    control.add_argument("--control-preprocess", choices=[k.value for k in Preprocessor], default="none",
+                         help="what every control image is made of first: canny (Canny edges, white on black: "
+                              'needs pip install "jaxfuse[control]"), grey (its greyscale), none (it as it is)')
+    control.add_argument("--guess-mode", action="store_true",
+                         help="the ControlNets steer the conditional half of the guidance only (diffusers' guess "
+                              "mode: the control is followed even without a prompt)")
     cache = p.add_argument_group("step caching (DeepCache)")
     cache.add_argument("--deepcache", type=int, default=1, metavar="N",
                        help="run every layer on every N-th step only and the shallow ones, on the deep features "
@@ -242,6 +274,41 @@ def read_latents(path: Path) -> np.ndarray:
         raise PipelineError(f"--latents {path} is not a .npy array file; write one with numpy.save.") from e
 
 
+def check_control_flags(args: argparse.Namespace) -> None:
+    """The ControlNet flags agree: one control image per ControlNet, one scale for all or one per
+    ControlNet, and the settings only with ControlNets to take them."""
+    nets, images, scales = (len(getattr(args, k) or []) for k in ("controlnet", "control_image", "controlnet_scale"))
+    if images and not nets:
+        raise PipelineError("--control-image needs a ControlNet to read it: add --controlnet FOLDER (one per control "
+                            "image, in the same order).")
+    if nets and not images:
+        raise PipelineError("--controlnet needs a control image to read: add one --control-image IMAGE per "
+                            "--controlnet, in the same order.")
+    if nets != images:
+        raise PipelineError(f"{nets} --controlnet folder{'s' * (nets > 1)} but {images} --control-image"
+                            f"{'s' * (images > 1)}; give one control image per ControlNet, in the same order.")
+    if scales > 1 and scales != nets:
+        raise PipelineError(f"--controlnet-scale given {scales} times for {nets} ControlNet{'s' * (nets > 1)}; give "
+                            "one scale for all, or one per --controlnet, in the same order.")
+    settings = {"--controlnet-scale": scales > 0, "--control-guidance-start": args.control_guidance_start is not None,
+                "--control-guidance-end": args.control_guidance_end is not None, "--guess-mode": args.guess_mode,
+                "--control-preprocess": args.control_preprocess != Preprocessor.NONE}
+    given = [flag for flag, present in settings.items() if present]
+    if given and not nets:
+        raise PipelineError(f"{given[0]} sets how a ControlNet steers the image; add --controlnet FOLDER and "
+                            f"--control-image IMAGE, or drop {given[0]}.")
+
+
+def read_control_images(args: argparse.Namespace) -> list[PIL.Image.Image] | None:
+    """Each --control-image made into a control image by --control-preprocess, as a PIL image (the
+    request resizes it to the output size with Lanczos, as diffusers resizes PIL images); None
+    without any."""
+    if not args.control_image:
+        return None
+    return [PIL.Image.fromarray(preprocess(args.control_preprocess, read_image(path, "--control-image")))
+            for path in args.control_image]
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """A checked command: the model's spec, the request, the files, the processes; `parallel`
@@ -257,6 +324,7 @@ class Plan:
 
 def request_arguments(args: argparse.Namespace, image: np.ndarray | None, image_seeds: list[int]) -> dict:
     """The flags as `Request.parse`'s arguments (the image and the seeds read and listed already)."""
+    scales = args.controlnet_scale or [DEFAULT_CONTROL_SCALE]
     return dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
@@ -268,7 +336,13 @@ def request_arguments(args: argparse.Namespace, image: np.ndarray | None, image_
         refiner_start=DEFAULT_REFINER_START if args.refiner and args.refiner_start is None else args.refiner_start,
         aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
         deepcache=args.deepcache, deepcache_branch=args.deepcache_branch, deepcache_schedule=args.deepcache_schedule,
-        deepcache_center=args.deepcache_center, deepcache_power=args.deepcache_power)
+        deepcache_center=args.deepcache_center, deepcache_power=args.deepcache_power,
+        control_image=read_control_images(args),
+        controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales,
+        control_guidance_start=(DEFAULT_CONTROL_START if args.control_guidance_start is None
+                                else args.control_guidance_start),
+        control_guidance_end=DEFAULT_CONTROL_END if args.control_guidance_end is None else args.control_guidance_end,
+        guess_mode=args.guess_mode)
 
 
 def check_args(args: argparse.Namespace) -> Plan:
@@ -278,8 +352,9 @@ def check_args(args: argparse.Namespace) -> Plan:
         raise ParallelError("--context sets how much of its neighbours a patch sees in pcpp mode; add --mode pcpp.")
     if args.strength is not None and args.init_image is None:
         raise PipelineError("--strength sets how much of an --image is redrawn; add --image, or drop --strength.")
+    check_control_flags(args)
     processes = ProcessLayout(args.coordinator_address, args.num_processes, args.process_id, args.process_timeout)
-    spec = PipelineSpec.read(args.model, args.vae)
+    spec = PipelineSpec.read(args.model, args.vae).with_controlnets(args.controlnet or [])
     if args.refiner is not None:
         spec = spec.with_refiner(PipelineSpec.read(args.refiner))
     image = None if args.init_image is None else read_image(args.init_image, "--image")
@@ -342,6 +417,13 @@ def describe_layout(parallel: ParallelConfig, steps: int) -> str:
     return text + (", cfg-parallel" if parallel.cfg_parallel else "")
 
 
+def json_value(value: Any) -> Any:
+    """A flag's value as the settings record it: paths (and lists of them) as strings."""
+    if isinstance(value, list):
+        return [json_value(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
 def generate(args: argparse.Namespace) -> None:
     """The command: checks, starts JAX (emulated CPU devices, the processes), loads, generates and
     writes. Raises ValueErrors for what the user's input gets wrong, OSError or RuntimeError for
@@ -377,7 +459,7 @@ def generate(args: argparse.Namespace) -> None:
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
 
     pipe = load_pipeline(plan.spec.folder, dtype=jnp.dtype(dtype), cache_dir=args.cache_dir, log=report,
-                         loras=plan.loras, vae=args.vae, refiner=args.refiner)
+                         loras=plan.loras, vae=args.vae, refiner=args.refiner, controlnets=args.controlnet or ())
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     images = f"{request.batch} images of " if request.batch > 1 else ""
     part = request.image_to_image
@@ -389,17 +471,21 @@ def generate(args: argparse.Namespace) -> None:
     if request.step_cache is not None:
         full = len(request.step_cache.full_steps(request.steps_run))
         cached = f" ({full} of them every layer: DeepCache, branch {request.step_cache.branch})"
+    control, controlled = request.control, ""
+    if control is not None:
+        controlled = f" with {len(control.images)} ControlNet{'s' * (len(control.images) > 1)}"
+        controlled += "" if args.control_preprocess == Preprocessor.NONE else f" ({args.control_preprocess})"
     layout = describe_layout(parallel, request.steps_run)
     if request.tiles is not None:
         layout = describe_canvas(plan.spec, request, layout)
-    report(f"generating {images}{request.width}x{request.height}, {steps} {request.scheduler.value} steps{cached} on "
-           f"{jax.default_backend()} ({layout}{hosts}, {dtype}); "
+    report(f"generating {images}{request.width}x{request.height}, {steps} {request.scheduler.value} steps{cached}"
+           f"{controlled} on {jax.default_backend()} ({layout}{hosts}, {dtype}); "
            + ("compiling first..." if compile_cache is None else f"compiling first (kept in {compile_cache})..."))
     result = pipe.run(request.spread(plan.spec, parallel), ProgressBar("denoising") if main_process else None)
     if not main_process:
         return
     report(peak_memory_text(result.memory))
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = {k: json_value(v) for k, v in vars(args).items()}
     settings.update(height=request.height, width=request.width, devices=devices,
                     processes=jax.process_count(), dtype=dtype, backend=jax.default_backend(),
                     mode=parallel.mode.value, warmup_steps=parallel.warmup_steps,
@@ -408,6 +494,9 @@ def generate(args: argparse.Namespace) -> None:
                     aesthetic_score=request.aesthetics and request.aesthetics.score,
                     negative_aesthetic_score=request.aesthetics and request.aesthetics.negative_score,
                     context=parallel.context if parallel.mode == Mode.PCPP else None,
+                    controlnet_scale=control and list(control.scales),
+                    control_guidance_start=control and control.starts[0],
+                    control_guidance_end=control and control.ends[0],
                     compile_cache=cache_counter and cache_counter.counts, images=request.batch)
     for i, files in enumerate(plan.files):
         image_settings = settings | {"seed": request.seeds[i % len(request.seeds)], "image": i,

@@ -3,6 +3,10 @@ residuals and the UNet that adds them), the pipelines (`StableDiffusionXLControl
 one and two ControlNets, start and end, guess mode; `StableDiffusionXLControlNetImg2ImgPipeline`),
 and the request's checks."""
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
@@ -14,13 +18,21 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from stream_reference import DELTA, SCALE, T_INDEX, alone
 
-from jaxfuse import oracle
+from jaxfuse import oracle, schedulers
 from jaxfuse.models.controlnet import load_controlnet
 from jaxfuse.models.unet import load_unet
+from jaxfuse.parallel_config import Mode, ParallelConfig
 from jaxfuse.pipeline import load_pipeline
-from jaxfuse.pipeline.request import Controls
+from jaxfuse.pipeline.request import Controls, Request
+from jaxfuse.sampling import stream
+from jaxfuse.sampling.denoiser import Control
+from jaxfuse.sampling.image import Direct
+from jaxfuse.sampling.stream import StreamConfig, StreamGuidance
 from jaxfuse.spec import PipelineError
+from jaxfuse.stream import Stream
+from jaxfuse.stream.cli import main as stream_main
 
 HEIGHT, WIDTH = 64, 96
 STEPS = 6
@@ -211,3 +223,142 @@ def test_a_controlnet_of_another_model_is_refused_before_loading(tiny_sdxl_folde
     assert not (tmp_path / "cache").exists()
     with pytest.raises(PipelineError, match="has no config.json"):
         load_pipeline(tiny_sdxl_folder, controlnets=[tmp_path], cache_dir=tmp_path / "cache")
+
+
+TALL = 128  # 16 latent rows: 2 a device on 8 devices, which the tiny UNet halves once
+TALL_REQUEST = dict(REQUEST, height=TALL, width=64, controlnet_conditioning_scale=[1.0, 0.7],
+                    control_guidance_end=0.8)
+
+
+@pytest.fixture(scope="module")
+def tall_single(pipe):
+    return pipe(**TALL_REQUEST, control_image=control_images(2, TALL, 64), latents=noise(height=TALL, width=64))
+
+
+@pytest.mark.parametrize("devices, cfg_parallel", [(2, False), pytest.param(4, False, marks=pytest.mark.slow),
+                                                   (8, False), pytest.param(4, True, marks=pytest.mark.slow)])
+def test_sync_over_devices_equals_one_device(pipe, tall_single, devices, cfg_parallel):
+    """The control images split by rows as the latents; every ControlNet layer exchanges fresh context."""
+    images = pipe(**TALL_REQUEST, control_image=control_images(2, TALL, 64), latents=noise(height=TALL, width=64),
+                  parallel=ParallelConfig(devices, Mode.SYNC, cfg_parallel=cfg_parallel))
+    assert np.abs(images - tall_single).max() < 5e-5  # measured 1.6e-6 (2), 2.1e-6 (4), 2.4e-6 (8), 1.6e-6 (2 x 2)
+
+
+@pytest.mark.parametrize("mode", [Mode.DISPLACED, pytest.param(Mode.PCPP, marks=pytest.mark.slow),
+                                  pytest.param(Mode.NAIVE, marks=pytest.mark.slow)])
+def test_approximate_modes_stay_near_one_device(pipe, tall_single, mode):
+    """The ControlNets carry stale context of their own; the result stays as near one device as the UNet's."""
+    images = pipe(**TALL_REQUEST, control_image=control_images(2, TALL, 64), latents=noise(height=TALL, width=64),
+                  parallel=ParallelConfig(2, mode, warmup_steps=1))
+    error = np.abs(images - tall_single).mean()
+    assert 0 < error < 0.05  # mean error, measured: displaced 3.1e-3, pcpp 3.1e-3, naive 1.2e-2 (random weights)
+
+
+CANVAS = dict(REQUEST, height=64, width=160, tile_stride=32, controlnet_conditioning_scale=[1.0, 0.5])
+
+
+@pytest.fixture(scope="module")
+def canvas_single(pipe):
+    return pipe(**CANVAS, control_image=control_images(2, 64, 160), latents=noise(width=160))
+
+
+@pytest.mark.parametrize("view_devices, patches", [(2, 1), (2, 2)])
+def test_a_canvas_crops_the_control_per_view_over_devices_as_on_one(pipe, canvas_single, view_devices, patches):
+    images = pipe(**CANVAS, control_image=control_images(2, 64, 160), latents=noise(width=160),
+                  view_devices=view_devices, parallel=ParallelConfig(view_devices * patches, Mode.SYNC))
+    assert np.abs(images - canvas_single).max() < 5e-5  # measured 1.5e-6 (2 x 1), 1.9e-6 (2 x 2)
+    plain = pipe(**{k: v for k, v in CANVAS.items() if not k.startswith("control")}, latents=noise(width=160))
+    assert np.abs(canvas_single - plain).max() > 1e-2  # the control changed the canvas
+
+
+STREAM_SIZE = (32, 48)
+
+
+def controlled_unet(pipe, image):
+    """The UNet on one image [C, h, w] at timestep t with the pipeline's first ControlNet steered by
+    `image` [1, 3, H, W] at its full scale: `test_stream.alone`'s model, controlled."""
+    net = pipe.denoiser.controlnets[0]
+    apply_net, apply_unet = jax.jit(net.module.apply), jax.jit(pipe.denoiser.unet.apply)
+
+    def run(x, t, cond, row):
+        text = dict(text_embeds=cond.text_embeds[row:row + 1], time_ids=cond.time_ids[row:row + 1])
+        context, t = cond.context[row:row + 1], jnp.full((1,), t)
+        residuals = apply_net({"params": net.params}, x[None], t, context, image, **text)
+        return apply_unet({"params": pipe.denoiser.params}, x[None], t, context, **text, control=residuals)[0]
+
+    return run
+
+
+@pytest.mark.parametrize("n, rcfg", [(2, "none"), (2, "full"), pytest.param(4, "initialize", marks=pytest.mark.slow)])
+def test_each_stream_image_leaves_as_if_denoised_alone_under_its_control(one_net_pipe, n, rcfg):
+    """Every row of the stream's batch reads the control (the newest frame's) at its own slot's scale."""
+    height, width = STREAM_SIZE
+    config = StreamConfig(T_INDEX[n], 1, rcfg)
+    schedule = schedulers.lcm_at(one_net_pipe.spec.scheduler, 50, config.t_index_list)
+    request = Request.parse(one_net_pipe.spec, "a red circle", "a blue square", height=height, width=width)
+    image = jnp.asarray(control_images(1, height, width)[0].transpose(0, 3, 1, 2))
+    cond = one_net_pipe.text.conditioning(Direct(), request, negative=True)
+    cond = cond.replace(control=Control((image,), jnp.ones((1, n), jnp.float32)))
+    call = jax.jit(functools.partial(stream.stream_step, config=config, schedule=schedule, cond=cond,
+                                     guidance=StreamGuidance(jnp.float32(SCALE), jnp.float32(DELTA))))
+    state = stream.initial_state(config, (4, height // 8, width // 8), seed=3)
+    entered, left = [], []
+    for _ in range(n + 1):
+        entered.append(stream.entering_latents(config, schedule, state, None))
+        state, finished = call(one_net_pipe.denoiser, state=state, frame=None)
+        left.append(np.asarray(finished))
+    slot_noise = np.asarray(state.noise).reshape(n, 1, 4, height // 8, width // 8)
+    unet = controlled_unet(one_net_pipe, image)
+    for k in range(2):
+        expected = alone(unet, config, schedule, cond, entered[k][0][0], entered[k][1][0], slot_noise[:, 0])
+        error = float(np.abs(left[k + n - 1][0] - expected).max() / np.abs(expected).max())
+        assert error < 1e-5  # of the image's max; measured 1.3e-6
+
+
+def test_a_stream_takes_each_frame_as_its_control_and_compiles_once(one_net_pipe):
+    """A text-to-image stream steered by its frames: a new frame and a new prompt compile nothing,
+    and the control moves the image (scale 0 leaves the UNet's alone)."""
+    height, width = STREAM_SIZE
+    frames = np.stack(control_images(3, height, width))  # [3, 1, H, W, 3]: three calls of one frame
+    kwargs = dict(config=StreamConfig((32, 45), 1, "none"), image_to_image=False, height=height, width=width)
+    steered = Stream(one_net_pipe, "a red circle", **kwargs)
+    assert steered.takes_frames
+    images = [steered(frames[0]), steered(frames[1])]
+    steered.update_prompt("a blue square")
+    images.append(steered(frames[2]))
+    assert len(steered.programs) == 1
+    unsteered = Stream(one_net_pipe, "a red circle", controlnet_conditioning_scale=0.0, **kwargs)
+    plain = [unsteered(frames[0]), unsteered(frames[1])]
+    assert np.abs(images[1] - plain[1]).max() > 1e-2
+    with pytest.raises(PipelineError, match="an image-to-image stream: pass frames"):
+        steered()
+
+
+@pytest.mark.slow
+def test_the_stream_command_steers_with_each_frame(one_net_pipe, tiny_sdxl_folder, controlnet_folders, tmp_path):
+    """`python -m jaxfuse.stream --controlnet`: the frames, Canny-preprocessed, steer the stream; equal to the API."""
+    height, width = STREAM_SIZE
+    frames = (np.stack(control_images(2, height, width))[:, 0] * 255).astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    for i, frame in enumerate(frames):
+        PIL.Image.fromarray(frame).save(tmp_path / "in" / f"frame{i}.png")
+    args = ["--model", str(tiny_sdxl_folder), "--cache-dir", str(tmp_path / "cache"), "--prompt", "a red circle",
+            "--controlnet", str(controlnet_folders[0]), "--controlnet-scale", "0.8", "--control-preprocess", "canny"]
+    assert stream_main([*args, "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 0
+    written = np.stack([np.asarray(PIL.Image.open(tmp_path / "out" / f"{i:06d}.png")) for i in range(2)])
+    live = Stream(one_net_pipe, "a red circle", config=StreamConfig((32, 45), 1, "none"), height=height,
+                  width=width, controlnet_conditioning_scale=0.8, control_preprocess="canny")
+    expected = live.run(np.concatenate([frames, frames[-1:]])[:, None])[1:, 0]  # fed once more to let the last out
+    assert np.abs(written / 255 - expected).max() <= 0.5 / 255 + 1e-5  # PNG rounding
+
+
+def test_the_stream_command_names_a_controlnet_it_cannot_use(tiny_sdxl_folder, controlnet_folders, tmp_path,
+                                                            capsys):
+    base = ["--model", str(tiny_sdxl_folder), "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "o")]
+    assert stream_main([*base, "--frames", "2", "--controlnet", str(controlnet_folders[0])]) == 2
+    assert "--controlnet is steered by the frames: give --input" in capsys.readouterr().err
+    (tmp_path / "in").mkdir()
+    PIL.Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(tmp_path / "in" / "a.png")
+    assert stream_main([*base, "--input", str(tmp_path / "in"), "--controlnet", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before anything was converted

@@ -234,7 +234,8 @@ FLOAT_FLAGS = [action.option_strings[0] for action in build_parser()._actions if
 
 def test_every_float_flag_takes_finite_numbers_only():
     assert not [action.option_strings for action in build_parser()._actions if action.type is float]
-    assert sorted(FLOAT_FLAGS) == ["--aesthetic-score", "--bootstrap", "--context", "--deepcache-power",
+    assert sorted(FLOAT_FLAGS) == ["--aesthetic-score", "--bootstrap", "--context", "--control-guidance-end",
+                                   "--control-guidance-start", "--controlnet-scale", "--deepcache-power",
                                    "--guidance-rescale", "--guidance-scale", "--negative-aesthetic-score",
                                    "--refiner-start", "--strength"]
 

@@ -62,6 +62,7 @@ FORBIDDEN_IMPORTS = {
     "jaxfuse.outputs": ("jaxfuse.models", "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.pipeline", "jaxfuse.spec",
                         "jaxfuse.commands"),
     "jaxfuse.images": ("jaxfuse",),  # a leaf: numpy and Pillow only, shared by the commands and the stream
+    "jaxfuse.control_images": ("jaxfuse",),  # a leaf: numpy and Pillow (OpenCV inside a function), the preprocessors
 }
 
 COLLECTIVES = {"ppermute", "all_gather", "psum", "pmean", "pmax", "pmin", "psum_scatter", "all_to_all", "axis_index",

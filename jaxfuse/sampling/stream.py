@@ -158,7 +158,8 @@ def state_specs(mesh: Mesh, stale: bool) -> StreamState:
     """How a `StreamState` crosses a `shard_map` over `mesh`: along `SLOTS` rows by slot, along
     `PATCH` every latent by its rows and the stale context stacked; keys and counts replicated."""
     rows = SLOT_ROWS if SLOTS in mesh.axis_names else ROWS
-    return StreamState(rows, rows, rows, rows, P(), P(), ModelState(P(PATCH) if stale else None))
+    stacked = P(PATCH) if stale else None
+    return StreamState(rows, rows, rows, rows, P(), P(), ModelState(stacked, control=stacked))
 
 
 def entering_latents(config: StreamConfig, schedule: schedulers.Schedule, state: StreamState,
@@ -179,13 +180,22 @@ def entering_latents(config: StreamConfig, schedule: schedulers.Schedule, state:
     return schedulers.noised_sample(schedule, frame.astype(jnp.float32), noise, 0), noise
 
 
+def text_rows(cond: Conditioning) -> Conditioning:
+    """The text part of `cond` (its control apart), whose rows are the prompts'."""
+    return cond.replace(control=None)
+
+
 def rows_of(cond: Conditioning, index: int, count: int) -> Conditioning:
-    """Row `index` of `cond` ([1] a prompt, [2] negative then prompt) repeated `count` times."""
-    return jax.tree.map(lambda v: jnp.repeat(v[index:index + 1], count, axis=0), cond)
+    """Row `index` of `cond`'s text ([1] a prompt, [2] negative then prompt) repeated `count` times;
+    its control as it is (the control images are the frames', every row reads them)."""
+    rows = jax.tree.map(lambda v: jnp.repeat(v[index:index + 1], count, axis=0), text_rows(cond))
+    return rows.replace(control=cond.control)
 
 
-def concat_rows(*conds: Conditioning) -> Conditioning:
-    return jax.tree.map(lambda *v: jnp.concatenate(v), *conds)
+def concat_rows(first: Conditioning, *conds: Conditioning) -> Conditioning:
+    """The text rows of `first` and `conds` one after the other, with `first`'s control."""
+    rows = jax.tree.map(lambda *v: jnp.concatenate(v), *(text_rows(c) for c in (first, *conds)))
+    return rows.replace(control=first.control)
 
 
 def guided_noise(denoiser: Denoiser, config: StreamConfig, schedule: schedulers.Schedule, slot: jax.Array,
@@ -360,16 +370,23 @@ def stream_program(config: StreamConfig, schedule: schedulers.Schedule, mesh: Me
     def run(denoiser, state, cond, guidance, frame):
         return advance(denoiser, config, schedule, cond, guidance, state, frame, layout)
 
-    if mesh is not None:
-        specs = state_specs(mesh, layout.keeps_stale)
-        rows, frame_spec = (SLOT_ROWS, P()) if layout.slots.spread else (ROWS, ROWS)
-        run = jax.shard_map(run, mesh=mesh, in_specs=(P(), specs, P(), P(), frame_spec), out_specs=(specs, rows))
-
     def program(denoiser, state, cond, guidance, frame):
-        state, stepped = run(denoiser, state, cond, guidance, frame)
+        call = run
+        if mesh is not None:
+            specs = state_specs(mesh, layout.keeps_stale)
+            rows, frame_spec = (SLOT_ROWS, P()) if layout.slots.spread else (ROWS, ROWS)
+            call = jax.shard_map(run, mesh=mesh, in_specs=(P(), specs, cond_specs(layout, cond), P(), frame_spec),
+                                 out_specs=(specs, rows))
+        state, stepped = call(denoiser, state, cond, guidance, frame)
         return state, stepped[-config.frame_buffer_size:]
 
     return program
+
+
+def cond_specs(layout: Layout, cond: Conditioning) -> Any:
+    """How the conditioning enters a stream program's `shard_map`: whole on each slot's device; the
+    control images split by rows with the images over `PATCH`, the text replicated."""
+    return P() if layout.slots.spread else Denoiser.cond_specs(ParallelConfig(), cond)
 
 
 def on_mesh(denoiser: Denoiser, config: StreamConfig, schedule: schedulers.Schedule, cond: Conditioning,
@@ -387,7 +404,8 @@ def on_mesh(denoiser: Denoiser, config: StreamConfig, schedule: schedulers.Sched
                 denoiser.of_kind(layout.recording), config, schedule, layout.slots.of_rows()[rows],
                 state.latents[rows], state.residual[rows], cond, guidance, ModelState(), entering)[2])
 
-        model = jax.jit(jax.shard_map(zeros, mesh=mesh, in_specs=(P(), state_specs(mesh, False), P(), P()),
+        model = jax.jit(jax.shard_map(zeros, mesh=mesh, in_specs=(P(), state_specs(mesh, False),
+                                                                   cond_specs(layout, cond), P()),
                                       out_specs=specs.model))(denoiser, state, cond, guidance)
         state = state.replace(model=model)
     # The specs as the program's outputs carry them (no trailing None), which the compiled call

@@ -5,6 +5,7 @@
     python -m jaxfuse.stream --input clip.mp4 --output styled.mp4   # video in and out: jaxfuse[video]
     python -m jaxfuse.stream --prompts prompts.txt --output out/    # text to image, one prompt a call in turn
     python -m jaxfuse.stream --serve                                # a live web page: jaxfuse[serve]
+    python -m jaxfuse.stream --input clip.mp4 --output out.mp4 --controlnet FOLDER --control-preprocess canny
 
 Writes one PNG per image, out/000000.png, ..., or a video when `--output` ends in .mp4, .mov,
 .mkv or .webm (at the input video's rate, else `--fps`), and prints the images per second and the
@@ -51,6 +52,7 @@ from jaxfuse.commands import (
     start_compile_cache,
 )
 from jaxfuse.config import ParallelConfig, ParallelError
+from jaxfuse.control_images import Preprocessor
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.parallel.mesh import emulate_cpu_devices
 from jaxfuse.pipeline import load_pipeline
@@ -111,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true", help="serve the live page instead (camera in, images out)")
     p.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on")
     p.add_argument("--port", type=int, default=8765, help="--serve: the port to listen on")
+    control = p.add_argument_group("ControlNet: each frame steers the images in flight")
+    control.add_argument("--controlnet", type=Path, action="append", metavar="FOLDER",
+                         help="a diffusers ControlNet folder for the model (repeatable); needs --input or --serve")
+    control.add_argument("--controlnet-scale", type=finite_float, action="append", metavar="S",
+                         help="its conditioning scale: one per --controlnet, or one for all (default 1)")
+    control.add_argument("--control-preprocess", choices=[p.value for p in Preprocessor], default="none",
+                         help="what the ControlNets see of each frame: canny edges, greyscale, or the frame")
     add_cache_arguments(p)
     return p
 
@@ -127,6 +136,7 @@ class Plan:
     size: tuple[int, int]  # (height, width) of the images
     loras: list[tuple[Path, float]]
     similarity: SimilarityFilter | None
+    controlnets: tuple[Path, ...] = ()
 
 
 def check_args(args: argparse.Namespace) -> Plan:
@@ -198,14 +208,21 @@ def planned(args: argparse.Namespace, source: media.FrameSource | None, prompts:
     config = StreamConfig(tuple(t_index), args.frame_buffer, args.rcfg, args.first_step)
     patch_parallel = ParallelConfig(args.devices, args.mode) if args.devices > 1 else None
     loras = lora_weights(args.lora if args.lora is not None or args.model != DEMO_MODEL else ["demo-lcm"])
-    spec = PipelineSpec.read(args.model, args.vae)
+    controlnets = tuple(args.controlnet or ())
+    if controlnets and not image_to_image:
+        raise PipelineError("--controlnet is steered by the frames: give --input (or --serve for the camera).")
+    if args.controlnet_scale and len(args.controlnet_scale) not in (1, len(controlnets)):
+        raise PipelineError(f"{len(args.controlnet_scale)} --controlnet-scale values for {len(controlnets)} "
+                            "--controlnet folders: give one per ControlNet, or one for all.")
+    spec = PipelineSpec.read(args.model, args.vae).with_controlnets(controlnets)
     height, width = source.size if source is not None else (args.height, args.width)
     request, _ = checked_stream(spec, prompts[0], args.negative_prompt, config=config, height=height, width=width,
                                 seed=args.seed, guidance_scale=args.guidance_scale, delta=args.delta,
                                 slot_parallel=args.slot_parallel, patch_parallel=patch_parallel)
     similarity = None if args.similarity_threshold is None else SimilarityFilter(args.similarity_threshold,
                                                                                    args.max_skips, args.seed)
-    return Plan(spec, source, prompts, config, patch_parallel, (request.height, request.width), loras, similarity)
+    return Plan(spec, source, prompts, config, patch_parallel, (request.height, request.width), loras, similarity,
+                controlnets)
 
 
 def check_listen(host: str, port: int) -> None:
@@ -295,10 +312,13 @@ def run_planned(args: argparse.Namespace, plan: Plan) -> None:
     _, cache_counter = start_compile_cache(args)
     check_devices(plan, devices, args.slot_parallel)
     pipe = load_pipeline(args.model, cache_dir=args.cache_dir, loras=plan.loras, vae=args.vae,
-                         log=lambda line: print(line, file=sys.stderr))
+                         controlnets=plan.controlnets, log=lambda line: print(line, file=sys.stderr))
+    scales = args.controlnet_scale or [1.0]
     stream = Stream(pipe, prompts[0], args.negative_prompt, config=config, image_to_image=source is not None or
                     args.serve, height=height, width=width, guidance_scale=args.guidance_scale, delta=args.delta,
-                    seed=args.seed, slot_parallel=args.slot_parallel, patch_parallel=patch_parallel)
+                    seed=args.seed, slot_parallel=args.slot_parallel, patch_parallel=patch_parallel,
+                    controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales,
+                    control_preprocess=args.control_preprocess)
     if args.serve:
         from jaxfuse.stream.serve import DEMO_NOTE, serve  # aiohttp: the optional extra
 
@@ -307,6 +327,8 @@ def run_planned(args: argparse.Namespace, plan: Plan) -> None:
         return
     spread = (f", one step per device on {config.slots}" if args.slot_parallel else
               f", rows split over {args.devices} devices ({args.mode})" if patch_parallel else "")
+    if plan.controlnets:
+        spread += f", steered by {len(plan.controlnets)} ControlNet(s) ({args.control_preprocess})"
     f, lag = config.frame_buffer_size, config.slots - 1
     report, count = LiveReport(), {"calls": 0, "written": 0, "saved": 0, "total": None}
 

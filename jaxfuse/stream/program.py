@@ -6,6 +6,7 @@ Legend: f frames per call, T calls, H/W the image size.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -16,12 +17,14 @@ from jax.sharding import PartitionSpec as P
 
 from jaxfuse import schedulers
 from jaxfuse.config import ParallelConfig
+from jaxfuse.control_images import Preprocessor, preprocess
 from jaxfuse.parallel.mesh import make_mesh, place
 from jaxfuse.parallel.slots import slots_mesh
-from jaxfuse.pipeline.request import Request, check_finite, checked_image
+from jaxfuse.pipeline.request import Controls, Request, check_finite, checked_image, per_net
 from jaxfuse.pipeline.sdxl import SDXLPipeline
 from jaxfuse.runtime.programs import CallRecord, Programs
 from jaxfuse.sampling import stream
+from jaxfuse.sampling.denoiser import Control
 from jaxfuse.sampling.stream import RCFG, StreamConfig, StreamGuidance
 from jaxfuse.schedulers import PredictionType
 from jaxfuse.spec import PipelineError, PipelineSpec, checked_float
@@ -78,11 +81,47 @@ def call_bytes(spec: PipelineSpec, config: StreamConfig, height: int, width: int
     return f * image + unet_rows * row
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamControl:
+    """The pipeline's ControlNets in a stream: every ControlNet steered by the newest frame (its
+    `preprocess`ed image), at each step by its scale. Each image in flight reads the newest control
+    at each of its steps: the images follow the camera with no delay beyond the stream's own."""
+
+    scales: np.ndarray  # [K, slots]
+    preprocess: Preprocessor
+
+    @classmethod
+    def of(cls, pipe: SDXLPipeline, config: StreamConfig, scale: Any, preprocess: str) -> StreamControl | None:
+        count = len(pipe.denoiser.controlnets)
+        try:
+            preprocess = Preprocessor(preprocess)
+        except ValueError:
+            raise PipelineError(f"control preprocess {preprocess!r} is not one of "
+                                f"{', '.join(p.value for p in Preprocessor)}.") from None
+        if not count:
+            return None
+        scales = [checked_float("controlnet conditioning scale", s, -np.inf)
+                  for s in per_net("controlnet_conditioning_scale", scale, count)]
+        return cls(Controls((), tuple(scales), (0.0,) * count, (1.0,) * count).step_scales(config.slots), preprocess)
+
+    def images(self, frames: np.ndarray) -> np.ndarray:
+        """Frames [f, H, W, 3] float32 in [0, 1] -> their control images, the same."""
+        if self.preprocess is Preprocessor.NONE:
+            return frames
+        return np.stack([preprocess(self.preprocess, frame) for frame in frames]).astype(np.float32) / 255
+
+    def conditioning(self, images: jax.Array, dtype: Any) -> Control:
+        nchw = jnp.transpose(images, (0, 3, 1, 2)).astype(dtype)
+        return Control((nchw,) * self.scales.shape[0], jnp.asarray(self.scales))
+
+
 class Stream:
     """A running stream: `stream(frames)` takes f frames [f, H, W, 3] (image-to-image; None for
     text-to-image) and returns the f images [f, H, W, 3] float32 in [0, 1] of the frames that
     entered `config.slots - 1` calls before (the first calls return the empty buffer's images).
-    `update_prompt` changes the prompt from the next call on, compiling nothing.
+    `update_prompt` changes the prompt from the next call on, compiling nothing. With the
+    pipeline's ControlNets, every frame is also the control image (`StreamControl`): a text-to-
+    image stream then takes frames too, for its control alone.
 
     Over devices, either `slot_parallel`: one slot per device, the first `config.slots` devices;
     or `patch_parallel`: every image split by rows over `patch_parallel.devices` devices, in its
@@ -93,7 +132,8 @@ class Stream:
                  config: StreamConfig = StreamConfig(), image_to_image: bool = True, height: int | None = None,
                  width: int | None = None, guidance_scale: float = 1.2, delta: float = 1.0, seed: int = 0,
                  schedule_steps: int = STREAM_SCHEDULE_STEPS, slot_parallel: bool = False,
-                 patch_parallel: ParallelConfig | None = None):
+                 patch_parallel: ParallelConfig | None = None, controlnet_conditioning_scale: Any = 1.0,
+                 control_preprocess: str = "none"):
         self.request, self.schedule = checked_stream(
             pipe.spec, prompt, negative_prompt, config=config, height=height, width=width, seed=seed,
             guidance_scale=guidance_scale, delta=delta, schedule_steps=schedule_steps, slot_parallel=slot_parallel,
@@ -103,6 +143,7 @@ class Stream:
                                 f"{len(jax.devices())} are present; list fewer steps in t_index_list or set "
                                 "slot_parallel=False.")
         self.pipe, self.config, self.image_to_image = pipe, config, image_to_image
+        self.control = StreamControl.of(pipe, config, controlnet_conditioning_scale, control_preprocess)
         parallel = patch_parallel or ParallelConfig()
         self.guidance = StreamGuidance(jnp.float32(guidance_scale), jnp.float32(delta))
         mesh = slots_mesh(config.slots) if slot_parallel else make_mesh(parallel) if patch_parallel else None
@@ -134,24 +175,41 @@ class Stream:
                                                              negative=True))
         self.request = request
 
-    def _images(self, denoiser, vae_params, state, cond, guidance, frames):
-        """One call: frames [f, H, W, 3] (or None) -> (the next state, images [f, H, W, 3])."""
+    def _images(self, denoiser, vae_params, state, cond, guidance, frames, controls=None):
+        """One call: frames [f, H, W, 3] (or None) and their control images (None without
+        ControlNets) -> (the next state, images [f, H, W, 3])."""
         codec = self.pipe.codec
-        latents = None if frames is None else codec.encode_latents(vae_params, frames)
+        latents = codec.encode_latents(vae_params, frames) if self.image_to_image else None
+        if controls is not None:
+            cond = cond.replace(control=self.control.conditioning(controls, cond.context.dtype))
         state, finished = self._program(denoiser, state, cond, guidance, latents)
         return state, codec.decode_images(vae_params, finished)
 
     def _scan(self, denoiser, vae_params, state, cond, guidance, clip):
-        """Every call of a clip [T, f, H, W, 3] (or an int32 [T] of call numbers for
-        text-to-image) -> (the state after it, images [T, f, H, W, 3])."""
+        """Every call of a clip (frames [T, f, H, W, 3] and their control images, or an int32 [T]
+        of call numbers for text-to-image) -> (the state after it, images [T, f, H, W, 3])."""
         def call(state, frames):
-            return self._images(denoiser, vae_params, state, cond, guidance, frames if self.image_to_image else None)
+            if isinstance(frames, tuple):
+                return self._images(denoiser, vae_params, state, cond, guidance, *frames)
+            return self._images(denoiser, vae_params, state, cond, guidance, None)
 
         return jax.lax.scan(call, state, clip)
 
+    @property
+    def takes_frames(self) -> bool:
+        """Each call takes frames: to redraw (image to image) or to steer the ControlNets."""
+        return self.image_to_image or self.control is not None
+
+    def _inputs(self, frames: Any) -> tuple:
+        """One call's frames checked, and their control images: () for text-to-image."""
+        frames = self._frames(frames)
+        if frames is None:
+            return ()
+        return frames, None if self.control is None else self.control.images(frames)
+
     def _frames(self, frames: Any) -> np.ndarray | None:
         """One call's frames checked: [f, H, W, 3] float32 in [0, 1], or None for text-to-image."""
-        if not self.image_to_image:
+        if not self.takes_frames:
             if frames is not None:
                 raise PipelineError("this stream draws from text alone (image_to_image=False): pass no frames.")
             return None
@@ -165,18 +223,18 @@ class Stream:
         return frames
 
     def __call__(self, frames: Any = None) -> np.ndarray:
+        inputs = self._inputs(frames) or (None,)
         self.state, images = self.programs.run("stream", self._images, self.denoiser, self.vae_params, self.state,
-                                               self.cond, self.guidance, self._frames(frames), donate=2,
-                                               record=self.record)
+                                               self.cond, self.guidance, *inputs, donate=2, record=self.record)
         return self._checked(images)
 
     def run(self, clip: Any = None, calls: int | None = None) -> np.ndarray:
         """A whole clip [T, f, H, W, 3] (image-to-image), or `calls` calls (text-to-image), in one
         compiled scan -> images [T, f, H, W, 3]; the stream's state carries on afterwards."""
-        if self.image_to_image:
+        if self.takes_frames:
             if clip is None:
                 raise PipelineError("this is an image-to-image stream: pass the clip [T, f, H, W, 3].")
-            xs = np.stack([self._frames(frames) for frames in clip])
+            xs = jax.tree.map(lambda *calls: np.stack(calls), *(self._inputs(frames) for frames in clip))
         else:
             if clip is not None or calls is None:
                 raise PipelineError("this stream draws from text alone: pass calls=T and no clip.")
