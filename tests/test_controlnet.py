@@ -241,7 +241,7 @@ def test_sync_over_devices_equals_one_device(pipe, tall_single, devices, cfg_par
     """The control images split by rows as the latents; every ControlNet layer exchanges fresh context."""
     images = pipe(**TALL_REQUEST, control_image=control_images(2, TALL, 64), latents=noise(height=TALL, width=64),
                   parallel=ParallelConfig(devices, Mode.SYNC, cfg_parallel=cfg_parallel))
-    assert np.abs(images - tall_single).max() < 5e-5  # measured 1.6e-6 (2), 2.1e-6 (4), 2.4e-6 (8), 1.6e-6 (2 x 2)
+    assert np.abs(images - tall_single).max() < 5e-5  # measured 5.0e-6 (2), 4.3e-6 (4), 3.8e-6 (8), 3.2e-6 (2 x 2)
 
 
 @pytest.mark.parametrize("mode", [Mode.DISPLACED, pytest.param(Mode.PCPP, marks=pytest.mark.slow),
@@ -251,7 +251,7 @@ def test_approximate_modes_stay_near_one_device(pipe, tall_single, mode):
     images = pipe(**TALL_REQUEST, control_image=control_images(2, TALL, 64), latents=noise(height=TALL, width=64),
                   parallel=ParallelConfig(2, mode, warmup_steps=1))
     error = np.abs(images - tall_single).mean()
-    assert 0 < error < 0.05  # mean error, measured: displaced 3.1e-3, pcpp 3.1e-3, naive 1.2e-2 (random weights)
+    assert 0 < error < 0.2  # mean error, measured: displaced 1.1e-2, pcpp 1.1e-2, naive 4.3e-2 (random weights)
 
 
 CANVAS = dict(REQUEST, height=64, width=160, tile_stride=32, controlnet_conditioning_scale=[1.0, 0.5])
@@ -266,7 +266,7 @@ def canvas_single(pipe):
 def test_a_canvas_crops_the_control_per_view_over_devices_as_on_one(pipe, canvas_single, view_devices, patches):
     images = pipe(**CANVAS, control_image=control_images(2, 64, 160), latents=noise(width=160),
                   view_devices=view_devices, parallel=ParallelConfig(view_devices * patches, Mode.SYNC))
-    assert np.abs(images - canvas_single).max() < 5e-5  # measured 1.5e-6 (2 x 1), 1.9e-6 (2 x 2)
+    assert np.abs(images - canvas_single).max() < 5e-5  # measured 3.7e-6 (2 x 1), 5.4e-6 (2 x 2)
     plain = pipe(**{k: v for k, v in CANVAS.items() if not k.startswith("control")}, latents=noise(width=160))
     assert np.abs(canvas_single - plain).max() > 1e-2  # the control changed the canvas
 
@@ -312,7 +312,7 @@ def test_each_stream_image_leaves_as_if_denoised_alone_under_its_control(one_net
     for k in range(2):
         expected = alone(unet, config, schedule, cond, entered[k][0][0], entered[k][1][0], slot_noise[:, 0])
         error = float(np.abs(left[k + n - 1][0] - expected).max() / np.abs(expected).max())
-        assert error < 1e-5  # of the image's max; measured 1.3e-6
+        assert error < 3e-5  # of the image's max; measured 3.7e-7 (2, none), 6.0e-7 (2, full), 3.1e-6 (4, initialize)
 
 
 def test_a_stream_takes_each_frame_as_its_control_and_compiles_once(one_net_pipe):
