@@ -362,3 +362,14 @@ def test_the_stream_command_names_a_controlnet_it_cannot_use(tiny_sdxl_folder, c
     assert stream_main([*base, "--input", str(tmp_path / "in"), "--controlnet", str(tmp_path)]) == 2
     assert "has no config.json" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()  # refused before anything was converted
+
+
+@pytest.mark.slow
+def test_deepcache_skips_the_residuals_of_the_layers_it_skips(pipe, tall_single):
+    """A shallow step adds the ControlNets' residuals to the skips it makes only; over devices as on one."""
+    cached = dict(TALL_REQUEST, control_image=control_images(2, TALL, 64), latents=noise(height=TALL, width=64),
+                  deepcache=2, deepcache_branch=1)
+    one = pipe(**cached)
+    two = pipe(**cached, parallel=ParallelConfig(2, Mode.SYNC))
+    assert np.abs(two - one).max() < 5e-5  # measured 4.9e-6
+    assert 1e-3 < np.abs(one - tall_single).mean() < 0.1  # the cache's own approximation; measured 1.1e-2
