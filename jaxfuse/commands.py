@@ -27,7 +27,7 @@ from jax import monitoring
 
 from jaxfuse import lora
 from jaxfuse.config import ParallelConfig
-from jaxfuse.demo import NAMED_LORAS
+from jaxfuse.demo import NAMED_CONTROLNETS, NAMED_LORAS
 from jaxfuse.pipeline.request import Request
 from jaxfuse.runtime import memory
 from jaxfuse.runtime.programs import COMPILE_CACHE_ENV, use_compile_cache
@@ -74,6 +74,11 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     return value
+
+
+def controlnet_folder(value: str) -> Path:
+    """A --controlnet value: a folder, or one of `NAMED_CONTROLNETS`."""
+    return NAMED_CONTROLNETS.get(value, Path(value))
 
 
 def lora_weights(values: list[str] | None) -> list[tuple[Path, float]]:

@@ -51,6 +51,7 @@ from jaxfuse.commands import (
     add_vae_argument,
     check_image_memory,
     check_step_memory,
+    controlnet_folder,
     finite_float,
     lora_weights,
     peak_memory_text,
@@ -153,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"the negative half's aesthetic score, 0 to 10 (default: "
                               f"{DEFAULT_NEGATIVE_AESTHETIC_SCORE})")
     control = p.add_argument_group("ControlNet")
-    control.add_argument("--controlnet", type=Path, action="append", metavar="FOLDER",
-                         help="a diffusers SDXL ControlNet folder (config.json and its safetensors) that steers the "
-                              "image by a --control-image; give it once per ControlNet, in order")
+    control.add_argument("--controlnet", type=controlnet_folder, action="append", metavar="FOLDER",
+                         help="a diffusers SDXL ControlNet folder (config.json and its safetensors; "
+                              "demo-controlnet: the demo's) that steers the image by a --control-image; give it once "
+                              "per ControlNet, in order")
     control.add_argument("--control-image", type=Path, action="append", metavar="IMAGE",
                          help="the picture a ControlNet reads (any Pillow reads), resized to the output size; one per "
                               "--controlnet, in the same order")
