@@ -193,13 +193,7 @@ def render(scene: Scene, size: int) -> np.ndarray:
 
 def _coverage(obj: SceneObject, placement: Placement, size: int) -> np.ndarray:
     """The fraction of each pixel the object covers: [size, size] float in [0, 1]."""
-    row, column = cell(obj.position)
-    centre = np.array([(column + 0.5) * CELL + placement.dx, (row + 0.5) * CELL + placement.dy])
-    scale = size * SUPERSAMPLING
-    vertices = (outline(obj.shape, placement.radius) + centre) * scale
-    mask = Image.new("L", (scale, scale))
-    ImageDraw.Draw(mask).polygon([tuple(vertex) for vertex in vertices], fill=255)
-    return np.asarray(mask.reduce(SUPERSAMPLING), float) / 255
+    return _polygon_coverage(outline(obj.shape, placement.radius) + _centre(obj, placement), size)
 
 
 def _preposition(position: str) -> str:
@@ -271,3 +265,112 @@ def make_batch(seed: int, count: int, size: int) -> tuple[np.ndarray, list[str]]
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng) for _ in range(count)]
     return np.stack([render(scene, size) for scene in scenes]), [caption(scene) for scene in scenes]
+
+
+# --- Control images: where a scene's objects are, drawn as a camera sees dark objects on a light ground
+
+# A control image is grey: each object a silhouette of a dark level, on a light background that
+# runs linearly between two levels (uneven light), blurred and noisy; levels in [0, 1], 0 black.
+# The shapes stay darker than the background by at least the gap between these ranges.
+SILHOUETTE_LEVELS = (0.0, 0.4)
+CONTROL_BACKGROUND_LEVELS = (0.55, 1.0)
+MAX_CONTROL_GRADIENT = 0.15  # the most the background's level changes across the image
+MAX_CONTROL_BLUR = 0.006  # the Gaussian blur's standard deviation, a fraction of the side: 1.5 pixels at 256
+MAX_CONTROL_NOISE = 0.04  # the standard deviation of the noise added to each pixel
+# The share of objects drawn as a rough blob of about their extent instead of their outline, so
+# that the caption, not the control, decides the shape. A blob is an ellipse whose axes are the
+# shape's extent times 1 +- BLOB_JITTER, its radius rippled by two harmonics of up to BLOB_RIPPLE each.
+BLOB_FRACTION = 1 / 3
+BLOB_JITTER = 0.08
+BLOB_RIPPLE = 0.04
+BLOB_VERTICES = 48
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlStyle:
+    """How `control_image` draws a scene: each object's grey level, whether it is a rough blob (both
+    by the object's index), the background's levels at its two ends (top to bottom if `vertical`,
+    else left to right), the blur's standard deviation (a fraction of the image side), the noise's,
+    and the seed of the blobs' outlines and of the noise."""
+
+    shape_levels: tuple[float, ...]
+    blobs: tuple[bool, ...]
+    background: tuple[float, float]
+    vertical: bool
+    blur: float
+    noise: float
+    seed: int
+
+
+def sample_control_style(rng: np.random.Generator, count: int) -> ControlStyle:
+    """A random style for a scene of `count` objects."""
+    start = rng.uniform(*CONTROL_BACKGROUND_LEVELS)
+    end = np.clip(start + rng.uniform(-MAX_CONTROL_GRADIENT, MAX_CONTROL_GRADIENT), *CONTROL_BACKGROUND_LEVELS)
+    return ControlStyle(
+        shape_levels=tuple(float(v) for v in rng.uniform(*SILHOUETTE_LEVELS, size=count)),
+        blobs=tuple(bool(b) for b in rng.uniform(size=count) < BLOB_FRACTION),
+        background=(float(start), float(end)),
+        vertical=bool(rng.integers(2)),
+        blur=float(rng.uniform(0, MAX_CONTROL_BLUR)),
+        noise=float(rng.uniform(0, MAX_CONTROL_NOISE)),
+        seed=int(rng.integers(2**31)),
+    )
+
+
+def blob_outline(shape: str, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """A rough blob over a shape's extent, as `outline` (centred as the shape is drawn): [V, 2]."""
+    vertices = outline(shape, radius)
+    low, high = vertices.min(axis=0), vertices.max(axis=0)
+    axes = (high - low) / 2 * rng.uniform(1 - BLOB_JITTER, 1 + BLOB_JITTER, size=2)
+    angles = 2 * np.pi * np.arange(BLOB_VERTICES) / BLOB_VERTICES
+    ripple = sum(rng.uniform(0, BLOB_RIPPLE) * np.cos(k * angles + rng.uniform(0, 2 * np.pi)) for k in (2, 3))
+    return (low + high) / 2 + (1 + ripple)[:, None] * axes * np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+
+
+def control_image(scene: Scene, size: int, style: ControlStyle) -> np.ndarray:
+    """The scene's objects as dark silhouettes on a light background, as `style` says: a grey RGB
+    image [size, size, 3] float32 in [0, 1] (three equal channels), what a camera frame of dark
+    objects becomes after a conversion to grey."""
+    if not len(style.shape_levels) == len(style.blobs) == len(scene.objects):
+        raise ValueError(f"a style for {len(style.blobs)} objects cannot draw a scene of {len(scene.objects)}")
+    rng = np.random.default_rng(style.seed)
+    ramp = np.linspace(*style.background, size)
+    image = np.broadcast_to(ramp[:, None] if style.vertical else ramp[None, :], (size, size)).copy()
+    for obj, placement, level, blob in zip(scene.objects, scene.placements, style.shape_levels, style.blobs):
+        if blob:
+            vertices = blob_outline(obj.shape, placement.radius, rng)
+            coverage = _polygon_coverage(vertices + _centre(obj, placement), size)
+        else:
+            coverage = _coverage(obj, placement, size)
+        image += coverage * (level - image)
+    image = _gaussian_blur(image, style.blur * size) + rng.normal(0, style.noise, (size, size))
+    return np.repeat(np.clip(image, 0, 1).astype(np.float32)[..., None], 3, axis=-1)
+
+
+def _centre(obj: SceneObject, placement: Placement) -> np.ndarray:
+    """Where an object is drawn, (x, y) as fractions of the image side."""
+    row, column = cell(obj.position)
+    return np.array([(column + 0.5) * CELL + placement.dx, (row + 0.5) * CELL + placement.dy])
+
+
+def _polygon_coverage(vertices: np.ndarray, size: int) -> np.ndarray:
+    """The fraction of each pixel a polygon (vertices [V, 2] as fractions of the side) covers: [size, size]."""
+    scale = size * SUPERSAMPLING
+    mask = Image.new("L", (scale, scale))
+    ImageDraw.Draw(mask).polygon([tuple(vertex) for vertex in vertices * scale], fill=255)
+    return np.asarray(mask.reduce(SUPERSAMPLING), float) / 255
+
+
+def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """A [H, W] image blurred by a Gaussian of `sigma` pixels (three of them either side), its
+    border extended."""
+    reach = math.ceil(3 * sigma)
+    if reach == 0:
+        return image
+    weights = np.exp(-0.5 * (np.arange(-reach, reach + 1) / sigma) ** 2)
+    weights /= weights.sum()
+    for axis in (0, 1):
+        padded = np.pad(image, [(reach, reach) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
+        length = image.shape[axis]
+        image = sum(w * np.take(padded, np.arange(i, i + length), axis=axis) for i, w in enumerate(weights))
+    return image
