@@ -46,10 +46,10 @@ def control_images(count: int, height: int = HEIGHT, width: int = WIDTH, seed: i
     return [rng.uniform(size=(1, height, width, 3)).astype(np.float32) for _ in range(count)]
 
 
-@pytest.mark.parametrize("case", ["base-like", "refiner-like"])
-@pytest.mark.parametrize("settings", [{}, {"controlnet_conditioning_channel_order": "bgr"},
-                                      {"global_pool_conditions": True}])
-@pytest.mark.parametrize("guess", [False, True])
+@pytest.mark.parametrize("case, settings, guess", [
+    ("base-like", {}, False), ("refiner-like", {}, False), ("base-like", {}, True),
+    ("base-like", {"controlnet_conditioning_channel_order": "bgr"}, False),
+    ("refiner-like", {"global_pool_conditions": True}, True)])
 def test_the_model_equals_diffusers(case, settings, guess, tmp_path):
     """Residuals at a scale per row, in guess mode or not, and the UNet that adds them."""
     config, time_ids = oracle.CASES[case]
@@ -244,14 +244,13 @@ def test_sync_over_devices_equals_one_device(pipe, tall_single, devices, cfg_par
     assert np.abs(images - tall_single).max() < 5e-5  # measured 5.0e-6 (2), 4.3e-6 (4), 3.8e-6 (8), 3.2e-6 (2 x 2)
 
 
-@pytest.mark.parametrize("mode", [Mode.DISPLACED, pytest.param(Mode.PCPP, marks=pytest.mark.slow),
-                                  pytest.param(Mode.NAIVE, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", [Mode.DISPLACED, pytest.param(Mode.PCPP, marks=pytest.mark.slow)])
 def test_approximate_modes_stay_near_one_device(pipe, tall_single, mode):
     """The ControlNets carry stale context of their own; the result stays as near one device as the UNet's."""
     images = pipe(**TALL_REQUEST, control_image=control_images(2, TALL, 64), latents=noise(height=TALL, width=64),
                   parallel=ParallelConfig(2, mode, warmup_steps=1))
     error = np.abs(images - tall_single).mean()
-    assert 0 < error < 0.2  # mean error, measured: displaced 1.1e-2, pcpp 1.1e-2, naive 4.3e-2 (random weights)
+    assert 0 < error < 0.1  # mean error, measured: displaced 1.1e-2, pcpp 1.1e-2 (random weights)
 
 
 CANVAS = dict(REQUEST, height=64, width=160, tile_stride=32, controlnet_conditioning_scale=[1.0, 0.5])
