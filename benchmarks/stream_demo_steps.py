@@ -3,6 +3,7 @@ camera's stream, and whether the camera places it.
 
     python benchmarks/stream_demo_steps.py [--t-index 0,32 4,32 32,45] [--seeds 4] [--json FILE]
     python benchmarks/stream_demo_steps.py --t-index 4,32 --seeds 1     # a quick run
+    python benchmarks/stream_demo_steps.py --t-index 0,32 32,45 --controlnet demo-controlnet   # the live page's default
 
 The built-in demo model with its LCM-LoRA (demo-lcm) at 256x256, an image-to-image stream per
 t-index pair and seed (rcfg none, guidance 1, one frame a call). The camera is a still frame: a
@@ -11,7 +12,9 @@ cells; the detector sees no object in it. Each prompt names a colour and a shape
 camera's, either at the camera's cell ("same") or at another cell ("other"). After len(pair) + 1
 calls (the stream holds only this prompt's and this frame's images) the image is read by
 `jaxfuse.demo.detect`: the table gives how often the prompt's colour and shape are found at the
-camera's cell and, for the prompt placed elsewhere, at the prompt's own cell.
+camera's cell and, for the prompt placed elsewhere, at the prompt's own cell. With `--controlnet`
+(a folder, or demo-controlnet) every frame also steers the stream through it, read in grey, as
+`--serve` runs the demo.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def measure(pipe, t_index: tuple[int, ...], seeds: int) -> dict:
     counts = dict(cases=0, same_at_camera=0, other_at_camera=0, other_at_prompt=0)
     for seed in range(seeds):
         stream = Stream(pipe, phrase("red", "star", "top left"), config=StreamConfig(t_index, 1, "none"),
-                        image_to_image=True, guidance_scale=1.0, seed=seed)
+                        image_to_image=True, guidance_scale=1.0, seed=seed, control_preprocess="grey")
         for (camera_shape, camera_cell), (colour, shape) in CASES:
             frame = camera_frame(camera_shape, camera_cell, IMAGE_SIZE)
             counts["cases"] += 1
@@ -83,19 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--t-index", nargs="+", default=list(DEFAULT_PAIRS), help="pairs of steps, as 4,32")
     parser.add_argument("--seeds", type=int, default=4, help="stream seeds per pair (each runs every case)")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--controlnet", help="a ControlNet folder (or demo-controlnet) each frame steers through")
     args = parser.parse_args(argv)
     pairs = [tuple(int(t) for t in text.split(",")) for text in args.t_index]
 
-    from jaxfuse.commands import lora_weights
+    from jaxfuse.commands import controlnet_folder, lora_weights
     from jaxfuse.demo import DEMO_MODEL
     from jaxfuse.pipeline import load_pipeline
 
-    pipe = load_pipeline(DEMO_MODEL, log=lambda _: None, loras=lora_weights(["demo-lcm"]))
+    controlnets = [] if args.controlnet is None else [controlnet_folder(args.controlnet)]
+    pipe = load_pipeline(DEMO_MODEL, log=lambda _: None, loras=lora_weights(["demo-lcm"]), controlnets=controlnets)
     rows = []
     for t_index in pairs:
         rows.append(dict(t_index=list(t_index), **measure(pipe, t_index, args.seeds)))
         print(rows[-1], file=sys.stderr, flush=True)
-    print(f"{len(CAMERAS)} cameras x 2 prompts x {args.seeds} seeds per cell of the table\n")
+    steered = f", steered by {args.controlnet} (grey)" if args.controlnet else ""
+    print(f"{len(CAMERAS)} cameras x 2 prompts x {args.seeds} seeds per cell of the table{steered}\n")
     print("| t-index | prompt at the camera's cell: its colour+shape found there | prompt at another cell: found at "
           "the camera's cell | found at the prompt's cell |\n|---|---|---|---|")
     for row in rows:
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                            for key in ("same_at_camera", "other_at_camera", "other_at_prompt")) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(seeds=args.seeds, rows=rows), f, indent=1)
+            json.dump(dict(seeds=args.seeds, controlnet=args.controlnet, rows=rows), f, indent=1)
     return 0
 
 

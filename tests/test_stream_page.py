@@ -1,8 +1,9 @@
 """The live page (`python -m jaxfuse.stream --serve`) in a real browser: Debian's Chromium, headless,
 driven by Playwright, its fake camera playing a camera-like video (a dark square on a light
-background), on the settings the page starts with. The page loads, images arrive over the socket
-with their rate and latency, a prompt typed into the box draws its colour and shape (the demo's
-detector reads them) and the first prompt's shape goes, a second page measures its latency on its
+background), on the settings the page starts with (the demo steered by its ControlNet). The page
+loads, images arrive over the socket with their rate and latency, the prompt's colour and shape
+are drawn where the camera's dark square is (the demo's detector reads them), a prompt typed into
+the box replaces them there and the first prompt's shape goes, a second page measures its latency on its
 own clock and shows the prompt in use, and a frame that cannot be decoded is counted on both pages.
 The first page's screenshot is kept in `test-artifacts/stream_page.png`.
 
@@ -34,6 +35,7 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
 ]
 FIRST_PROMPT, SECOND_PROMPT = "a red circle at the top left", "a yellow star at the top right"
+CAMERA_CELL = "bottom left"  # where the camera's dark square is, and neither prompt puts its shape
 SERVER_START_S = 240  # loading the demo model and compiling the stream on a busy 2-core machine
 CAMERA_SIDE = 256  # the demo stream's size, so the page's centre crop takes the whole video
 MAX_LATENCY_MS = 10_000  # measured 199-277 ms; reading the other page's clock put it ~20,000 ms off
@@ -41,7 +43,7 @@ MAX_LATENCY_MS = 10_000  # measured 199-277 ms; reading the other page's clock p
 
 def camera_video(path) -> str:
     """A still camera-like video for Chromium's fake camera (Y4M, 4:2:0): a dark square in the bottom
-    left cell on a light grey background, where neither prompt puts its shape."""
+    left cell (`CAMERA_CELL`) on a light grey background."""
     luma = np.full((CAMERA_SIDE, CAMERA_SIDE), 200, np.uint8)
     third = CAMERA_SIDE // 3
     luma[2 * third + 20:3 * third - 20, 20:third - 20] = 30
@@ -89,6 +91,11 @@ def named(prompt: str) -> tuple[str, str, str]:
     return obj.colour, obj.shape, obj.position
 
 
+def on_camera(prompt: str) -> tuple[str, str, str]:
+    """The prompt's colour and shape where the camera's dark square is: the ControlNet says where."""
+    return (*named(prompt)[:2], CAMERA_CELL)
+
+
 def shown_count(page, element: str) -> int:
     return int(page.inner_text(element))
 
@@ -126,9 +133,9 @@ def test_the_live_page_streams_the_camera_and_draws_a_typed_prompt(server, reque
             assert page.inner_text("#status") == "streaming"
             assert page.input_value("#prompt") == page.inner_text("#prompt-in-use") == FIRST_PROMPT
             assert "steps 0 32" in page.inner_text("#settings")  # the demo's --serve default
-            assert "draws the shapes the prompt names" in page.inner_text("#note")
+            assert "the camera's dark shapes say where the shapes go" in page.inner_text("#note")
             assert float(page.inner_text("#fps")) > 0
-            assert named(FIRST_PROMPT) in drawn(shown_image(page))
+            assert on_camera(FIRST_PROMPT) in drawn(shown_image(page))
 
             page.fill("#prompt", SECOND_PROMPT)
             page.press("#prompt", "Enter")
@@ -137,7 +144,7 @@ def test_the_live_page_streams_the_camera_and_draws_a_typed_prompt(server, reque
             # Two images in flight (two steps) were begun before the change: wait past them.
             wait_for_images(page, shown_count(page, "#images") + 3)
             found = drawn(shown_image(page))
-            assert named(SECOND_PROMPT) in found  # the typed prompt's colour and shape, where it puts them
+            assert on_camera(SECOND_PROMPT) in found  # the typed prompt's colour and shape, where the camera says
             assert not any(obj[:2] == named(FIRST_PROMPT)[:2] for obj in found)  # and the first prompt's are gone
             page.screenshot(path=artifacts / "stream_page.png")
 

@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import math
 import re
+from collections.abc import Sequence
 from types import MappingProxyType
 
 import numpy as np
@@ -220,6 +221,18 @@ def caption(scene: Scene) -> str:
     if not scene.objects:
         raise ValueError("a scene without objects has no caption")
     return _join([_phrase(obj) for obj in scene.objects])
+
+
+def caption_without_places(scene: Scene) -> str:
+    """The scene's objects without their places: "a red circle, an orange square and a yellow star"
+    (what a live page's user types when a control image says where)."""
+    return _join([_phrase(obj).split(f" {_preposition(obj.position)} the ")[0] for obj in scene.objects])
+
+
+def moved_to(scene: Scene, positions: Sequence[str]) -> Scene:
+    """The scene with its objects (in order) in `positions`, each keeping its placement in its cell."""
+    return dataclasses.replace(scene, objects=tuple(dataclasses.replace(obj, position=position)
+                                                    for obj, position in zip(scene.objects, positions, strict=True)))
 
 
 _PHRASE = re.compile(rf"an? ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) (?:at|on|in) the ({'|'.join(POSITIONS)})")

@@ -15,7 +15,10 @@ UNet and the text encoders stay frozen. The recipe:
 2. Each step, a batch of those scenes with fresh control images (`scenes.control_image`: every
    object a dark silhouette of a random grey, a third of them rough blobs of about the shape's
    extent, so that the caption decides the shape; a light background with a gradient; blur and
-   noise), and the demo UNet's loss: the latents noised by the demo's schedule, epsilon
+   noise), captioned by the scene's caption, or (35%) the caption of its objects at other random
+   cells, or (25%) its caption without places (`caption_variant`), so that where the caption and
+   the control disagree the control says where; and the demo UNet's loss: the latents noised by
+   the demo's schedule, epsilon
    prediction with min-SNR weighting (as `demo.train` trained the UNet), 10% of captions dropped
    to zero conditioning (SDXL's `force_zeros_for_empty_prompt`), the gradient reaching only the
    ControlNet's weights. Timesteps are drawn with T2I-Adapter-SDXL's cubic bias toward noise
@@ -67,12 +70,16 @@ HELD_OUT_TIMESTEPS = (99, 299, 499, 699, 899, 999)
 @dataclasses.dataclass(frozen=True)
 class ControlNetTrainConfig:
     seed: int = 0
-    steps: int = 3000  # 0.65 s a step alone on 2 CPU cores, 1.7 beside a test run: 35 to 85 minutes
+    steps: int = 2000  # 0.65 s a step alone on 2 CPU cores, 1.7 beside a test run: 22 to 57 minutes
     batch: int = 16
     lr: float = 1e-3
     warmup_steps: int = 100
     dataset_size: int = 8192
     uncond_fraction: float = 0.1
+    # Captions whose places disagree with the control (each object at another random cell) and captions
+    # without places: the control, not the caption, says where (the scene and its control stay as drawn).
+    moved_fraction: float = 0.35
+    placeless_fraction: float = 0.25
     min_snr_gamma: float = 5.0
     timestep_power: float = 3.0  # timesteps T (1 - u^power), u uniform: 1 uniform, 3 biased toward noise
     held_out: int = 64  # scenes for the final comparison, each at every HELD_OUT_TIMESTEPS
@@ -174,6 +181,18 @@ def control_batch(scene_list: Sequence[scenes.Scene], seed: int, size: int = IMA
 
 
 # --- the loss -----------------------------------------------------------------------------------
+
+def caption_variant(scene: scenes.Scene, rng: np.random.Generator, cfg: ControlNetTrainConfig) -> str:
+    """The scene's caption, or (`moved_fraction`) the caption of its objects at other random cells, or
+    (`placeless_fraction`) its caption without places."""
+    u = rng.uniform()
+    if u < cfg.placeless_fraction:
+        return scenes.caption_without_places(scene)
+    if u < cfg.placeless_fraction + cfg.moved_fraction:
+        cells = rng.choice(len(scenes.POSITIONS), len(scene.objects), replace=False)
+        return scenes.caption(scenes.moved_to(scene, [scenes.POSITIONS[c] for c in cells]))
+    return scenes.caption(scene)
+
 
 def text_conditioning(pipe: SDXLPipeline, ids_1: jax.Array, ids_2: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Token ids -> (context [B, 77, context], pooled [B, pooled]) as the pipeline computes them."""
@@ -316,10 +335,13 @@ def train(cfg: ControlNetTrainConfig, workdir: Path, export: Path | None, log=pr
     encode_text = jax.jit(functools.partial(text_conditioning, pipe))
 
     def batches(i):
-        rows = np.random.default_rng(cfg.seed * 7919 + i).choice(len(scene_list), cfg.batch, replace=False)
-        control = control_batch([scene_list[r] for r in rows], cfg.seed * 1_000_003 + 50_000_000 + i)
-        return (jnp.asarray(data["latents"][rows]), *encode_text(data["ids_1"][rows], data["ids_2"][rows]),
-                jnp.asarray(control), jax.random.key(i))
+        rng = np.random.default_rng(cfg.seed * 7919 + i)
+        rows = rng.choice(len(scene_list), cfg.batch, replace=False)
+        chosen = [scene_list[r] for r in rows]
+        control = control_batch(chosen, cfg.seed * 1_000_003 + 50_000_000 + i)
+        prompts = [caption_variant(scene, rng, cfg) for scene in chosen]
+        ids = [encoder.token_ids(prompts) for encoder in pipe.text.encoders]
+        return (jnp.asarray(data["latents"][rows]), *encode_text(*ids), jnp.asarray(control), jax.random.key(i))
 
     state = run_loop("controlnet", optimizer_step(make_loss(pipe, net, cfg), tx), state, batches, cfg.steps,
                      Checkpoint(workdir / "controlnet.msgpack"), cfg, log)

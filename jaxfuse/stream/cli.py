@@ -45,6 +45,7 @@ from jaxfuse.commands import (
     HelpFormatter,
     add_cache_arguments,
     add_vae_argument,
+    controlnet_folder,
     finite_float,
     lora_weights,
     peak_memory_text,
@@ -53,7 +54,7 @@ from jaxfuse.commands import (
 )
 from jaxfuse.config import ParallelConfig, ParallelError
 from jaxfuse.control_images import Preprocessor
-from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
+from jaxfuse.demo import DEMO_CONTROLNET, DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.parallel.mesh import emulate_cpu_devices
 from jaxfuse.pipeline import load_pipeline
 from jaxfuse.runtime.memory import free_memory
@@ -114,12 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on")
     p.add_argument("--port", type=int, default=8765, help="--serve: the port to listen on")
     control = p.add_argument_group("ControlNet: each frame steers the images in flight")
-    control.add_argument("--controlnet", type=Path, action="append", metavar="FOLDER",
-                         help="a diffusers ControlNet folder for the model (repeatable); needs --input or --serve")
+    control.add_argument("--controlnet", type=controlnet_folder, action="append", metavar="FOLDER",
+                         help="a diffusers ControlNet folder for the model (repeatable; demo-controlnet: the "
+                              "demo's); needs --input or --serve")
     control.add_argument("--controlnet-scale", type=finite_float, action="append", metavar="S",
                          help="its conditioning scale: one per --controlnet, or one for all (default 1)")
-    control.add_argument("--control-preprocess", choices=[p.value for p in Preprocessor], default="none",
-                         help="what the ControlNets see of each frame: canny edges, greyscale, or the frame")
+    control.add_argument("--control-preprocess", choices=[p.value for p in Preprocessor],
+                         help="what the ControlNets see of each frame: canny edges, greyscale, or the frame "
+                              "(default: none; grey for --serve on the demo, steered by its ControlNet)")
     add_cache_arguments(p)
     return p
 
@@ -137,6 +140,7 @@ class Plan:
     loras: list[tuple[Path, float]]
     similarity: SimilarityFilter | None
     controlnets: tuple[Path, ...] = ()
+    control_preprocess: str = Preprocessor.NONE.value
 
 
 def check_args(args: argparse.Namespace) -> Plan:
@@ -200,15 +204,17 @@ def planned(args: argparse.Namespace, source: media.FrameSource | None, prompts:
         checked_float("--similarity-threshold", args.similarity_threshold, 0.0, 1.0)
     checked_int("--max-skips", args.max_skips, 0)
     image_to_image = source is not None or args.serve
-    # --serve on the demo model starts from pure noise, so that a typed prompt decides the shapes: the
-    # demo has no ControlNet, and from step 32 on the camera's dark shapes come out blue whatever the
-    # prompt (serve.DEMO_NOTE says so on the page).
+    # --serve on the demo model starts from pure noise and is steered by the demo ControlNet, reading the
+    # camera in grey: the camera's dark shapes say where, a typed prompt decides colours and shapes (from
+    # step 32 on without it, the camera's dark shapes came out blue whatever the prompt: serve.DEMO_NOTE).
     serve_demo = args.serve and args.model == DEMO_MODEL
     t_index = args.t_index or ((0, 32) if serve_demo else (32, 45) if image_to_image else (0, 16, 32, 45))
+    controlnets, preprocess = tuple(args.controlnet or ()), args.control_preprocess or Preprocessor.NONE.value
+    if serve_demo and args.controlnet is None:
+        controlnets, preprocess = (DEMO_CONTROLNET,), args.control_preprocess or Preprocessor.GREY.value
     config = StreamConfig(tuple(t_index), args.frame_buffer, args.rcfg, args.first_step)
     patch_parallel = ParallelConfig(args.devices, args.mode) if args.devices > 1 else None
     loras = lora_weights(args.lora if args.lora is not None or args.model != DEMO_MODEL else ["demo-lcm"])
-    controlnets = tuple(args.controlnet or ())
     if controlnets and not image_to_image:
         raise PipelineError("--controlnet is steered by the frames: give --input (or --serve for the camera).")
     if args.controlnet_scale and len(args.controlnet_scale) not in (1, len(controlnets)):
@@ -222,7 +228,7 @@ def planned(args: argparse.Namespace, source: media.FrameSource | None, prompts:
     similarity = None if args.similarity_threshold is None else SimilarityFilter(args.similarity_threshold,
                                                                                    args.max_skips, args.seed)
     return Plan(spec, source, prompts, config, patch_parallel, (request.height, request.width), loras, similarity,
-                controlnets)
+                controlnets, preprocess)
 
 
 def check_listen(host: str, port: int) -> None:
@@ -318,7 +324,7 @@ def run_planned(args: argparse.Namespace, plan: Plan) -> None:
                     args.serve, height=height, width=width, guidance_scale=args.guidance_scale, delta=args.delta,
                     seed=args.seed, slot_parallel=args.slot_parallel, patch_parallel=patch_parallel,
                     controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales,
-                    control_preprocess=args.control_preprocess)
+                    control_preprocess=plan.control_preprocess)
     if args.serve:
         from jaxfuse.stream.serve import DEMO_NOTE, serve  # aiohttp: the optional extra
 
@@ -328,7 +334,7 @@ def run_planned(args: argparse.Namespace, plan: Plan) -> None:
     spread = (f", one step per device on {config.slots}" if args.slot_parallel else
               f", rows split over {args.devices} devices ({args.mode})" if patch_parallel else "")
     if plan.controlnets:
-        spread += f", steered by {len(plan.controlnets)} ControlNet(s) ({args.control_preprocess})"
+        spread += f", steered by {len(plan.controlnets)} ControlNet(s) ({plan.control_preprocess})"
     f, lag = config.frame_buffer_size, config.slots - 1
     report, count = LiveReport(), {"calls": 0, "written": 0, "saved": 0, "total": None}
 

@@ -57,10 +57,9 @@ OUTBOX = 4  # messages waiting for one page; beyond this its oldest is dropped
 MAX_FRAME_PIXELS = 4096 * 4096  # above any camera's frame (4K is 8.3M); a float copy of it is 200 MB
 CLOSE_TIMEOUT_S = 2.0  # how long closing a page waits for its answer (a page that does not read never answers)
 # What `--serve` on the demo model can show, on the page and in the README (measured in issue 30).
-DEMO_NOTE = ("The demo model knows only coloured shapes on a plain background and has no ControlNet. At its "
-             "--serve default steps (0 32) it draws the shapes the prompt names, where the prompt puts them, and "
-             "the camera sets only the light; with --t-index 32 45 the camera places its dark shapes, but they "
-             "come out blue whatever the prompt says.")
+DEMO_NOTE = ("The demo model knows only coloured shapes on a plain background. Its ControlNet (the --serve "
+             "default) reads the camera in grey: the camera's dark shapes say where the shapes go, the prompt "
+             "decides their colours and shapes.")
 
 
 class Page:
