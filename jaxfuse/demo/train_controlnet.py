@@ -18,16 +18,17 @@ UNet and the text encoders stay frozen. The recipe:
    noise), captioned by the scene's caption, or (35%) the caption of its objects at other random
    cells, or (25%) its caption without places (`caption_variant`), so that where the caption and
    the control disagree the control says where; and the demo UNet's loss: the latents noised by
-   the demo's schedule, epsilon
-   prediction with min-SNR weighting (as `demo.train` trained the UNet), 10% of captions dropped
-   to zero conditioning (SDXL's `force_zeros_for_empty_prompt`), the gradient reaching only the
-   ControlNet's weights. Timesteps are drawn with T2I-Adapter-SDXL's cubic bias toward noise
-   (`timestep_power`): where the shapes go is settled in the noisiest steps, whose noise error is
-   small whatever the control says. In 300 steps on 1024 scenes this lowered the held-out error
-   from 0.0050 to 0.0045, where uniform timesteps reached 0.0048. The learning rate
-   is constant after its warm-up, so a longer run continues a shorter one.
+   the demo's schedule, epsilon prediction with min-SNR weighting (as `demo.train` trained the
+   UNet), 10% of captions dropped to zero conditioning (SDXL's `force_zeros_for_empty_prompt`),
+   the gradient reaching only the ControlNet's weights. Timesteps are drawn with
+   T2I-Adapter-SDXL's cubic bias toward noise (`timestep_power`): where the shapes go is settled
+   in the noisiest steps, whose noise error is small whatever the control says. In 300 steps on
+   1024 scenes this lowered the held-out error from 0.0050 to 0.0045, where uniform timesteps
+   reached 0.0048. The learning rate is constant after its warm-up, so a longer run continues a
+   shorter one.
 3. At the end, the noise error on held-out scenes at fixed timesteps, of the UNet alone and with
-   the ControlNet: what the control tells the UNet.
+   the ControlNet: what the control tells the UNet (the shipped one's, after 2000 steps, 24
+   minutes on two CPU cores: 0.0050 alone, 0.0042 with it).
 
 `--export` writes a diffusers ControlNet folder (`config.json`, `diffusion_pytorch_model.safetensors`
 in float16), which `models.controlnet.load_controlnet` and diffusers' `ControlNetModel` read.
