@@ -27,7 +27,6 @@ Each row's accuracies are `jaxfuse.demo.detect.prompt_accuracy` in percent: colo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -46,17 +45,8 @@ def moved(scene):
     """The scene with every object one cell down and one right, wrapping around the 3x3 grid."""
     from jaxfuse.demo import scenes
 
-    def shifted(obj):
-        row, column = scenes.cell(obj.position)
-        return dataclasses.replace(obj, position=scenes.POSITIONS[3 * ((row + 1) % 3) + (column + 1) % 3])
-
-    return dataclasses.replace(scene, objects=tuple(shifted(obj) for obj in scene.objects))
-
-
-def without_places(scene) -> str:
-    """The scene's caption without its places: "a red circle, a blue star and an orange square"."""
-    phrases = [f"{'an' if obj.colour[0] in 'aeiou' else 'a'} {obj.colour} {obj.shape}" for obj in scene.objects]
-    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    cells = [scenes.cell(obj.position) for obj in scene.objects]
+    return scenes.moved_to(scene, [scenes.POSITIONS[3 * ((row + 1) % 3) + (column + 1) % 3] for row, column in cells])
 
 
 def control(scene, size: int, blobs: bool) -> np.ndarray:
@@ -121,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
              "control = the scene moved": dict(control_scenes=shifted),
              "control = the scene moved, blobs": dict(control_scenes=shifted, blobs=True),
              "control = the scene moved, prompts without places": dict(
-                 control_scenes=shifted, prompts=[without_places(s) for s in held_out])}
+                 control_scenes=shifted, prompts=[scenes.caption_without_places(s) for s in held_out])}
     references = {}  # the one-device images the displaced rows are measured against
     compared = {"the model alone": dict(), "control = the scene moved": dict(control_scenes=shifted)}
     for name, settings in plans.items():

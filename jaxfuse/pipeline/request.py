@@ -311,6 +311,12 @@ def per_net(name: str, value: Any, count: int) -> list:
     return values
 
 
+def checked_scales(value: Any, count: int) -> list[float]:
+    """The ControlNets' conditioning scales: one number for all `count`, or one each."""
+    return [checked_float("controlnet conditioning scale", v, -math.inf)
+            for v in per_net("controlnet_conditioning_scale", value, count)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Controls:
     """The control images of the pipeline's ControlNets (diffusers' `StableDiffusionXLControlNetPipeline`):
@@ -342,8 +348,7 @@ class Controls:
         if not isinstance(images, (list, tuple)) or len(images) != count:
             raise PipelineError(f"control_image: give one image per ControlNet ({count}, in the order they were loaded)"
                                 f", got {len(images) if isinstance(images, (list, tuple)) else 1}.")
-        scales = [checked_float("controlnet conditioning scale", v, -math.inf)
-                  for v in per_net("controlnet_conditioning_scale", controlnet_conditioning_scale, count)]
+        scales = checked_scales(controlnet_conditioning_scale, count)
         starts = [checked_float("control guidance start", v, 0.0, 1.0)
                   for v in per_net("control_guidance_start", control_guidance_start, count)]
         ends = [checked_float("control guidance end", v, 0.0, 1.0)

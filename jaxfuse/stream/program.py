@@ -20,7 +20,7 @@ from jaxfuse.config import ParallelConfig
 from jaxfuse.control_images import Preprocessor, preprocess
 from jaxfuse.parallel.mesh import make_mesh, place
 from jaxfuse.parallel.slots import slots_mesh
-from jaxfuse.pipeline.request import Controls, Request, check_finite, checked_image, per_net
+from jaxfuse.pipeline.request import Controls, Request, check_finite, checked_image, checked_scales
 from jaxfuse.pipeline.sdxl import SDXLPipeline
 from jaxfuse.runtime.programs import CallRecord, Programs
 from jaxfuse.sampling import stream
@@ -100,9 +100,8 @@ class StreamControl:
                                 f"{', '.join(p.value for p in Preprocessor)}.") from None
         if not count:
             return None
-        scales = [checked_float("controlnet conditioning scale", s, -np.inf)
-                  for s in per_net("controlnet_conditioning_scale", scale, count)]
-        return cls(Controls((), tuple(scales), (0.0,) * count, (1.0,) * count).step_scales(config.slots), preprocess)
+        part = Controls((), tuple(checked_scales(scale, count)), (0.0,) * count, (1.0,) * count)
+        return cls(part.step_scales(config.slots), preprocess)
 
     def images(self, frames: np.ndarray) -> np.ndarray:
         """Frames [f, H, W, 3] float32 in [0, 1] -> their control images, the same."""
