@@ -15,8 +15,10 @@ Also here: argparse's help format and float type, the flags that several command
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -26,8 +28,9 @@ import jax
 from jax import monitoring
 
 from jaxfuse import lora
-from jaxfuse.config import ParallelConfig
+from jaxfuse.config import GroupNormMode, Mode, ParallelConfig, ParallelError
 from jaxfuse.demo import NAMED_CONTROLNETS, NAMED_LORAS
+from jaxfuse.parallel.mesh import DEFAULT_CPU_DEVICES
 from jaxfuse.pipeline.request import Request
 from jaxfuse.runtime import memory
 from jaxfuse.runtime.programs import COMPILE_CACHE_ENV, use_compile_cache
@@ -123,6 +126,54 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
                         f"{COMPILE_CACHE_ENV}=0)")
 
 
+DEFAULT_WARMUP_STEPS = ParallelConfig.warmup_steps
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    """--devices, --mode and the modes' settings, as `generate` and `serve` take them."""
+    parallel = p.add_argument_group("patch parallelism")
+    parallel.add_argument("--devices", type=int,
+                          help="devices to split the image over (default: every device present, or the most "
+                               f"the image's rows divide among; on a CPU, {DEFAULT_CPU_DEVICES} emulated ones)")
+    parallel.add_argument("--mode", choices=[m.value for m in Mode],
+                          help="single, or how patches see each other: sync (exact), displaced (DistriFusion: "
+                               "previous step's context, communication overlapped), naive (none), pcpp "
+                               "(displaced, but self-attention sees only part of the two neighbouring patches) "
+                               "(default: single on one device, displaced on several)")
+    parallel.add_argument("--context", type=finite_float,
+                          help="pcpp: the fraction of the patch above and of the patch below that self-attention "
+                               "sees, 0 to 1 (default: 0.3); 1 is the two neighbours in full, not every patch")
+    parallel.add_argument("--warmup-steps", type=int,
+                          help=f"synchronous steps before displaced (or pcpp) ones (default: {DEFAULT_WARMUP_STEPS}, "
+                               "fewer than --steps; DistriFusion's warmup_steps=K is K+1 here)")
+    parallel.add_argument("--cfg-parallel", action="store_true",
+                          help="put the conditional and unconditional batch on two device groups")
+    parallel.add_argument("--gn", choices=[g.value for g in GroupNormMode], default="corrected",
+                          help="group-norm statistics in displaced and pcpp steps")
+
+
+def add_process_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of a multi-host run (`jaxfuse.parallel.mesh.ProcessLayout`)."""
+    hosts = p.add_argument_group("several hosts (jax.distributed); all three flags or none")
+    hosts.add_argument("--coordinator-address", help="HOST:PORT of process 0, the same for every process")
+    hosts.add_argument("--num-processes", type=int, help="how many processes (hosts) take part")
+    hosts.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
+    hosts.add_argument("--process-timeout", type=int, default=300,
+                       help="seconds to wait for every process to join before failing")
+
+
+def parallel_config(args: argparse.Namespace, devices: int, steps_run: int) -> ParallelConfig:
+    """The layout the flags ask for on `devices` devices, for a run of `steps_run` steps."""
+    mode = args.mode or ("single" if devices == 1 else "displaced")
+    context = {} if args.context is None else {"context": args.context}
+    warmup = DEFAULT_WARMUP_STEPS if args.warmup_steps is None else args.warmup_steps
+    parallel = ParallelConfig(devices, mode, warmup, args.cfg_parallel, args.gn, **context)
+    if args.warmup_steps is not None and parallel.mode.reads_stale and args.warmup_steps >= steps_run:
+        raise ParallelError(f"--warmup-steps {args.warmup_steps} covers all {steps_run} steps that run, so no step "
+                            f"would run {parallel.mode.value}; give fewer warm-up steps, or --mode sync.")
+    return parallel
+
+
 def start_compile_cache(args: argparse.Namespace) -> tuple[Path | None, CompileCacheCounter | None]:
     """The persistent compile cache's folder and a counter of its hits and misses, or (None, None)
     when --no-compile-cache or COMPILE_CACHE_ENV=0 turns it off."""
@@ -143,6 +194,38 @@ class CompileCacheCounter:
     def _event(self, name: str, **_) -> None:
         if name in self.EVENTS:
             self.counts[self.EVENTS[name]] += 1
+
+
+# --- serving ---------------------------------------------------------------------------------------------------------
+
+
+LISTEN_FIXES = {errno.EADDRINUSE: "another program listens there: give another --port, or stop it",
+                errno.EACCES: "ports below 1024 need root: give --port 1024 or above"}
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuses a --host that is not an address of this machine, or a --port that cannot be
+    listened on there, by binding each of its addresses for a moment."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise PipelineError(f"--host {host} does not resolve ({e.strerror}); give an address of this machine, "
+                            "e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every network).") from None
+    bound = 0
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own will be
+            try:
+                listener.bind(address)
+                bound += 1
+            except OSError as e:
+                if e.errno != errno.EADDRNOTAVAIL:  # one family missing is skipped, as asyncio's server does
+                    fix = LISTEN_FIXES.get(e.errno, "give another --host or --port")
+                    raise PipelineError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                                        f"{fix}.") from None
+    if not bound:
+        raise PipelineError(f"--host {host} is not an address of this machine; give one of its own, e.g. 127.0.0.1 "
+                            "(this machine only) or 0.0.0.0 (every network).")
 
 
 # --- progress --------------------------------------------------------------------------------------------------------

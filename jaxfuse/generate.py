@@ -48,17 +48,20 @@ from jaxfuse.commands import (
     HelpFormatter,
     ProgressBar,
     add_cache_arguments,
+    add_parallel_arguments,
+    add_process_arguments,
     add_vae_argument,
     check_image_memory,
     check_step_memory,
     controlnet_folder,
     finite_float,
     lora_weights,
+    parallel_config,
     peak_memory_text,
     run_command,
     start_compile_cache,
 )
-from jaxfuse.config import GroupNormMode, Mode, ParallelConfig, ParallelError
+from jaxfuse.config import Mode, ParallelConfig, ParallelError
 from jaxfuse.control_images import Preprocessor, preprocess
 from jaxfuse.demo import DEMO_MODEL, DEMO_PROMPT
 from jaxfuse.images import read_image
@@ -90,7 +93,6 @@ from jaxfuse.sampling.tiled import Weighting, view_boxes
 from jaxfuse.spec import PipelineError, PipelineSpec
 from jaxfuse.step_cache import SCHEDULES, DeepCache
 
-DEFAULT_WARMUP_STEPS = ParallelConfig.warmup_steps
 # The ControlNet flags' defaults: the request's own.
 DEFAULT_CONTROL_SCALE, DEFAULT_CONTROL_START, DEFAULT_CONTROL_END = (
     Controls.ARGUMENTS[k] for k in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"))
@@ -190,25 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the quadratic schedule's densest step")
     cache.add_argument("--deepcache-power", type=finite_float, default=DeepCache.power,
                        help="the quadratic schedule's exponent, above 1")
-    parallel = p.add_argument_group("patch parallelism")
-    parallel.add_argument("--devices", type=int,
-                          help="devices to split the image over (default: every device present, or the most "
-                               f"the image's rows divide among; on a CPU, {DEFAULT_CPU_DEVICES} emulated ones)")
-    parallel.add_argument("--mode", choices=[m.value for m in Mode],
-                          help="single, or how patches see each other: sync (exact), displaced (DistriFusion: "
-                               "previous step's context, communication overlapped), naive (none), pcpp "
-                               "(displaced, but self-attention sees only part of the two neighbouring patches) "
-                               "(default: single on one device, displaced on several)")
-    parallel.add_argument("--context", type=finite_float,
-                          help="pcpp: the fraction of the patch above and of the patch below that self-attention "
-                               "sees, 0 to 1 (default: 0.3); 1 is the two neighbours in full, not every patch")
-    parallel.add_argument("--warmup-steps", type=int,
-                          help=f"synchronous steps before displaced (or pcpp) ones (default: {DEFAULT_WARMUP_STEPS}, "
-                               "fewer than --steps; DistriFusion's warmup_steps=K is K+1 here)")
-    parallel.add_argument("--cfg-parallel", action="store_true",
-                          help="put the conditional and unconditional batch on two device groups")
-    parallel.add_argument("--gn", choices=[g.value for g in GroupNormMode], default="corrected",
-                          help="group-norm statistics in displaced and pcpp steps")
+    add_parallel_arguments(p)
     canvas = p.add_argument_group(
         "large canvases: fused views of the native size (MultiDiffusion), chosen for a canvas of "
         f"{TILED_AREA} native areas or more")
@@ -229,29 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     canvas.add_argument("--view-patches", type=int,
                         help="split each view by rows over this many devices in --mode (default: 1; the views "
                              "spread over --devices / this many device groups)")
-    hosts = p.add_argument_group("several hosts (jax.distributed); all three flags or none")
-    hosts.add_argument("--coordinator-address", help="HOST:PORT of process 0, the same for every process")
-    hosts.add_argument("--num-processes", type=int, help="how many processes (hosts) take part")
-    hosts.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
-    hosts.add_argument("--process-timeout", type=int, default=300,
-                       help="seconds to wait for every process to join before failing")
+    add_process_arguments(p)
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
-
-
-def parallel_config(args: argparse.Namespace, devices: int, steps_run: int) -> ParallelConfig:
-    """The layout the flags ask for on `devices` devices, for a run of `steps_run` steps."""
-    mode = args.mode or ("single" if devices == 1 else "displaced")
-    context = {} if args.context is None else {"context": args.context}
-    warmup = DEFAULT_WARMUP_STEPS if args.warmup_steps is None else args.warmup_steps
-    parallel = ParallelConfig(devices, mode, warmup, args.cfg_parallel, args.gn, **context)
-    if args.warmup_steps is not None and parallel.mode.reads_stale and args.warmup_steps >= steps_run:
-        raise ParallelError(f"--warmup-steps {args.warmup_steps} covers all {steps_run} steps that run, so no step "
-                            f"would run {parallel.mode.value}; give fewer warm-up steps, or --mode sync.")
-    return parallel
 
 
 def seeds(args: argparse.Namespace) -> list[int]:

@@ -13,6 +13,7 @@ of its own, so threads may share one pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,10 +46,14 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> jax.Array:
     return jnp.stack([jax.random.normal(jax.random.key(s), shape[1:], jnp.float32) for s in seeds])
 
 
-def shifted(progress: Callable[[int, int], None] | None, done: int,
-            total: int) -> Callable[[int, int], None] | None:
-    """`progress` for a loop that runs after `done` of a request's `total` steps."""
-    return None if progress is None else lambda step, _: progress(done + step, total)
+@dataclasses.dataclass(frozen=True)
+class Preview:
+    """Images decoded from the latents as the loop leaves them: after each step in `steps`
+    (counted from 1 over the steps that run, the refiner's too), `show(step, images)`, the images
+    [B, H, W, 3] float32 in [0, 1] (in every process of a multi-host run, as the result is)."""
+
+    steps: frozenset[int]
+    show: Callable[[int, np.ndarray], None]
 
 
 class SDXLPipeline:
@@ -84,8 +89,10 @@ class SDXLPipeline:
         every denoising step. Raises `NonFiniteError` when the result holds NaN or infinity."""
         return self.run(Request.parse(self.spec, prompt, negative_prompt, **arguments), progress)
 
-    def run(self, request: Request, progress: Callable[[int, int], None] | None = None) -> Generation:
-        """`generate` for a request checked already (`Request.parse`)."""
+    def run(self, request: Request, progress: Callable[[int, int], None] | None = None,
+            preview: Preview | None = None) -> Generation:
+        """`generate` for a request checked already (`Request.parse`); `preview`: images of the
+        latents at some of the steps on the way."""
         record = CallRecord(progress)
         run = self.programs.for_call(record)
         layout = layout_of(request, self.spec, self.text, self.codec)
@@ -97,34 +104,54 @@ class SDXLPipeline:
             refined = schedulers.tail(schedulers.make_schedule(request.scheduler, self.refiner.spec.scheduler,
                                                                request.steps), part.refiner_first)
             total = schedule.timesteps.shape[0] + refined.timesteps.shape[0]
-            x = self.denoised(run, request, layout, mesh, x, schedule, shifted(progress, 0, total), keys)
+            x = self.denoised(run, request, layout, mesh, x, schedule,
+                              self.watcher(run, request, layout, mesh, progress, preview, 0, total), keys)
             finisher = self.refiner
             run = finisher.programs.for_call(record)
             layout = layout_of(request, finisher.spec, finisher.text, finisher.codec)
             # The refiner's stochastic steps draw noise of their own, not the model's first steps' again.
-            x = finisher.denoised(run, request, layout, mesh, x, refined,
-                                  shifted(progress, schedule.timesteps.shape[0], total),
+            watch = finisher.watcher(run, request, layout, mesh, progress, preview, schedule.timesteps.shape[0],
+                                     total)
+            x = finisher.denoised(run, request, layout, mesh, x, refined, watch,
                                   schedulers.noise_keys(request.seeds, stream=1), "refiner_")
         else:
-            x = self.denoised(run, request, layout, mesh, x, schedule, progress, keys)
+            watch = self.watcher(run, request, layout, mesh, progress, preview, 0, schedule.timesteps.shape[0])
+            x = self.denoised(run, request, layout, mesh, x, schedule, watch, keys)
         images = gather(run.timed("decode", lambda: finisher.codec.decode(run, x, *layout.vae_layout(request, mesh))))
         check_finite("the decoded image", images, "the VAE's weights or an overflow in half precision (SDXL's "
                      "VAE needs float32: its config's force_upcast)")
         return Generation(images, record.phase_times(), dict(record.memory))
 
+    def watcher(self, run: CallPrograms, request: Request, layout: WholeImage | Canvas, mesh: Mesh | None,
+                progress: Callable[[int, int], None] | None, preview: Preview | None, done: int,
+                total: int) -> Callable[[int, int, jax.Array], None] | None:
+        """The loop's callback for a loop that runs after `done` of a request's `total` steps:
+        `progress(step, total)` after each, and `preview.show` of the latents decoded after
+        those it names."""
+        if progress is None and preview is None:
+            return None
+
+        def watch(step: int, _: int, latents: jax.Array) -> None:
+            step += done
+            if progress is not None:
+                progress(step, total)
+            if preview is not None and step in preview.steps:
+                preview.show(step, gather(self.codec.decode(run, latents, *layout.vae_layout(request, mesh))))
+        return watch
+
     def denoised(self, run: CallPrograms, request: Request, layout: WholeImage | Canvas, mesh: Mesh | None,
-                 x: jax.Array, schedule: schedulers.Schedule, progress: Callable[[int, int], None] | None,
+                 x: jax.Array, schedule: schedulers.Schedule, watch: Callable[[int, int, jax.Array], None] | None,
                  keys: jax.Array, phase: str = "") -> jax.Array:
         """The latents `x` denoised through `schedule` by this pipeline's model, checked finite;
-        `keys`: the stochastic samplers' noise keys; `phase` prefixes the names its phases are
-        timed under."""
+        `watch`: called after each step (`watcher`); `keys`: the stochastic samplers' noise keys;
+        `phase` prefixes the names its phases are timed under."""
         cond = run.timed(f"{phase}encode", lambda: layout.conditioning(run, request))
         loop = Loop(Sampling(request.use_guidance, request.guidance_rescale > 0, request.parallel),
                     Plan.of(request.parallel, schedule.timesteps.shape[0], request.step_cache), mesh,
                     layout.predictor(request, mesh))
         guidance = Guidance(jnp.float32(request.guidance_scale), jnp.float32(request.guidance_rescale))
         x = run.timed(f"{phase}denoise",
-                      lambda: denoise(loop, self.denoiser, x, cond, schedule, guidance, keys, run, progress))
+                      lambda: denoise(loop, self.denoiser, x, cond, schedule, guidance, keys, run, watch))
         half = "" if self.dtype == jnp.float32 else " or an overflow in half precision (try --dtype float32)"
         check_finite("the denoised latents", gather(x), " or ".join(
             [*(f"the LoRA {path} at weight {weight:g} (try a weight nearer 1)" for path, weight in self.loras),

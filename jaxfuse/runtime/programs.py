@@ -86,6 +86,7 @@ class Programs:
         self._placed: dict[Any, Any] = {}
         self._lock = threading.Lock()
         self._compiling = threading.Lock()  # one compile at a time: callers wanting the same program wait for it
+        self.compiles = 0  # programs compiled (or loaded from the compile cache) so far
 
     def __len__(self) -> int:
         return len(self._compiled)
@@ -108,6 +109,7 @@ class Programs:
                         record.compile_seconds += time.perf_counter() - start
                     entry = (executable, peak_bytes(executable))
                     with self._lock:
+                        self.compiles += 1
                         self._compiled[signature] = entry
                         while len(self._compiled) > self.limit:
                             self._compiled.popitem(last=False)

@@ -179,11 +179,11 @@ class Direct:
 
 def denoise(loop: Loop, denoiser: Denoiser, latents: jax.Array, cond: Any, schedule: schedulers.Schedule,
             guidance: Guidance, noise_keys: jax.Array, runner: Runner = Direct(),
-            progress: Callable[[int, int], None] | None = None) -> jax.Array:
+            progress: Callable[[int, int, jax.Array], None] | None = None) -> jax.Array:
     """Initial latents [B, C, h, w] -> denoised latents; on the loop's mesh, laid out as its
     predictor says (split by rows, or a canvas's views spread). With a progress callback the host
     runs one step at a time (the same compiled program as a phase's whole range) and reports each
-    when it is done."""
+    when it is done: `progress(step, total, latents)`, the latents as that step left them."""
     args = (latents, cond, schedule, guidance, noise_keys)
     if loop.mesh is not None:
         denoiser = runner.replicated("unet", denoiser, loop.mesh)
@@ -202,5 +202,5 @@ def denoise(loop: Loop, denoiser: Denoiser, latents: jax.Array, cond: Any, sched
                                guidance, np.int32(first), np.int32(end), donate=1)
             if progress is not None:
                 jax.block_until_ready(carry.latents)
-                progress(end, total)
+                progress(end, total, carry.latents)
     return carry.latents

@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import itertools
-import socket
 import sys
 import time
 from collections import deque
@@ -45,6 +43,7 @@ from jaxfuse.commands import (
     HelpFormatter,
     add_cache_arguments,
     add_vae_argument,
+    check_listen,
     controlnet_folder,
     finite_float,
     lora_weights,
@@ -68,10 +67,6 @@ from jaxfuse.stream.program import Stream, call_bytes, checked_stream
 # 1000 s rounds to nothing; Matroska and WebM keep time in milliseconds, so faster than 1000 a second
 # loses the frames' times.
 FPS_RANGE = (1e-3, 1e3)
-LISTEN_FIXES = {errno.EADDRINUSE: "another program listens there: give another --port, or stop it",
-                errno.EACCES: "ports below 1024 need root: give --port 1024 or above"}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxfuse.stream", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
@@ -229,31 +224,6 @@ def planned(args: argparse.Namespace, source: media.FrameSource | None, prompts:
                                                                                    args.max_skips, args.seed)
     return Plan(spec, source, prompts, config, patch_parallel, (request.height, request.width), loras, similarity,
                 controlnets, preprocess)
-
-
-def check_listen(host: str, port: int) -> None:
-    """Refuses a --host that is not an address of this machine, or a --port that cannot be
-    listened on there, by binding each of its addresses for a moment."""
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise PipelineError(f"--host {host} does not resolve ({e.strerror}); give an address of this machine, "
-                            "e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every network).") from None
-    bound = 0
-    for family, kind, protocol, _, address in addresses:
-        with socket.socket(family, kind, protocol) as listener:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own will be
-            try:
-                listener.bind(address)
-                bound += 1
-            except OSError as e:
-                if e.errno != errno.EADDRNOTAVAIL:  # one family missing is skipped, as asyncio's server does
-                    fix = LISTEN_FIXES.get(e.errno, "give another --host or --port")
-                    raise PipelineError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
-                                        f"{fix}.") from None
-    if not bound:
-        raise PipelineError(f"--host {host} is not an address of this machine; give one of its own, e.g. 127.0.0.1 "
-                            "(this machine only) or 0.0.0.0 (every network).")
 
 
 def check_devices(plan: Plan, devices: int, slot_parallel: bool) -> None:

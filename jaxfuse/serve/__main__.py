@@ -1,0 +1,5 @@
+import sys
+
+from jaxfuse.serve.cli import main
+
+sys.exit(main())
