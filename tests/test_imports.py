@@ -25,7 +25,7 @@ LAZY_PACKAGES = {"jaxfuse"}  # loads its public names through importlib strings:
 FORBIDDEN_IMPORTS = {
     "jaxfuse": ("checkpoints_conversion",),
     "jaxfuse.models": ("jaxfuse.pipeline", "jaxfuse.sampling", "jaxfuse.analysis", "jaxfuse.generate", "jaxfuse.spec",
-                       "jaxfuse.stream", "jaxfuse.commands", "jaxfuse.runtime"),
+                       "jaxfuse.stream", "jaxfuse.serve", "jaxfuse.commands", "jaxfuse.runtime"),
     "jaxfuse.parallel": ("jaxfuse.models", "jaxfuse.sampling", "jaxfuse.pipeline", "jaxfuse.analysis",
                          "jaxfuse.commands", "jaxfuse.runtime"),
     "jaxfuse.checkpoint": ("jaxfuse.models", "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.pipeline",
@@ -52,13 +52,17 @@ FORBIDDEN_IMPORTS = {
     "jaxfuse.analysis": ("jaxfuse.pipeline", "jaxfuse.runtime", "jaxfuse.generate", "jaxfuse.stream",
                          "jaxfuse.commands"),
     # Compiling, timing and placing: what the pipeline and the stream run through, knowing neither.
-    "jaxfuse.runtime": ("jaxfuse.pipeline", "jaxfuse.generate", "jaxfuse.stream", "jaxfuse.commands", "jaxfuse.spec"),
+    "jaxfuse.runtime": ("jaxfuse.pipeline", "jaxfuse.generate", "jaxfuse.stream", "jaxfuse.serve", "jaxfuse.commands",
+                        "jaxfuse.spec"),
     # A model folder's configs and the checks of a request's values: nothing that runs a model.
     "jaxfuse.spec": ("jaxfuse.models", "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.runtime", "jaxfuse.pipeline",
-                     "jaxfuse.analysis", "jaxfuse.generate", "jaxfuse.stream", "jaxfuse.commands"),
-    "jaxfuse.pipeline": ("jaxfuse.generate", "jaxfuse.stream", "jaxfuse.commands"),
-    "jaxfuse.commands": ("jaxfuse.generate", "jaxfuse.stream"),  # the commands' helpers: only commands import them
-    "jaxfuse.stream": ("jaxfuse.generate",),  # what the two commands share lives in `commands`
+                     "jaxfuse.analysis", "jaxfuse.generate", "jaxfuse.stream", "jaxfuse.serve", "jaxfuse.commands"),
+    "jaxfuse.pipeline": ("jaxfuse.generate", "jaxfuse.stream", "jaxfuse.serve", "jaxfuse.commands"),
+    # The commands' helpers: only commands import them.
+    "jaxfuse.commands": ("jaxfuse.generate", "jaxfuse.stream", "jaxfuse.serve"),
+    "jaxfuse.stream": ("jaxfuse.generate", "jaxfuse.serve"),  # what the commands share lives in `commands`
+    # The image server: HTTP over the pipeline, beside the two other commands.
+    "jaxfuse.serve": ("jaxfuse.generate", "jaxfuse.stream"),
     "jaxfuse.outputs": ("jaxfuse.models", "jaxfuse.parallel", "jaxfuse.sampling", "jaxfuse.pipeline", "jaxfuse.spec",
                         "jaxfuse.commands"),
     "jaxfuse.images": ("jaxfuse",),  # a leaf: numpy and Pillow only, shared by the commands and the stream

@@ -263,17 +263,18 @@ class ImageServer:
         return web.Response(body=text.encode(), headers={"Content-Type": PROMETHEUS_TYPE})
 
 
-async def serve(server: ImageServer, host: str, port: int, log: Callable[[str], None]) -> None:
-    """Serves until SIGTERM or Ctrl-C (or until the device thread fails, its error raised), then
-    drains: new requests get 503, the batch on the device finishes and is answered, the queued
-    requests get 503, the other processes are told to stop."""
+async def serve(server: ImageServer, host: str, port: int, log: Callable[[str], None],
+                stop: asyncio.Event | None = None) -> None:
+    """Serves until SIGTERM or Ctrl-C (or `stop` set, when given; or until the device thread
+    fails, its error raised), then drains: new requests get 503, the batch on the device finishes
+    and is answered, the queued requests get 503, the other processes are told to stop."""
     runner = web.AppRunner(server.application(), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signal_number, stop.set)
     device = asyncio.ensure_future(asyncio.to_thread(server.worker.serve))
     stopping = asyncio.ensure_future(stop.wait())
     log(f"serving {server.served.model} at http://{host}:{port} (OpenAI: /v1/images/generations, A1111: /sdapi/v1, "

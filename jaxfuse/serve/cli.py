@@ -133,6 +133,11 @@ def check_args(args: argparse.Namespace) -> tuple[PipelineSpec, Limits, list[tup
     return spec, limits, sizes
 
 
+def api_key_of(args: argparse.Namespace) -> str | None:
+    """--api-key, or the environment's API_KEY_ENV; None (an open server) when neither is set."""
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
 def layout_policy(args: argparse.Namespace, spec: PipelineSpec):
     """(height, steps that run) -> the devices' layout: --devices exactly, or the most devices
     present whose patches the height divides into (`PipelineSpec.largest_layout`)."""
@@ -148,7 +153,7 @@ def layout_policy(args: argparse.Namespace, spec: PipelineSpec):
 def serve(args: argparse.Namespace) -> None:
     spec, limits, sizes = check_args(args)
     loras = lora_weights(args.lora)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = api_key_of(args)
     processes = ProcessLayout(args.coordinator_address, args.num_processes, args.process_id, args.process_timeout)
     if not processes.given or processes.process_id == 0:
         check_listen(args.host, args.port)
