@@ -130,6 +130,7 @@ def test_the_openai_client_gets_each_image_of_a_request_as_its_seed_makes_it_alo
     result = client.images.generate(model="jaxfuse-demo", prompt=PROMPT, n=2, size="256x256",
                                      extra_body={"seed": 7})
     assert result.size == "256x256" and len(result.data) == 2
+    assert [item.model_extra["seed"] for item in result.data] == [7, 8]  # ours, beside OpenAI's fields
     for i, item in enumerate(result.data):
         image = decoded(item.b64_json)
         assert image.shape == (256, 256, 3)

@@ -99,7 +99,7 @@ class ImageServer:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 raise Refused(401, "a valid API key is needed: send the header \"Authorization: Bearer KEY\".",
-                              kind="authentication_error")
+                              kind="authentication_error", headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
     # --- reading and queueing ------------------------------------------------------------------------------------
@@ -167,7 +167,8 @@ class ImageServer:
         images = await self.images(self.submit(job))
         return web.json_response({"created": int(time.time()), "output_format": job.output_format,
                                   "size": f"{job.width}x{job.height}",
-                                  "data": [{"b64_json": encoded(i, job.output_format)} for i in images]})
+                                  "data": [{"b64_json": encoded(i, job.output_format), "seed": seed}
+                                           for i, seed in zip(images, job.seeds)]})
 
     async def openai_stream(self, request: web.Request, job: Job) -> web.StreamResponse:
         """Server-sent events as OpenAI's API sends them: a partial image for each preview asked
@@ -195,10 +196,10 @@ class ImageServer:
                 await send("image_generation.partial_image",
                            {"type": "image_generation.partial_image", "b64_json": encoded(images[0], job.output_format),
                             "partial_image_index": index, "created_at": int(time.time()), **common})
-            for image in result.result():
+            for image, seed in zip(result.result(), job.seeds):
                 await send("image_generation.completed",
                            {"type": "image_generation.completed", "b64_json": encoded(image, job.output_format),
-                            "created_at": int(time.time()), **common,
+                            "seed": seed, "created_at": int(time.time()), **common,
                             "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
                                       "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}})
         except Refused as e:

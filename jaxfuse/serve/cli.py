@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--host", default="127.0.0.1",
                         help="the address to listen on (0.0.0.0: every network; then set --api-key)")
     listen.add_argument("--port", type=int, default=8000)
-    listen.add_argument("--api-key", help=f"the key every endpoint but /health wants as \"Authorization: Bearer "
-                                          f"KEY\" (default: ${API_KEY_ENV}; none: open)")
+    listen.add_argument("--api-key", help=f"the key every endpoint but /health and the page (/) wants as "
+                                          f"\"Authorization: Bearer KEY\" (default: ${API_KEY_ENV}; none: open)")
     queue = p.add_argument_group("the queue")
     queue.add_argument("--max-queue", type=int, default=64, help="requests waiting; beyond it: 429 with Retry-After")
     queue.add_argument("--max-batch", type=int, default=4,
