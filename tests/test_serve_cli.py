@@ -1,5 +1,5 @@
-"""`python -m jaxfuse.serve`: flags refused before anything loads (exit 2, one line naming the
-fix), the API key from the environment, and the whole command: it compiles before it listens,
+"""`python -m jaxfuse.serve`: flags refused before anything loads or JAX starts (exit 2, one line
+naming the fix), the API key from the environment, and the whole command: it compiles before it listens,
 serves, and on SIGTERM drains and exits 0."""
 
 import http.client
@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import free_port
 
-from jaxfuse.serve.cli import API_KEY_ENV, api_key_of, build_parser
+from jaxfuse.serve.cli import API_KEY_ENV, api_key_of, build_parser, main
 
 
 def serve_command(*flags: str) -> list[str]:
@@ -29,22 +29,19 @@ def serve_command(*flags: str) -> list[str]:
     (["--context", "0.5"], "add --mode pcpp"),
     (["--lora", "missing.safetensors"], "missing.safetensors"),
 ])
-def test_bad_flags_exit_2_before_loading(flags, message, tmp_path):
-    result = subprocess.run(serve_command(*flags, "--cache-dir", str(tmp_path)), capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "loading" not in result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+def test_bad_flags_exit_2_before_loading(flags, message, tmp_path, capsys):
+    assert main([*flags, "--cache-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "loading" not in error
+    assert error.count("\n") == 1 and error.startswith("error: ")
 
 
-def test_a_port_in_use_is_refused_before_loading(tmp_path):
+def test_a_port_in_use_is_refused_before_loading(tmp_path, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(serve_command("--port", str(port), "--cache-dir", str(tmp_path)), capture_output=True,
-                                text=True, timeout=120)
-    assert result.returncode == 2 and "another program listens there" in result.stderr
+        assert main(["--port", str(taken.getsockname()[1]), "--cache-dir", str(tmp_path)]) == 2
+    assert "another program listens there" in capsys.readouterr().err
 
 
 def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
