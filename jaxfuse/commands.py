@@ -206,26 +206,40 @@ LISTEN_FIXES = {errno.EADDRINUSE: "another program listens there: give another -
 def check_listen(host: str, port: int) -> None:
     """Refuses a --host that is not an address of this machine, or a --port that cannot be
     listened on there, by binding each of its addresses for a moment."""
+    for listener in bound_sockets(host, port):
+        listener.close()
+
+
+def bound_sockets(host: str, port: int) -> list[socket.socket]:
+    """A socket bound to each of `host`'s addresses at `port` (not listening yet: bound, the port
+    stays the server's while it loads and compiles), or one `PipelineError` naming the fix."""
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise PipelineError(f"--host {host} does not resolve ({e.strerror}); give an address of this machine, "
                             "e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every network).") from None
-    bound = 0
-    for family, kind, protocol, _, address in addresses:
-        with socket.socket(family, kind, protocol) as listener:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own will be
+    bound = []
+    try:
+        for family, kind, protocol, _, address in addresses:
+            listener = socket.socket(family, kind, protocol)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's own would be
             try:
                 listener.bind(address)
-                bound += 1
+                bound.append(listener)
             except OSError as e:
+                listener.close()
                 if e.errno != errno.EADDRNOTAVAIL:  # one family missing is skipped, as asyncio's server does
                     fix = LISTEN_FIXES.get(e.errno, "give another --host or --port")
                     raise PipelineError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
                                         f"{fix}.") from None
+    except PipelineError:
+        for listener in bound:
+            listener.close()
+        raise
     if not bound:
         raise PipelineError(f"--host {host} is not an address of this machine; give one of its own, e.g. 127.0.0.1 "
                             "(this machine only) or 0.0.0.0 (every network).")
+    return bound
 
 
 # --- progress --------------------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import openai
 import pytest
-from conftest import free_port
 from PIL import Image
 
+from jaxfuse.commands import bound_sockets
 from jaxfuse.config import ParallelConfig
 from jaxfuse.demo import DEMO_MODEL
 from jaxfuse.pipeline import load_pipeline
@@ -46,7 +46,8 @@ class Server:
 
     def __init__(self, pipe, max_queue=64, max_batch=4, batch_wait_s=0.05, timeout_s=600.0, api_key=None,
                  max_body_bytes=2**20, body_timeout_s=30.0, warm=True):
-        self.port, self.logs = free_port(), []
+        self.sockets, self.logs = bound_sockets("127.0.0.1", 0), []
+        self.port = self.sockets[0].getsockname()[1]
         served = Served(pipe.spec, "jaxfuse-demo", lambda height, steps: ParallelConfig())
         self.queue = JobQueue(max_queue, max_batch, batch_wait_s)
         self.worker = Worker(pipe, served, self.queue)
@@ -59,7 +60,7 @@ class Server:
         async def main():
             self.loop, self.stop_event = asyncio.get_running_loop(), asyncio.Event()
             started.set()
-            await app.serve(self.server, "127.0.0.1", self.port, self.logs.append, self.stop_event)
+            await app.serve(self.server, self.sockets, self.logs.append, self.stop_event)
 
         self.thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
         self.thread.start()

@@ -18,6 +18,7 @@ import hmac
 import io
 import json
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -55,6 +56,12 @@ def encoded(image: np.ndarray, output_format: str = "png") -> str:
     buffer = io.BytesIO()
     pil_image(image).save(buffer, format=output_format.upper())
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+async def encoded_all(images: list[np.ndarray], output_format: str = "png") -> list[str]:
+    """`encoded` on a thread: a 1024x1024 PNG takes up to 0.1 s, which would hold up every other
+    client on the event loop."""
+    return await asyncio.to_thread(lambda: [encoded(image, output_format) for image in images])
 
 
 class ImageServer:
@@ -167,8 +174,9 @@ class ImageServer:
         images = await self.images(self.submit(job))
         return web.json_response({"created": int(time.time()), "output_format": job.output_format,
                                   "size": f"{job.width}x{job.height}",
-                                  "data": [{"b64_json": encoded(i, job.output_format), "seed": seed}
-                                           for i, seed in zip(images, job.seeds)]})
+                                  "data": [{"b64_json": data, "seed": seed}
+                                           for data, seed in zip(await encoded_all(images, job.output_format),
+                                                                 job.seeds)]})
 
     async def openai_stream(self, request: web.Request, job: Job) -> web.StreamResponse:
         """Server-sent events as OpenAI's API sends them: a partial image for each preview asked
@@ -194,11 +202,12 @@ class ImageServer:
                     continue
                 index, images = waiting.result()
                 await send("image_generation.partial_image",
-                           {"type": "image_generation.partial_image", "b64_json": encoded(images[0], job.output_format),
+                           {"type": "image_generation.partial_image",
+                            "b64_json": (await encoded_all(images[:1], job.output_format))[0],
                             "partial_image_index": index, "created_at": int(time.time()), **common})
-            for image, seed in zip(result.result(), job.seeds):
+            for data, seed in zip(await encoded_all(result.result(), job.output_format), job.seeds):
                 await send("image_generation.completed",
-                           {"type": "image_generation.completed", "b64_json": encoded(image, job.output_format),
+                           {"type": "image_generation.completed", "b64_json": data,
                             "seed": seed, "created_at": int(time.time()), **common,
                             "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
                                       "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}})
@@ -230,7 +239,7 @@ class ImageServer:
                 "cfg_scale": job.guidance_scale, "sampler_name": job.scheduler, "denoising_strength": job.strength,
                 "sd_model_name": self.served.model}
         parameters = {k: v for k, v in body.items() if k != "init_images"}
-        return web.json_response({"images": [encoded(i) for i in images], "parameters": parameters,
+        return web.json_response({"images": await encoded_all(images), "parameters": parameters,
                                   "info": json.dumps(info)})
 
     async def progress(self, request: web.Request) -> web.Response:
@@ -264,20 +273,22 @@ class ImageServer:
         return web.Response(body=text.encode(), headers={"Content-Type": PROMETHEUS_TYPE})
 
 
-async def serve(server: ImageServer, host: str, port: int, log: Callable[[str], None],
+async def serve(server: ImageServer, sockets: list[socket.socket], log: Callable[[str], None],
                 stop: asyncio.Event | None = None) -> None:
     """Serves until SIGTERM or Ctrl-C (or `stop` set, when given; or until the device thread
     fails, its error raised), then drains: new requests get 503, the batch on the device finishes
     and is answered, the queued requests get 503, the other processes are told to stop."""
     runner = web.AppRunner(server.application(), handler_cancellation=True, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    for listener in sockets:  # bound already (`commands.bound_sockets`)
+        await web.SockSite(runner, listener).start()
     if stop is None:
         stop = asyncio.Event()
         for signal_number in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(signal_number, stop.set)
     device = asyncio.ensure_future(asyncio.to_thread(server.worker.serve))
     stopping = asyncio.ensure_future(stop.wait())
+    host, port = sockets[0].getsockname()[:2]
     log(f"serving {server.served.model} at http://{host}:{port} (OpenAI: /v1/images/generations, A1111: /sdapi/v1, "
         "the page: /; SIGTERM or Ctrl-C stops)")
     try:

@@ -30,7 +30,7 @@ from jaxfuse.commands import (
     add_parallel_arguments,
     add_process_arguments,
     add_vae_argument,
-    check_listen,
+    bound_sockets,
     lora_weights,
     parallel_config,
     run_command,
@@ -155,8 +155,8 @@ def serve(args: argparse.Namespace) -> None:
     loras = lora_weights(args.lora)
     api_key = api_key_of(args)
     processes = ProcessLayout(args.coordinator_address, args.num_processes, args.process_id, args.process_timeout)
-    if not processes.given or processes.process_id == 0:
-        check_listen(args.host, args.port)
+    # Process 0 holds its port from here: nothing takes it while the model loads and compiles.
+    sockets = bound_sockets(args.host, args.port) if not processes.given or processes.process_id == 0 else []
     emulate_cpu_devices(args.devices // (processes.num_processes or 1) if args.devices else DEFAULT_CPU_DEVICES)
     initialize_processes(processes)
     main_process = is_main_process()
@@ -188,7 +188,7 @@ def serve(args: argparse.Namespace) -> None:
     from jaxfuse.serve import app  # aiohttp: checked present in `check_args`
 
     server = app.ImageServer(served, limits, jobs, device, api_key, args.timeout, int(args.max_body_mb * 2**20))
-    asyncio.run(app.serve(server, args.host, args.port, log))
+    asyncio.run(app.serve(server, sockets, log))
 
 
 def main(argv: list[str] | None = None) -> int:
