@@ -24,11 +24,10 @@ the run is started again.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
-from pathlib import Path
+
+from parallel_cost import cost_parser, measured_rows, parsed
 
 MODES = ("sync", "displaced", "pcpp")
 
@@ -96,20 +95,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=["sdxl-base", "tiny"], default="sdxl-base")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024], help="image sides in pixels")
-    p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--modes", nargs="+", choices=MODES, default=["sync", "displaced"])
+    p = cost_parser(__doc__, [1024], MODES, ["sync", "displaced"])
     p.add_argument("--controlnets", type=int, nargs="+", default=[0, 1], help="ControlNets beside the UNet")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--json", type=Path, help="keep the rows in this file (finished rows are skipped)")
-    args = p.parse_args()
-    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                               f"--xla_force_host_platform_device_count={max(args.devices)}")
-
-    from parallel_cost import measured_rows
-
+    args = parsed(p)
     print(table(measured_rows(rows_wanted(args), key, measure, args.json)))
     return 0
 

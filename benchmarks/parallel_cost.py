@@ -106,19 +106,32 @@ def measured_rows(wanted: list[dict], key, measure, path: Path | None) -> list[d
     return [r for r in done if key(r) in keys]
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def cost_parser(doc: str, sizes: list[int], modes: tuple[str, ...],
+                default_modes: list[str]) -> argparse.ArgumentParser:
+    """The flags every per-device cost table takes (this one, controlnet_cost.py, deepcache_cost.py):
+    the model preset, the sizes, device counts and modes measured, the dtype, the JSON kept."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--preset", choices=["sdxl-base", "tiny"], default="sdxl-base")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 3840], help="image sides in pixels")
+    p.add_argument("--sizes", type=int, nargs="+", default=sizes, help="image sides in pixels")
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--contexts", type=float, nargs="+", default=list(CONTEXTS), help="pcpp's p values")
+    p.add_argument("--modes", nargs="+", choices=modes, default=default_modes)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--json", type=Path, help="keep the rows in this file (finished rows are skipped)")
+    return p
+
+
+def parsed(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """The flags, with as many CPU devices emulated as the largest --devices (before JAX starts)."""
     args = p.parse_args()
     os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
                                f"--xla_force_host_platform_device_count={max(args.devices)}")
+    return args
 
+
+def main() -> int:
+    p = cost_parser(__doc__, [1024, 2048, 3840], MODES, list(MODES))
+    p.add_argument("--contexts", type=float, nargs="+", default=list(CONTEXTS), help="pcpp's p values")
+    args = parsed(p)
     print(table(measured_rows(rows_wanted(args), key, measure, args.json)))
     return 0
 

@@ -37,6 +37,15 @@ class Preprocessor(str, enum.Enum):
     GREY = "grey"  # greyscale (luma) in three equal channels
     NONE = "none"  # the picture as it is
 
+    @classmethod
+    def named(cls, name: str | Preprocessor) -> Preprocessor:
+        """The preprocessor `name` names, or one `ControlImageError` listing them."""
+        try:
+            return cls(name)
+        except ValueError:
+            raise ControlImageError(f"no preprocessor {name!r}; choose one of "
+                                    f"{', '.join(p.value for p in cls)}.") from None
+
 
 def rgb_array(image: Any) -> np.ndarray:
     """A PIL image, or an array [H, W, 3] or [H, W] of uint8 or floats in [0, 1] -> uint8 [H, W, 3]."""
@@ -83,11 +92,7 @@ def grey(image: Any) -> np.ndarray:
 def preprocess(name: str | Preprocessor, image: Any, **options: Any) -> np.ndarray:
     """The control image the preprocessor `name` makes of `image` -> uint8 [H, W, 3]; `options`
     are the preprocessor's own (canny: `low_threshold`, `high_threshold`)."""
-    try:
-        kind = Preprocessor(name)
-    except ValueError:
-        raise ControlImageError(f"no preprocessor {name!r}; choose one of "
-                                f"{', '.join(p.value for p in Preprocessor)}.") from None
+    kind = Preprocessor.named(name)
     takes = CANNY_OPTIONS if kind is Preprocessor.CANNY else ()
     unknown = sorted(set(options) - set(takes))
     if unknown:

@@ -93,11 +93,7 @@ class StreamControl:
     @classmethod
     def of(cls, pipe: SDXLPipeline, config: StreamConfig, scale: Any, preprocess: str) -> StreamControl | None:
         count = len(pipe.denoiser.controlnets)
-        try:
-            preprocess = Preprocessor(preprocess)
-        except ValueError:
-            raise PipelineError(f"control preprocess {preprocess!r} is not one of "
-                                f"{', '.join(p.value for p in Preprocessor)}.") from None
+        preprocess = Preprocessor.named(preprocess)
         if not count:
             return None
         part = Controls((), tuple(checked_scales(scale, count)), (0.0,) * count, (1.0,) * count)
