@@ -274,6 +274,12 @@ def place_as(tree: Any, mesh: Mesh, specs: Any) -> Any:
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def broadcast_from_first(value: np.ndarray) -> np.ndarray:
+    """Process 0's `value` in every process; each process passes an array of the same shape and
+    dtype (what it holds is ignored outside process 0)."""
+    return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
 def gather(array: jax.Array) -> np.ndarray:
     """The whole value of an array that may be spread over processes, in every process."""
     if array.is_fully_addressable:

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -158,6 +159,9 @@ def serve(args: argparse.Namespace) -> None:
     # Process 0 holds its port from here: nothing takes it while the model loads and compiles.
     sockets = bound_sockets(args.host, args.port) if not processes.given or processes.process_id == 0 else []
     emulate_cpu_devices(args.devices // (processes.num_processes or 1) if args.devices else DEFAULT_CPU_DEVICES)
+    # JAX's preemption notifier would take SIGTERM in every process of a multi-host run and drop
+    # it: the server stops on it itself.
+    jax.config.update("jax_enable_preemption_service", False)
     initialize_processes(processes)
     main_process = is_main_process()
 
@@ -176,19 +180,28 @@ def serve(args: argparse.Namespace) -> None:
                     frozenset(path.stem for path, _ in loras))
     channel = Channel() if jax.process_count() > 1 else None
     if not main_process:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # process 0 says when to stop, after draining
         follow(pipe, served, args.max_batch, channel)
         return
     jobs = JobQueue(args.max_queue, args.max_batch, args.batch_wait_ms / 1000)
     device = Worker(pipe, served, jobs, channel)
-    layouts = ", ".join(f"{w}x{h} on {served.layout(h, limits.steps).devices} device(s)" for h, w in sizes)
-    log(f"compiling batches of {', '.join(map(str, batch_sizes(args.max_batch)))} image(s) at {limits.steps} "
-        f"steps for {layouts or 'no size (--warm given none)'}...")
-    device.warm(sizes, limits.steps)
-    log(f"{pipe.programs.compiles} programs compiled")
-    from jaxfuse.serve import app  # aiohttp: checked present in `check_args`
+    signal.signal(signal.SIGTERM, interrupted)  # until the server listens (then it drains on SIGTERM)
+    try:
+        layouts = ", ".join(f"{w}x{h} on {served.layout(h, limits.steps).devices} device(s)" for h, w in sizes)
+        log(f"compiling batches of {', '.join(map(str, batch_sizes(args.max_batch)))} image(s) at {limits.steps} "
+            f"steps for {layouts or 'no size (--warm given none)'}...")
+        device.warm(sizes, limits.steps)
+        log(f"{pipe.programs.compiles} programs compiled")
+        from jaxfuse.serve import app  # aiohttp: checked present in `check_args`
 
-    server = app.ImageServer(served, limits, jobs, device, api_key, args.timeout, int(args.max_body_mb * 2**20))
-    asyncio.run(app.serve(server, sockets, log))
+        server = app.ImageServer(served, limits, jobs, device, api_key, args.timeout, int(args.max_body_mb * 2**20))
+        asyncio.run(app.serve(server, sockets, log))
+    finally:  # however process 0 ends, the others are not left waiting for its next batch
+        device.stop_others()
+
+
+def interrupted(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

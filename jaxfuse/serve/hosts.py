@@ -5,22 +5,22 @@ the whole slice runs one SPMD program per batch.
     channel.send(Message("batch", jobs))              # process 0
     message = channel.receive()                       # every other process: the same message
 
-A message is broadcast over `jax.distributed` (`multihost_utils.broadcast_one_to_all`) in two
-or three parts: its length, its JSON (padded to a power of two, so that few broadcast programs
-are compiled), and the jobs' input pictures when a batch has any. While no request comes,
-process 0 sends "idle" every `HEARTBEAT_S`, so no process waits in a collective for long; "stop"
-ends every process's loop.
+A message is broadcast over `jax.distributed` (`parallel.mesh.broadcast_from_first`) in two
+or more parts: its length, its JSON (padded to a power of two, so that few broadcast programs
+are compiled; it names each job's picture's shape, or none), and the jobs' input pictures
+(float32) when a batch has any. Every process must broadcast the same shapes and dtypes in the
+same order, or the collectives mismatch. While no request comes, process 0 sends "idle" every
+`HEARTBEAT_S`, so no process waits in a collective for long; "stop" ends every process's loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
 
 import numpy as np
-from jax.experimental import multihost_utils
 
+from jaxfuse.parallel.mesh import broadcast_from_first
 from jaxfuse.serve.jobs import Job
 
 HEARTBEAT_S = 1.0
@@ -43,24 +43,24 @@ class Channel:
     """Process 0's messages to all processes (every process calls `send` or `receive` in step)."""
 
     def send(self, message: Message) -> None:
-        images = [j.image for j in message.jobs if j.image is not None]
+        # float32 as `receive` expects: a broadcast of another dtype would be another program.
+        images = [None if j.image is None else np.ascontiguousarray(j.image, np.float32) for j in message.jobs]
         header = json.dumps({"kind": message.kind, "jobs": [j.describe() for j in message.jobs],
-                             "images": [list(i.shape) for i in images]}).encode()
+                             "images": [None if i is None else list(i.shape) for i in images]}).encode()
         self.broadcast(np.array([len(header)], np.int32))
         self.broadcast(np.frombuffer(header.ljust(padded_length(len(header)), b"\0"), np.uint8))
         for image in images:
-            self.broadcast(image)
+            if image is not None:
+                self.broadcast(image)
 
     def receive(self) -> Message:
         (length,) = self.broadcast(np.zeros(1, np.int32))
         data = self.broadcast(np.zeros(padded_length(int(length)), np.uint8))
         header = json.loads(data[:length].tobytes())
-        images = iter([self.broadcast(np.zeros(shape, np.float32)) for shape in header["images"]])
-        # A job has a picture exactly when it has a strength (image to image).
-        jobs = tuple(Job(**job, image=next(images) if job["strength"] is not None else None)
-                     for job in header["jobs"])
+        images = [None if shape is None else self.broadcast(np.zeros(shape, np.float32)) for shape in header["images"]]
+        jobs = tuple(Job(**job, image=image) for job, image in zip(header["jobs"], images, strict=True))
         return Message(header["kind"], jobs)
 
     @staticmethod
-    def broadcast(value: np.ndarray) -> Any:
-        return np.asarray(multihost_utils.broadcast_one_to_all(value))
+    def broadcast(value: np.ndarray) -> np.ndarray:
+        return broadcast_from_first(value)

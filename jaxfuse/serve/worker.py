@@ -62,10 +62,12 @@ def warm_jobs(sizes: Sequence[tuple[int, int]], steps: int, max_batch: int) -> l
 
 def run_batch(pipe: SDXLPipeline, request: Request, jobs: Sequence[Job],
               progress: Callable[[int, int], None] | None = None,
-              preview: Preview | None = None) -> list[list[np.ndarray]]:
-    """The batch's request run: each job's images, [H, W, 3] float32 in [0, 1]; the same
-    programs in every process."""
-    images = pipe.run(request, progress, preview).images
+              show: Callable[[int, np.ndarray], None] = lambda step, images: None) -> list[list[np.ndarray]]:
+    """The batch's request run: each job's images, [H, W, 3] float32 in [0, 1]. The latents are
+    decoded after every step a job wants a preview of, and `show(step, images)` hears them: in
+    every process alike, since a decode is a program every process must run."""
+    wanted = frozenset().union(*(job.preview_steps(request.steps_run) for job in jobs))
+    images = pipe.run(request, progress, Preview(wanted, show) if wanted else None).images
     offsets = np.cumsum([0] + [job.n for job in jobs])
     return [list(images[start:end]) for start, end in zip(offsets[:-1], offsets[1:])]
 
@@ -80,6 +82,7 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.running: list[Ticket] = []  # the batch on the device now (read by the progress endpoint)
         self.started = 0.0
+        self.others_stopped = False
 
     def warm(self, sizes: Sequence[tuple[int, int]], steps: int) -> None:
         """Compiles every batch size's programs for `sizes` at `steps` (in every process)."""
@@ -88,8 +91,13 @@ class Worker:
             run_batch(self.pipe, batch_request(jobs, self.served, self.queue.max_batch), jobs)
 
     def send(self, message: Message) -> None:
-        if self.channel is not None:
+        if self.channel is not None and not self.others_stopped:
             self.channel.send(message)
+
+    def stop_others(self) -> None:
+        """Tells the other processes to stop (once: after "stop" they no longer listen)."""
+        self.send(Message("stop"))
+        self.others_stopped = True
 
     def serve(self) -> None:
         """Runs batches until the queue stops; then tells the other processes to stop."""
@@ -101,7 +109,7 @@ class Worker:
                 elif not self.queue.stopped:
                     self.send(Message("idle"))
         finally:
-            self.send(Message("stop"))
+            self.stop_others()
 
     def run(self, tickets: list[Ticket]) -> None:
         jobs = [t.job for t in tickets]
@@ -121,9 +129,8 @@ class Worker:
                 if step in steps:
                     ticket.on_preview(steps.index(step), list(images[offsets[ticket]:][:ticket.job.n]))
 
-        wanted = frozenset().union(*previews.values())
         try:
-            results = run_batch(self.pipe, request, jobs, progress, Preview(wanted, show) if wanted else None)
+            results = run_batch(self.pipe, request, jobs, progress, show)
         except Exception as e:  # noqa: BLE001 -- the server goes on; the batch's clients hear why
             if not isinstance(e, (NonFiniteError, RuntimeError)):  # not the device or the weights: a bug, shown whole
                 traceback.print_exc()
