@@ -47,7 +47,7 @@ def control_images(count: int, height: int = HEIGHT, width: int = WIDTH, seed: i
 
 
 @pytest.mark.parametrize("case, settings, guess", [
-    ("base-like", {}, False), ("refiner-like", {}, False), ("base-like", {}, True),
+    ("base-like", {}, False), pytest.param("refiner-like", {}, False, marks=pytest.mark.slow), ("base-like", {}, True),
     ("base-like", {"controlnet_conditioning_channel_order": "bgr"}, False),
     ("refiner-like", {"global_pool_conditions": True}, True)])
 def test_the_model_equals_diffusers(case, settings, guess, tmp_path):
@@ -244,7 +244,8 @@ def test_sync_over_devices_equals_one_device(pipe, tall_single, devices, cfg_par
     assert np.abs(images - tall_single).max() < 5e-5  # measured 5.0e-6 (2), 4.3e-6 (4), 3.8e-6 (8), 3.2e-6 (2 x 2)
 
 
-@pytest.mark.parametrize("mode", [Mode.DISPLACED, pytest.param(Mode.PCPP, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [Mode.DISPLACED, Mode.PCPP])
 def test_approximate_modes_stay_near_one_device(pipe, tall_single, mode):
     """The ControlNets carry stale context of their own; the result stays as near one device as the UNet's."""
     images = pipe(**TALL_REQUEST, control_image=control_images(2, TALL, 64), latents=noise(height=TALL, width=64),
@@ -261,7 +262,7 @@ def canvas_single(pipe):
     return pipe(**CANVAS, control_image=control_images(2, 64, 160), latents=noise(width=160))
 
 
-@pytest.mark.parametrize("view_devices, patches", [(2, 1), (2, 2)])
+@pytest.mark.parametrize("view_devices, patches", [(2, 1), pytest.param(2, 2, marks=pytest.mark.slow)])
 def test_a_canvas_crops_the_control_per_view_over_devices_as_on_one(pipe, canvas_single, view_devices, patches):
     images = pipe(**CANVAS, control_image=control_images(2, 64, 160), latents=noise(width=160),
                   view_devices=view_devices, parallel=ParallelConfig(view_devices * patches, Mode.SYNC))
@@ -288,7 +289,8 @@ def controlled_unet(pipe, image):
     return run
 
 
-@pytest.mark.parametrize("n, rcfg", [(2, "none"), (2, "full"), pytest.param(4, "initialize", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n, rcfg", [pytest.param(2, "none", marks=pytest.mark.slow), (2, "full"),
+                                     pytest.param(4, "initialize", marks=pytest.mark.slow)])
 def test_each_stream_image_leaves_as_if_denoised_alone_under_its_control(one_net_pipe, n, rcfg):
     """Every row of the stream's batch reads the control (the newest frame's) at its own slot's scale."""
     height, width = STREAM_SIZE

@@ -27,7 +27,7 @@ REQUEST = dict(prompt="a red circle at the top left", negative_prompt="a blue sq
 TOLERANCE = 5e-5  # of [0, 1] images; about 10x the errors measured (see the tests)
 
 # Every test runs in its own folder: nothing lands where pytest was started.
-pytestmark = pytest.mark.usefixtures("in_tmp_path")
+pytestmark = [pytest.mark.usefixtures("in_tmp_path"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,6 @@ def test_a_lora_with_a_controlnet_equals_diffusers(tiny_sdxl_folder, files, pipe
     assert np.abs(ours - unsteered).max() > 1e-2  # measured 0.51
 
 
-@pytest.mark.slow
 def test_sync_over_two_devices_equals_one_device(pipe, inputs, ours):
     image, latents = inputs
     split = pipe(**REQUEST, control_image=image, latents=latents, parallel=ParallelConfig(2, Mode.SYNC))

@@ -72,6 +72,7 @@ def test_flops_read_from_the_compiled_program_cover_its_products(parallel):
     assert products <= flops <= 1.1 * products  # measured 1.008 (single), 1.028 (sync-4), 1.034 (displaced-8)
 
 
+@pytest.mark.slow
 def test_per_device_flops_fall_with_the_patches():
     """Sync on N patches costs each device single / N plus the halo rows' extra work: at most
     15% over the ideal on 8 patches of this small image; naive does no more than sync."""

@@ -100,6 +100,7 @@ def test_control_images_are_deterministic_and_noisy_as_their_style_says():
         scenes.control_image(scene, 128, dataclasses.replace(style, blobs=style.blobs + (True,)))
 
 
+@pytest.mark.slow
 def test_the_untrained_controlnet_copies_the_unet_and_leaves_its_output_unchanged(pipe, start):
     cfg, params = start
     unet_params = pipe.denoiser.params

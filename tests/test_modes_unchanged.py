@@ -86,7 +86,8 @@ PATHS = {
     "lcm-lora-single": lambda _, lcm: lcm(DEMO_PROMPT, **LCM)[0],
     "lcm-lora-sync": lambda _, lcm: lcm(DEMO_PROMPT, parallel=ParallelConfig(2, "sync"), **LCM)[0],
 }
-SLOW_PATHS = {"canvas-2groups-displaced", "regions-2groups", "stream-txt2img-displaced", "lcm-lora-sync"}
+SLOW_PATHS = {"canvas-2groups-displaced", "regions-2groups", "stream-txt2img-displaced", "lcm-lora-sync",
+              "img2img-displaced"}
 
 
 @pytest.fixture(scope="module")

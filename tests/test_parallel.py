@@ -172,7 +172,7 @@ def test_displaced_noise_prediction_waits_on_no_exchange_of_its_step(unet, param
     assert reaching == {"ppermute", "all_gather"}
 
 
-@pytest.mark.parametrize("mode", [Mode.DISPLACED, Mode.PCPP])
+@pytest.mark.parametrize("mode", [Mode.DISPLACED, pytest.param(Mode.PCPP, marks=pytest.mark.slow)])
 def test_each_kind_of_step_compiles_one_unet_body(unet, params, inputs, mode):
     """A displaced loop of six steps (two warm-up) runs two step programs, one per kind, each
     holding the UNet once; the first program's stale context is zeros shaped by an abstract trace,

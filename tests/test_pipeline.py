@@ -244,7 +244,9 @@ PARALLEL_REQUEST = dict(prompt="a star at the top left", negative_prompt="a gree
                         guidance_rescale=0.3, height=TALL, width=WIDTH, num_inference_steps=4)
 
 
-@pytest.mark.parametrize("devices, cfg_parallel", [(2, False), (4, False), (8, False), (2, True), (4, True), (8, True)])
+@pytest.mark.parametrize("devices, cfg_parallel", [
+    (2, False), (4, False), pytest.param(8, False, marks=pytest.mark.slow),
+    (2, True), pytest.param(4, True, marks=pytest.mark.slow), pytest.param(8, True, marks=pytest.mark.slow)])
 def test_sync_images_equal_single(pipe, tall_noise, tall_single, devices, cfg_parallel):
     """The whole pipeline, VAE decode included, split over the mesh; with cfg_parallel the two
     guidance halves run on two groups of devices/2."""
@@ -253,7 +255,7 @@ def test_sync_images_equal_single(pipe, tall_noise, tall_single, devices, cfg_pa
     assert np.abs(images - tall_single).max() < 5e-5  # measured 4.0e-6
 
 
-@pytest.mark.parametrize("scheduler, devices", [("euler-ancestral", 2), ("lcm", 4)])
+@pytest.mark.parametrize("scheduler, devices", [pytest.param("euler-ancestral", 2, marks=pytest.mark.slow), ("lcm", 4)])
 def test_a_stochastic_sampler_in_sync_equals_single(pipe, tall_noise, scheduler, devices):
     """Each device adds its own rows of the whole image's step noise."""
     request = dict(PARALLEL_REQUEST, latents=tall_noise, scheduler=scheduler, seed=3)

@@ -234,6 +234,7 @@ BAD_BODIES = [
     ({"prompt": PROMPT, "steps": 10_000}, "steps"),
     ({"prompt": PROMPT, "guidance_scale": "high"}, "guidance_scale"),
     ({"prompt": PROMPT, "seed": -5}, "seed"),
+    ({"prompt": PROMPT, "seed": 2**32 - 1}, "seed"),  # no room for the seeds of a batch above it
     ({"prompt": PROMPT, "scheduler": "karras"}, "scheduler"),
     ({"prompt": PROMPT, "stream": "yes"}, "stream"),
     ({"prompt": PROMPT, "partial_images": 2}, "partial_images"),
@@ -255,7 +256,9 @@ def test_a_bad_openai_request_is_a_400_naming_its_field(server, body, field):
 
 
 A1111_BAD = [
-    ("txt2img", {"prompt": PROMPT, "width": 200}, "height"),  # the size's check names the pair by its first field
+    ("txt2img", {"prompt": PROMPT, "width": 200}, "width"),
+    ("txt2img", {"prompt": PROMPT, "height": 250, "width": 200}, "height"),
+    ("txt2img", {"prompt": PROMPT, "height": 9999}, "height"),
     ("txt2img", {"prompt": PROMPT, "sampler_name": "Heun"}, "sampler_name"),
     ("txt2img", {"prompt": PROMPT, "batch_size": 2, "n_iter": 3}, "n_iter"),
     ("txt2img", {"prompt": PROMPT, "cfg_scale": None, "steps": "20"}, "steps"),
@@ -333,6 +336,7 @@ def test_200_requests_at_once_each_get_an_image_or_a_429_with_retry_after(pipe):
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_client_that_leaves_takes_its_request_out_of_the_queue(pipe):
     server = Server(pipe, batch_wait_s=0.0)
     try:
@@ -359,6 +363,7 @@ def test_a_client_that_leaves_takes_its_request_out_of_the_queue(pipe):
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_request_past_its_timeout_is_a_504_and_leaves_the_queue(pipe):
     server = Server(pipe, timeout_s=1.0, batch_wait_s=0.0)
     try:

@@ -213,6 +213,8 @@ class ImageServer:
                                       "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}}})
         except Refused as e:
             await send("error", error_body(str(e), e.param, e.kind))
+        except ConnectionResetError:  # the client left; its job left the queue with `result`
+            return response
         finally:
             result.cancel()
         await response.write_eof()

@@ -169,12 +169,13 @@ def choice(body: dict, name: str, default: str, choices: Any) -> str:
     return value
 
 
-def seed(body: dict, name: str) -> int:
-    """A seed; absent, None or -1 (A1111's "random"): a random one."""
-    value = body.get(name)
+def seed(body: dict, name: str, limits: Limits) -> int:
+    """A seed; absent, None or -1 (A1111's "random"): a random one. Room is left above it for
+    the seeds `seed + i` of a request's other images."""
+    value, highest = body.get(name), MAX_SEED - (limits.max_images - 1)
     if value is None or value == -1:
-        return secrets.randbelow(MAX_SEED - 16)
-    return integer(body, name, 0, 0, MAX_SEED - 16, " (-1: random)")  # room for seed + i of a batch
+        return secrets.randbelow(highest + 1)
+    return integer(body, name, 0, 0, highest, " (-1: random)")
 
 
 def size(value: Any, served: Served, limits: Limits, name: str = "size") -> tuple[int, int]:
@@ -190,15 +191,19 @@ def size(value: Any, served: Served, limits: Limits, name: str = "size") -> tupl
     return checked_size(height, width, served, limits, name)
 
 
-def checked_size(height: int, width: int, served: Served, limits: Limits, name: str) -> tuple[int, int]:
-    for side in (height, width):
+def checked_size(height: int, width: int, served: Served, limits: Limits, name: str,
+                 names: tuple[str, str] | None = None) -> tuple[int, int]:
+    """A size the model makes within the server's limit, the error naming `name` (or, with
+    `names`, the field of the side that is wrong: A1111's height and width)."""
+    for side, field in zip((height, width), names or (name, name)):
         if not 1 <= side <= limits.max_side:
-            raise BadRequest(name, f"{name}: each side must be in [1, {limits.max_side}] pixels, got "
-                                   f"{width}x{height}.")
+            raise BadRequest(field, f"{name}: each side must be in [1, {limits.max_side}] pixels, got "
+                                    f"{width}x{height}.")
     try:  # the devices' split is checked with the whole request (`checked_job`)
         served.spec.check_size(height, width)
     except PipelineError as e:
-        raise BadRequest(name, f"{name} {width}x{height}: {e}") from None
+        field = name if names is None else names[height % served.spec.size_multiple == 0]
+        raise BadRequest(field, f"{name} {width}x{height}: {e}") from None
     return height, width
 
 
@@ -283,7 +288,8 @@ def openai_job(body: Any, served: Served, limits: Limits) -> tuple[Job, bool]:
               height=height, width=width,
               steps=integer(body, "steps", limits.steps, 1, limits.max_steps),
               guidance_scale=number(body, "guidance_scale", DEFAULT_GUIDANCE, 0.0, 100.0),
-              seed=seed(body, "seed"), scheduler=choice(body, "scheduler", "euler", [k.value for k in SchedulerKind]),
+              seed=seed(body, "seed", limits),
+              scheduler=choice(body, "scheduler", "euler", [k.value for k in SchedulerKind]),
               previews=previews, output_format=choice(body, "output_format", "png", OUTPUT_FORMATS))
     return checked_job(job, served), stream
 
@@ -307,7 +313,8 @@ def a1111_job(body: Any, served: Served, limits: Limits, image_to_image: bool) -
             raise BadRequest("denoising_strength", "denoising_strength must be above 0 (0 returns the image).")
     else:
         height, width = checked_size(integer(body, "height", native, 1, limits.max_side),
-                                     integer(body, "width", native, 1, limits.max_side), served, limits, "height")
+                                     integer(body, "width", native, 1, limits.max_side), served, limits, "size",
+                                     ("height", "width"))
     batch = integer(body, "batch_size", 1, 1, limits.max_images)
     n = batch * integer(body, "n_iter", 1, 1, limits.max_images)
     if n > limits.max_images:
@@ -317,6 +324,6 @@ def a1111_job(body: Any, served: Served, limits: Limits, image_to_image: bool) -
     job = Job(prompt=prompt_without_loras(text(body, "prompt", default=""), served),
               negative_prompt=text(body, "negative_prompt") or None, n=n, height=height, width=width,
               steps=integer(body, "steps", limits.steps, 1, limits.max_steps),
-              guidance_scale=number(body, "cfg_scale", 7.0, 0.0, 100.0), seed=seed(body, "seed"),
+              guidance_scale=number(body, "cfg_scale", 7.0, 0.0, 100.0), seed=seed(body, "seed", limits),
               scheduler=A1111_SAMPLERS[sampler].value, image=image, strength=strength)
     return checked_job(job, served)
