@@ -14,7 +14,6 @@ own row's noise, so it equals the image a one-image request with that seed makes
 
 from __future__ import annotations
 
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -153,8 +152,3 @@ def follow(pipe: SDXLPipeline, served: Served, max_batch: int, channel: Channel)
             except (NonFiniteError, RuntimeError, ValueError):  # process 0 fails alike and tells its clients
                 pass
 
-
-def start_thread(work: Callable[[], None], name: str) -> threading.Thread:
-    thread = threading.Thread(target=work, name=name, daemon=True)
-    thread.start()
-    return thread
