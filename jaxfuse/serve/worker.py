@@ -131,8 +131,7 @@ class Worker:
         try:
             results = run_batch(self.pipe, request, jobs, progress, show)
         except Exception as e:  # noqa: BLE001 -- the server goes on; the batch's clients hear why
-            if not isinstance(e, (NonFiniteError, RuntimeError)):  # not the device or the weights: a bug, shown whole
-                traceback.print_exc()
+            shown(e)
             for ticket in tickets:
                 ticket.future.set_exception(GenerationFailed(str(e)))
         else:
@@ -149,6 +148,13 @@ def follow(pipe: SDXLPipeline, served: Served, max_batch: int, channel: Channel)
         if message.kind == "batch":
             try:
                 run_batch(pipe, batch_request(message.jobs, served, max_batch), message.jobs)
-            except (NonFiniteError, RuntimeError, ValueError):  # process 0 fails alike and tells its clients
-                pass
+            except Exception as e:  # noqa: BLE001 -- process 0 fails alike and tells its clients
+                shown(e)
+
+
+def shown(error: Exception) -> None:
+    """A failed batch's error on stderr, whole, unless it is the device's or the weights' (a
+    non-finite result), which the clients are told: anything else is a bug."""
+    if not isinstance(error, (NonFiniteError, RuntimeError)):
+        traceback.print_exception(error)
 
