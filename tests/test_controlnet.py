@@ -236,7 +236,8 @@ def tall_single(pipe):
 
 
 @pytest.mark.parametrize("devices, cfg_parallel", [(2, False), pytest.param(4, False, marks=pytest.mark.slow),
-                                                   (8, False), pytest.param(4, True, marks=pytest.mark.slow)])
+                                                   pytest.param(8, False, marks=pytest.mark.slow),
+                                                   pytest.param(4, True, marks=pytest.mark.slow)])
 def test_sync_over_devices_equals_one_device(pipe, tall_single, devices, cfg_parallel):
     """The control images split by rows as the latents; every ControlNet layer exchanges fresh context."""
     images = pipe(**TALL_REQUEST, control_image=control_images(2, TALL, 64), latents=noise(height=TALL, width=64),

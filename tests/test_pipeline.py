@@ -380,7 +380,7 @@ def other_vae(tiny_sdxl_folder, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("strength", [None, 0.75])
+@pytest.mark.parametrize("strength", [None, pytest.param(0.75, marks=pytest.mark.slow)])
 def test_a_vae_in_place_of_the_models_own_equals_diffusers_with_it(tiny_sdxl_folder, reference, pipe, noise,
                                                                    source_image, other_vae, tmp_path, strength):
     """Text to image (the VAE decodes) and image to image (it encodes too) with the other VAE, as
