@@ -10,10 +10,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import atexit  # noqa: E402
 import contextlib  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import struct  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 import zlib  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from unittest import mock  # noqa: E402
@@ -69,6 +72,30 @@ def in_tmp_path(tmp_path, monkeypatch):
     """The test runs in its own folder: nothing lands where pytest was started. A module asks for
     it for all its tests with `pytestmark = pytest.mark.usefixtures("in_tmp_path")`."""
     monkeypatch.chdir(tmp_path)
+
+
+@contextlib.contextmanager
+def page_server(command: list[str], log, ready: str, start_s: float):
+    """A command serving a page (`python -m jaxfuse.serve`, `jaxfuse.stream --serve`) in its own
+    process, its output in `log`; yields once `ready` is in the log, then stops it with SIGTERM,
+    which it must take cleanly (exit 0), and kills it if it does not."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stderr=out, stdout=out, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        deadline = time.monotonic() + start_s
+        while ready not in log.read_text():
+            assert process.poll() is None, f"the server stopped:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the server did not start:\n{log.read_text()}"
+            time.sleep(0.5)
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            assert process.wait(timeout=30) == 0, log.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def free_port() -> int:

@@ -14,17 +14,13 @@ Needs Chromium at /usr/bin/chromium (`apt-get install chromium`; CI installs it)
 import base64
 import contextlib
 import io
-import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, page_server
 from PIL import Image
 
 from jaxfuse.demo.detect import detect
@@ -76,23 +72,8 @@ def running_server(cache_dir, log, *flags):
     port = free_port()
     command = [sys.executable, "-m", "jaxfuse.serve", "--devices", "1", "--steps", str(SERVER_STEPS),
                "--max-batch", "1", "--port", str(port), "--cache-dir", str(cache_dir), *flags]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stderr=out, stdout=out, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while "serving jaxfuse-demo at" not in log.read_text():
-            assert process.poll() is None, f"the server stopped:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"the server did not start:\n{log.read_text()}"
-            time.sleep(0.5)
+    with page_server(command, log, "serving jaxfuse-demo at", SERVER_START_S):
         yield f"http://127.0.0.1:{port}/"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(timeout=30) == 0, log.read_text()
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
 
 
 @pytest.fixture(scope="module")

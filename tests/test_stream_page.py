@@ -12,16 +12,13 @@ Needs Chromium at /usr/bin/chromium (`apt-get install chromium`; CI installs it)
 
 import base64
 import io
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, page_server
 from PIL import Image
 
 from jaxfuse.demo.detect import detect
@@ -60,19 +57,8 @@ def server(tmp_path):
     port = free_port()
     command = [sys.executable, "-m", "jaxfuse.stream", "--serve", "--port", str(port), "--prompt", FIRST_PROMPT,
                "--cache-dir", str(tmp_path / "cache")]
-    log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stderr=out, stdout=out, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while "serving the stream at" not in log.read_text():
-            assert process.poll() is None, f"the server stopped:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"the server did not start:\n{log.read_text()}"
-            time.sleep(0.5)
+    with page_server(command, tmp_path / "server.log", "serving the stream at", SERVER_START_S):
         yield f"http://127.0.0.1:{port}/"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0, log.read_text()  # SIGTERM stops it cleanly
 
 
 def shown_image(page) -> np.ndarray:
