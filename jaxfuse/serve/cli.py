@@ -117,8 +117,10 @@ def check_args(args: argparse.Namespace) -> tuple[PipelineSpec, Limits, list[tup
     for name in ("max_queue", "max_batch", "steps", "max_steps", "max_side"):
         if getattr(args, name) < 1:
             raise PipelineError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    for name in ("batch_wait_ms", "timeout", "max_body_mb"):
-        if not getattr(args, name) > 0 and not (name == "batch_wait_ms" and getattr(args, name) == 0):
+    if not args.batch_wait_ms >= 0:  # `not`: NaN is refused too
+        raise PipelineError(f"--batch-wait-ms must be positive or 0, got {args.batch_wait_ms}.")
+    for name in ("timeout", "max_body_mb"):
+        if not getattr(args, name) > 0:
             raise PipelineError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
     if args.steps > args.max_steps:
         raise PipelineError(f"--steps {args.steps} is above --max-steps {args.max_steps}.")

@@ -67,6 +67,11 @@ def run_batch(pipe: SDXLPipeline, request: Request, jobs: Sequence[Job],
     every process alike, since a decode is a program every process must run."""
     wanted = frozenset().union(*(job.preview_steps(request.steps_run) for job in jobs))
     images = pipe.run(request, progress, Preview(wanted, show) if wanted else None).images
+    return per_job(images, jobs)
+
+
+def per_job(images: np.ndarray, jobs: Sequence[Job]) -> list[list[np.ndarray]]:
+    """A batch's images [B, H, W, 3] (padding rows last) -> each job's, in order."""
     offsets = np.cumsum([0] + [job.n for job in jobs])
     return [list(images[start:end]) for start, end in zip(offsets[:-1], offsets[1:])]
 
@@ -117,16 +122,15 @@ class Worker:
         request = batch_request(jobs, self.served, self.queue.max_batch)
         self.metrics.batch(sum(job.n for job in jobs), request.batch)
         previews = {t: sorted(t.job.preview_steps(request.steps_run)) for t in tickets}
-        offsets = dict(zip(tickets, np.cumsum([0] + [job.n for job in jobs])))
 
         def progress(step: int, total: int) -> None:
             for ticket in tickets:
                 ticket.step, ticket.total = step, total
 
         def show(step: int, images: np.ndarray) -> None:
-            for ticket, steps in previews.items():
+            for (ticket, steps), own in zip(previews.items(), per_job(images, jobs)):
                 if step in steps:
-                    ticket.on_preview(steps.index(step), list(images[offsets[ticket]:][:ticket.job.n]))
+                    ticket.on_preview(steps.index(step), own)
 
         try:
             results = run_batch(self.pipe, request, jobs, progress, show)
